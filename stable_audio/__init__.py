@@ -1,0 +1,1 @@
+from .model_io import DEFAULT_REPO, load

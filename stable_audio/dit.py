@@ -1,0 +1,298 @@
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _unsupported(what: str, value, supported):
+    raise ValueError(f"Unsupported {what} {value!r} in model_config.json (supported: {supported}).")
+
+
+@dataclass
+class ConditionerConfig:
+    cond_dim: int = 768
+    text_id: str = "prompt"
+    text_max_length: int = 128
+    numbers: dict = None  # id -> (min_val, max_val)
+    cross_attention_ids: tuple = ()
+    global_ids: tuple = ()
+
+    @classmethod
+    def from_model_config(cls, model: dict):
+        conditioning = model.get("conditioning") or {}
+        diffusion = model.get("diffusion") or {}
+        cond_dim = conditioning.get("cond_dim", 768)
+        text_id, max_length, numbers = None, None, {}
+        for entry in conditioning.get("configs", []):
+            kind, c = entry.get("type"), entry.get("config", {})
+            if kind == "t5":
+                if text_id is not None:
+                    _unsupported("second t5 conditioner", entry["id"], "one")
+                if c.get("project_out", False):
+                    _unsupported("t5 project_out", True, "false")
+                text_id, max_length = entry["id"], c.get("max_length", 128)
+            elif kind == "number":
+                numbers[entry["id"]] = (c.get("min_val", 0), c.get("max_val", 1))
+            else:
+                _unsupported("conditioner type", kind, "t5, number")
+        if text_id is None:
+            raise ValueError("model_config.json has no t5 text conditioner.")
+        cross_ids = tuple(diffusion.get("cross_attention_cond_ids", []))
+        global_ids = tuple(diffusion.get("global_cond_ids", []))
+        for key in ("input_concat_ids", "prepend_cond_ids"):
+            if diffusion.get(key):
+                _unsupported(key, diffusion[key], "none")
+        for i in cross_ids + global_ids:
+            if i != text_id and i not in numbers:
+                raise ValueError(f"model_config.json uses conditioning id {i!r}, which it does not define.")
+        if text_id in global_ids:
+            _unsupported("global conditioning on", text_id, "number conditioners")
+        return cls(cond_dim, text_id, max_length, numbers, cross_ids, global_ids)
+
+
+@dataclass
+class DiTConfig:
+    io_channels: int = 64
+    embed_dim: int = 1536
+    depth: int = 24
+    num_heads: int = 24
+    cond_token_dim: int = 768
+    global_cond_dim: int = 1536
+    project_cond_tokens: bool = True
+    project_global_cond: bool = True
+
+    # Values other than these stable-audio-tools defaults are not implemented
+    _FIXED = {
+        "transformer_type": "continuous_transformer",
+        "patch_size": 1,
+        "global_cond_type": "prepend",
+        "timestep_cond_type": "global",
+        "input_concat_dim": 0,
+        "prepend_cond_dim": 0,
+    }
+
+    @classmethod
+    def from_model_config(cls, model: dict):
+        diffusion = model.get("diffusion") or {}
+        if diffusion.get("type") != "dit":
+            _unsupported("diffusion type", diffusion.get("type"), "dit")
+        objective = diffusion.get("diffusion_objective", "v")
+        if objective != "v":
+            _unsupported("diffusion_objective", objective, "v")
+        config = dict(diffusion.get("config", {}))
+        for key, default in cls._FIXED.items():
+            if config.pop(key, default) != default:
+                _unsupported(f"DiT {key}", diffusion["config"][key], default)
+        names = set(cls.__dataclass_fields__)
+        unknown = sorted(set(config) - names)
+        if unknown:
+            _unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
+        c = cls(**config)
+        head_dim, rest = divmod(c.embed_dim, c.num_heads)
+        context_dim = c.embed_dim if c.project_cond_tokens else c.cond_token_dim
+        if rest or head_dim < 32 or context_dim % head_dim or c.num_heads % (context_dim // head_dim):
+            raise ValueError(
+                f"Unsupported DiT shape: {c.num_heads} heads of width {c.embed_dim} with a "
+                f"{context_dim}-wide context (heads must be >= 32 wide and divide evenly)."
+            )
+        if c.cond_token_dim <= 0 or c.global_cond_dim <= 0:
+            _unsupported("DiT without cross-attention or global conditioning", 0, "> 0")
+        return c
+
+
+def _sequential(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class NumberEmbedder(nn.Module):
+    """Embeds a number in [min_val, max_val] from learned Fourier features [u, sin, cos]."""
+
+    def __init__(self, dim: int, min_val: float, max_val: float, features: int = 256):
+        super().__init__()
+        self.min_val, self.max_val = min_val, max_val
+        self.freqs = mx.zeros((features // 2,))
+        self.proj = nn.Linear(features + 1, dim)
+
+    def __call__(self, values: mx.array) -> mx.array:
+        u = (mx.clip(values, self.min_val, self.max_val) - self.min_val) / (
+            self.max_val - self.min_val
+        )
+        u = u.astype(mx.float32)[:, None]
+        f = u * self.freqs * 2 * math.pi
+        return self.proj(mx.concatenate([u, mx.sin(f), mx.cos(f)], axis=-1))
+
+
+class Conditioner(nn.Module):
+    """Turns T5 output and numbers (seconds_start, seconds_total) into the DiT's conditioning."""
+
+    def __init__(self, config: ConditionerConfig):
+        super().__init__()
+        self.config = config
+        self.numbers = {
+            key: NumberEmbedder(config.cond_dim, lo, hi)
+            for key, (lo, hi) in config.numbers.items()
+        }
+
+    def __call__(self, text: mx.array, text_mask: mx.array, **numbers):
+        """Cross-attention tokens (B, N, cond_dim) and the global vector (B, G).
+
+        `text` is the T5 output (B, L, cond_dim); padded positions are zeroed (the DiT
+        still attends to them, as the reference does). `numbers` maps each number
+        conditioner id to a (B,) array of values.
+        """
+        cond = {self.config.text_id: text * text_mask[..., None].astype(text.dtype)}
+        for key, embedder in self.numbers.items():
+            cond[key] = embedder(mx.array(numbers[key], dtype=mx.float32))[:, None]
+        cross = mx.concatenate([cond[k] for k in self.config.cross_attention_ids], axis=1)
+        global_cond = mx.concatenate([cond[k][:, 0] for k in self.config.global_ids], axis=-1)
+        return cross, global_cond
+
+
+class FourierFeatures(nn.Module):
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.weight = mx.zeros((out_features // 2, 1))
+
+    def __call__(self, t: mx.array) -> mx.array:
+        f = 2 * math.pi * t.astype(mx.float32)[:, None] @ self.weight.astype(mx.float32).T
+        return mx.concatenate([mx.cos(f), mx.sin(f)], axis=-1)
+
+
+class Attention(nn.Module):
+    """Self-attention with partial RoPE, or cross-attention with grouped kv heads."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.rope_dims = max(self.head_dim // 2, 32)
+        if context_dim is None:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        else:
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * context_dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def _heads(self, x):
+        B, L, _ = x.shape
+        return x.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, context: mx.array = None) -> mx.array:
+        B, L, _ = x.shape
+        if context is None:
+            q, k, v = map(self._heads, mx.split(self.to_qkv(x), 3, axis=-1))
+            # rotate-half RoPE on the leading dims; position 0 is the prepended token
+            q = mx.fast.rope(q, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+            k = mx.fast.rope(k, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+        else:
+            # fewer kv heads than query heads: query head j uses kv head j // group,
+            # which is how scaled_dot_product_attention groups them
+            q = self._heads(self.to_q(x))
+            k, v = map(self._heads, mx.split(self.to_kv(context), 2, axis=-1))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        return self.to_out(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: the first half of `proj` is the value, the second half the gate."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj(x), 2, axis=-1)
+        return self.out(value * nn.silu(gate))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, context_dim: int):
+        super().__init__()
+        self.pre_norm = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads)
+        self.cross_attend_norm = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, num_heads, context_dim)
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.self_attn(self.pre_norm(x))
+        x = x + self.cross_attn(self.cross_attend_norm(x), context)
+        return x + self.ff(self.ff_norm(x))
+
+
+class DiT(nn.Module):
+    """The diffusion transformer of Stable Audio Open, channels-last: (B, T, io_channels)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim, io = config.embed_dim, config.io_channels
+        context_dim = dim if config.project_cond_tokens else config.cond_token_dim
+        global_dim = dim if config.project_global_cond else config.global_cond_dim
+        self.timestep_features = FourierFeatures(256)
+        self.to_timestep_embed = [nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim)]
+        self.to_cond_embed = [
+            nn.Linear(config.cond_token_dim, context_dim, bias=False),
+            nn.SiLU(),
+            nn.Linear(context_dim, context_dim, bias=False),
+        ]
+        self.to_global_embed = [
+            nn.Linear(config.global_cond_dim, global_dim, bias=False),
+            nn.SiLU(),
+            nn.Linear(global_dim, global_dim, bias=False),
+        ]
+        self.preprocess_conv = nn.Conv1d(io, io, 1, bias=False)
+        self.project_in = nn.Linear(io, dim, bias=False)
+        self.layers = [
+            TransformerBlock(dim, config.num_heads, context_dim)
+            for _ in range(config.depth)
+        ]
+        self.project_out = nn.Linear(dim, io, bias=False)
+        self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
+
+    def __call__(self, x: mx.array, t: mx.array, cross: mx.array, global_cond: mx.array):
+        """The v prediction for latents `x` (B, T, C) at diffusion times `t` (B,)."""
+        dtype = self.project_in.weight.dtype
+        x, cross, global_cond = (a.astype(dtype) for a in (x, cross, global_cond))
+        context = _sequential(self.to_cond_embed, cross)
+        timestep = _sequential(self.to_timestep_embed, self.timestep_features(t).astype(dtype))
+        prepend = _sequential(self.to_global_embed, global_cond) + timestep
+        x = x + self.preprocess_conv(x)
+        h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1)
+        for layer in self.layers:
+            h = layer(h, context)
+        y = self.project_out(h)[:, 1:]
+        return y + self.postprocess_conv(y)
+
+    def guided(
+        self,
+        x: mx.array,
+        t: mx.array,
+        cross: mx.array,
+        global_cond: mx.array,
+        cfg_scale: float = 1.0,
+        negative_cross: mx.array = None,
+        cfg_rescale: float = 0.0,
+    ):
+        """Classifier-free guidance in one doubled batch, as stable-audio-tools does it.
+
+        The unconditional branch sees all-zero cross-attention tokens (or the negative
+        prompt's) but keeps the global token. `cfg_rescale` is the reference's scale_phi.
+        """
+        if cfg_scale == 1.0:
+            return self(x, t, cross, global_cond)
+        uncond = mx.zeros_like(cross) if negative_cross is None else negative_cross
+        double = lambda a, b: mx.concatenate([a, b], axis=0)
+        out = self(double(x, x), double(t, t), double(cross, uncond), double(global_cond, global_cond))
+        cond, uncond = mx.split(out, 2, axis=0)
+        guided = uncond + (cond - uncond) * cfg_scale
+        if cfg_rescale != 0.0:
+            ratio = mx.std(cond, axis=-1, keepdims=True, ddof=1) / mx.std(
+                guided, axis=-1, keepdims=True, ddof=1
+            )
+            guided = cfg_rescale * guided * ratio + (1 - cfg_rescale) * guided
+        return guided

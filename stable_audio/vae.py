@@ -1,0 +1,152 @@
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class VAEConfig:
+    audio_channels: int = 2
+    channels: int = 128
+    c_mults: tuple = (1, 2, 4, 8, 16)
+    strides: tuple = (2, 4, 4, 8, 8)
+    encoder_latent_dim: int = 128
+    latent_dim: int = 64
+    final_tanh: bool = True
+
+    @classmethod
+    def from_model_config(cls, model: dict):
+        pretransform = model.get("pretransform") or {}
+        if pretransform.get("type") != "autoencoder":
+            raise ValueError(
+                f"Unsupported pretransform type {pretransform.get('type')!r} in "
+                "model_config.json (supported: autoencoder)."
+            )
+        config = pretransform.get("config", {})
+        enc, dec = config.get("encoder", {}), config.get("decoder", {})
+        if config.get("bottleneck", {}).get("type") != "vae":
+            raise ValueError("Unsupported autoencoder bottleneck in model_config.json (supported: vae).")
+        if config.get("scale", 1.0) != 1.0:
+            raise ValueError("Unsupported pretransform scale in model_config.json (supported: 1.0).")
+        for part in (enc, dec):
+            c = part.get("config", {})
+            if part.get("type") != "oobleck":
+                raise ValueError(
+                    f"Unsupported autoencoder {part.get('type')!r} in model_config.json (supported: oobleck)."
+                )
+            fixed = {"use_snake": True, "antialias_activation": False, "use_nearest_upsample": False}
+            for key, value in fixed.items():
+                if c.get(key, False) != value:
+                    raise ValueError(f"Unsupported Oobleck {key}={c.get(key)!r} in model_config.json.")
+        e, d = enc["config"], dec["config"]
+        same = ("channels", "c_mults", "strides")
+        if any(e.get(k) != d.get(k) for k in same) or e.get("in_channels") != d.get("out_channels"):
+            raise ValueError("Unsupported autoencoder: encoder and decoder shapes differ.")
+        if e["latent_dim"] != 2 * d["latent_dim"]:
+            raise ValueError("Unsupported autoencoder: the encoder must output mean and scale.")
+        return cls(
+            audio_channels=d["out_channels"],
+            channels=d["channels"],
+            c_mults=tuple(d["c_mults"]),
+            strides=tuple(d["strides"]),
+            encoder_latent_dim=e["latent_dim"],
+            latent_dim=d["latent_dim"],
+            final_tanh=d.get("final_tanh", True),
+        )
+
+    @property
+    def downsampling_ratio(self):
+        return math.prod(self.strides)
+
+
+class Snake(nn.Module):
+    """SnakeBeta with log-scale parameters: x + sin^2(e^alpha x) / e^beta."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = mx.zeros((channels,))
+        self.beta = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x + mx.reciprocal(mx.exp(self.beta) + 1e-9) * mx.sin(mx.exp(self.alpha) * x) ** 2
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.layers = [
+            Snake(channels),
+            nn.Conv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
+            Snake(channels),
+            nn.Conv1d(channels, channels, 1),
+        ]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x
+        for layer in self.layers:
+            y = layer(y)
+        return x + y
+
+
+# The module trees mirror stable-audio-tools, so checkpoint names map one to one
+def encoder(config: VAEConfig) -> nn.Sequential:
+    widths = [config.channels * m for m in (1,) + config.c_mults]
+    blocks = [
+        nn.Sequential(
+            ResidualUnit(c_in, 1),
+            ResidualUnit(c_in, 3),
+            ResidualUnit(c_in, 9),
+            Snake(c_in),
+            nn.Conv1d(c_in, c_out, 2 * s, stride=s, padding=math.ceil(s / 2)),
+        )
+        for c_in, c_out, s in zip(widths, widths[1:], config.strides)
+    ]
+    return nn.Sequential(
+        nn.Conv1d(config.audio_channels, widths[0], 7, padding=3),
+        *blocks,
+        Snake(widths[-1]),
+        nn.Conv1d(widths[-1], config.encoder_latent_dim, 3, padding=1),
+    )
+
+
+def decoder(config: VAEConfig) -> nn.Sequential:
+    widths = [config.channels * m for m in (1,) + config.c_mults]
+    blocks = [
+        nn.Sequential(
+            Snake(c_in),
+            nn.ConvTranspose1d(c_in, c_out, 2 * s, stride=s, padding=math.ceil(s / 2)),
+            ResidualUnit(c_out, 1),
+            ResidualUnit(c_out, 3),
+            ResidualUnit(c_out, 9),
+        )
+        for c_in, c_out, s in reversed(list(zip(widths[1:], widths, config.strides)))
+    ]
+    return nn.Sequential(
+        nn.Conv1d(config.latent_dim, widths[-1], 7, padding=3),
+        *blocks,
+        Snake(widths[0]),
+        nn.Conv1d(widths[0], config.audio_channels, 7, padding=3, bias=False),
+        *([nn.Tanh()] if config.final_tanh else []),
+    )
+
+
+class VAE(nn.Module):
+    """The Oobleck autoencoder with its VAE bottleneck, channels-last: audio (B, N, C)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder(config)
+        self.decoder = decoder(config)
+
+    def encode(self, audio: mx.array, sample: bool = False, key: mx.array = None) -> mx.array:
+        """Latents (B, N / ratio, latent_dim): the posterior mean, or a sample of it."""
+        mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
+        if not sample:
+            return mean
+        std = nn.softplus(scale) + 1e-4
+        return mean + std * mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
+
+    def decode(self, latents: mx.array) -> mx.array:
+        return self.decoder(latents)

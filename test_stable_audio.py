@@ -1,0 +1,638 @@
+"""Tests of stable-audio-mlx.
+
+Tier 1 (no PyTorch): configs, shapes and dtypes on small models, the loader against the
+released key manifest, conversion, the tokenizer's conventions and the loader's errors.
+Tier 2 (parity): T5, tokenizer, conditioning, DiT and VAE against the official code
+(stable-audio-tools 0.0.19, transformers' T5) on identical random weights, in float32,
+at the full Stable Audio Open 1.0 config.
+"""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+import types
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import sentencepiece as spm
+from mlx.utils import tree_flatten
+from safetensors.numpy import save_file
+
+import convert
+from stable_audio import model_io
+from stable_audio.dit import DiT
+from stable_audio.t5 import T5Encoder, Tokenizer, relative_position_buckets
+from stable_audio.vae import VAE
+
+HERE = Path(__file__).parent
+DATA = HERE / "test_data"  # copies of ../shared/reference: the released config and manifests
+SAO1_CONFIG = json.loads((DATA / "sao1_model_config.json").read_text())
+T5_BASE_CONFIG = json.loads((DATA / "t5_config.json").read_text())
+
+# float32 parity bound on ||ours - reference|| / ||reference||, per module
+PARITY_RTOL = 1e-5
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+# ---------------------------------------------------------------- test checkpoints
+
+
+def tiny_configs():
+    """A small model of the same family: model_config.json and T5 config.json dicts."""
+    config = copy.deepcopy(SAO1_CONFIG)
+    config["sample_size"] = 8 * 64
+    model = config["model"]
+    model["io_channels"] = 8
+    model["conditioning"]["cond_dim"] = 64
+    model["diffusion"]["config"].update(
+        io_channels=8, embed_dim=128, depth=2, num_heads=2, cond_token_dim=64, global_cond_dim=128
+    )
+    pretransform = model["pretransform"]["config"]
+    pretransform.update(latent_dim=8, downsampling_ratio=8)
+    for part, latent in (("encoder", 16), ("decoder", 8)):
+        pretransform[part]["config"].update(channels=4, c_mults=[1, 2], strides=[2, 4], latent_dim=latent)
+    t5 = dict(T5_BASE_CONFIG, vocab_size=512, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2)
+    return config, t5
+
+
+def released_layout(model_config: dict, t5_config: dict) -> dict:
+    """{name: shape} of the released files (model.safetensors + text_encoder) for a config."""
+    model = model_config["model"]
+    d = model["diffusion"]["config"]
+    dim, io, cond = d["embed_dim"], d["io_channels"], d["cond_token_dim"]
+    ctx = dim if d.get("project_cond_tokens", True) else cond
+    p = "model.model."
+    keys = {
+        p + "timestep_features.weight": (128, 1),
+        p + "to_timestep_embed.0.weight": (dim, 256), p + "to_timestep_embed.0.bias": (dim,),
+        p + "to_timestep_embed.2.weight": (dim, dim), p + "to_timestep_embed.2.bias": (dim,),
+        p + "to_cond_embed.0.weight": (ctx, cond), p + "to_cond_embed.2.weight": (ctx, ctx),
+        p + "to_global_embed.0.weight": (dim, d["global_cond_dim"]),
+        p + "to_global_embed.2.weight": (dim, dim),
+        p + "preprocess_conv.weight": (io, io, 1), p + "postprocess_conv.weight": (io, io, 1),
+        p + "transformer.project_in.weight": (dim, io),
+        p + "transformer.project_out.weight": (io, dim),
+        p + "transformer.rotary_pos_emb.inv_freq": (max(dim // d["num_heads"] // 2, 32) // 2,),
+    }
+    for i in range(d["depth"]):
+        l = f"{p}transformer.layers.{i}."
+        for norm in ("pre_norm", "cross_attend_norm", "ff_norm"):
+            keys[l + norm + ".gamma"] = keys[l + norm + ".beta"] = (dim,)
+        keys[l + "self_attn.to_qkv.weight"] = (3 * dim, dim)
+        keys[l + "cross_attn.to_q.weight"] = (dim, dim)
+        keys[l + "cross_attn.to_kv.weight"] = (2 * ctx, ctx)
+        for attn in ("self_attn", "cross_attn"):
+            keys[l + attn + ".to_out.weight"] = (dim, dim)
+        keys[l + "ff.ff.0.proj.weight"], keys[l + "ff.ff.0.proj.bias"] = (8 * dim, dim), (8 * dim,)
+        keys[l + "ff.ff.2.weight"], keys[l + "ff.ff.2.bias"] = (dim, 4 * dim), (dim,)
+    for c in model["conditioning"]["configs"]:
+        if c["type"] == "number":
+            e = f"conditioner.conditioners.{c['id']}.embedder.embedding."
+            cd = model["conditioning"]["cond_dim"]
+            keys.update({e + "0.weights": (128,), e + "1.weight": (cd, 257), e + "1.bias": (cd,)})
+
+    def conv(name, c_out, c_in, k, bias=True, transposed=False):
+        keys[name + ".weight_g"] = (c_in if transposed else c_out, 1, 1)
+        keys[name + ".weight_v"] = (c_in, c_out, k) if transposed else (c_out, c_in, k)
+        if bias:
+            keys[name + ".bias"] = (c_out,)
+
+    def snake(name, c):
+        keys[name + ".alpha"] = keys[name + ".beta"] = (c,)
+
+    def residual_units(name, c, first):
+        for j in range(3):
+            u = f"{name}.layers.{first + j}.layers"
+            snake(u + ".0", c), conv(u + ".1", c, c, 7), snake(u + ".2", c), conv(u + ".3", c, c, 1)
+
+    vae = model["pretransform"]["config"]
+    e, dc = vae["encoder"]["config"], vae["decoder"]["config"]
+    w = [e["channels"] * m for m in [1] + e["c_mults"]]
+    v = "pretransform.model."
+    conv(v + "encoder.layers.0", w[0], e["in_channels"], 7)
+    for i, s in enumerate(e["strides"]):
+        b = f"{v}encoder.layers.{i + 1}"
+        residual_units(b, w[i], 0), snake(b + ".layers.3", w[i])
+        conv(b + ".layers.4", w[i + 1], w[i], 2 * s)
+    snake(f"{v}encoder.layers.{len(w)}", w[-1])
+    conv(f"{v}encoder.layers.{len(w) + 1}", e["latent_dim"], w[-1], 3)
+    conv(v + "decoder.layers.0", w[-1], dc["latent_dim"], 7)
+    for n, i in enumerate(reversed(range(len(dc["strides"])))):
+        b = f"{v}decoder.layers.{n + 1}"
+        snake(b + ".layers.0", w[i + 1])
+        conv(b + ".layers.1", w[i], w[i + 1], 2 * dc["strides"][i], transposed=True)
+        residual_units(b, w[i], 2)
+    snake(f"{v}decoder.layers.{len(w)}", w[0])
+    conv(f"{v}decoder.layers.{len(w) + 1}", dc["out_channels"], w[0], 7, bias=False)
+
+    t = t5_config
+    inner = t["num_heads"] * t["d_kv"]
+    keys["shared.weight"] = (t["vocab_size"], t["d_model"])
+    keys["encoder.final_layer_norm.weight"] = (t["d_model"],)
+    keys["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        t["relative_attention_num_buckets"], t["num_heads"])
+    for i in range(t["num_layers"]):
+        b = f"encoder.block.{i}.layer."
+        for proj in "qkv":
+            keys[f"{b}0.SelfAttention.{proj}.weight"] = (inner, t["d_model"])
+        keys[f"{b}0.SelfAttention.o.weight"] = (t["d_model"], inner)
+        keys[f"{b}0.layer_norm.weight"] = keys[f"{b}1.layer_norm.weight"] = (t["d_model"],)
+        keys[f"{b}1.DenseReluDense.wi.weight"] = (t["d_ff"], t["d_model"])
+        keys[f"{b}1.DenseReluDense.wo.weight"] = (t["d_model"], t["d_ff"])
+    return keys
+
+
+def random_tensor(rng, name: str, shape) -> np.ndarray:
+    """Random weights of a sensible scale; every tensor differs from its initial value."""
+    if name.endswith("inv_freq"):  # a constant of the architecture, not a weight
+        dims = 2 * shape[0]
+        return (1.0 / 10000 ** (np.arange(0, dims, 2) / dims)).astype(np.float32)
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 4
+    return (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
+
+
+def write_released(folder: Path, model_config, t5_config, spiece: Path, sao=None, t5=None, seed=0):
+    """A checkpoint folder in the released file layout; random tensors unless given."""
+    rng = np.random.default_rng(seed)
+    layout = released_layout(model_config, t5_config)
+    if sao is None or t5 is None:
+        tensors = {k: random_tensor(rng, k, s) for k, s in layout.items()}
+        sao = {k: v for k, v in tensors.items() if k.startswith(("model.", "conditioner.", "pretransform."))}
+        t5 = {k: v for k, v in tensors.items() if k not in sao}
+    (folder / "text_encoder").mkdir(parents=True)
+    (folder / "tokenizer").mkdir()
+    (folder / "model_config.json").write_text(json.dumps(model_config, indent=4))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(t5_config, indent=2))
+    (folder / "tokenizer" / "spiece.model").write_bytes(spiece.read_bytes())
+    save_file(sao, str(folder / "model.safetensors"))
+    save_file(t5, str(folder / "text_encoder" / "model.safetensors"))
+    return folder
+
+
+WORDS = (
+    "ambient drum bass piano guitar synth techno house loop beat kick snare hat chord "
+    "melody warm deep bright dark slow fast bpm 120 128 174 orchestral strings violin "
+    "cello brass choir rain thunder birds forest city night jazz funk soul hip hop lofi "
+    "vinyl crackle reverb delay distorted clean acoustic electric sub wobble riser"
+).split()
+
+
+@pytest.fixture(scope="session")
+def spiece(tmp_path_factory) -> Path:
+    """A small SentencePiece model with T5's special ids: <pad>=0, </s>=1, <unk>=2."""
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(2000)]
+    path = tmp_path_factory.mktemp("spiece") / "spiece.model"
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=f, vocab_size=200, model_type="unigram",
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, spiece) -> Path:
+    model_config, t5_config = tiny_configs()
+    return write_released(tmp_path_factory.mktemp("tiny") / "released", model_config, t5_config, spiece)
+
+
+# ---------------------------------------------------------------- tier 1: no PyTorch
+
+
+def test_released_layout_matches_the_manifest():
+    """Our test checkpoints have exactly the released names and shapes at full size."""
+    manifest = json.loads((DATA / "sao1_keys.json").read_text())
+    manifest.update(json.loads((DATA / "t5base_keys.json").read_text()))
+    del manifest["encoder.embed_tokens.weight"]  # the released text_encoder omits the tied copy
+    layout = released_layout(SAO1_CONFIG, T5_BASE_CONFIG)
+    assert layout == {k: tuple(shape) for k, (shape, _) in manifest.items()}
+    assert len(layout) == 745 + 99
+
+
+def test_loader_maps_every_released_tensor():
+    """All 745 + 100 released names land on a parameter of the right shape, lazily (no 5 GB)."""
+    manifest = json.loads((DATA / "sao1_keys.json").read_text())
+    manifest.update(json.loads((DATA / "t5base_keys.json").read_text()))
+    config = model_io.parse_config(SAO1_CONFIG, T5_BASE_CONFIG)
+    models = model_io.build(config)
+    tensors = {k: mx.zeros(shape) for k, (shape, _) in manifest.items()}
+    tensors["model.model.transformer.rotary_pos_emb.inv_freq"] = mx.array(
+        random_tensor(None, "inv_freq", (16,))
+    )
+    weights, origin = model_io.sanitize(tensors, models)
+    sources = dict(origin)
+    for name, module in models.items():
+        model_io.load_strict(name, module, weights, sources)
+    assert not weights  # every tensor consumed
+    consumed = set(origin.values())
+    consumed |= {k.replace("weight_v", "weight_g") for k in consumed}  # folded together
+    dropped = set(manifest) - consumed
+    assert dropped == {"encoder.embed_tokens.weight", "model.model.transformer.rotary_pos_emb.inv_freq"}
+    assert mx.get_peak_memory() < 1e9
+    n_params = {k: sum(v.size for _, v in tree_flatten(m.parameters())) for k, m in models.items()}
+    # ARCHITECTURE.md: 1,056,828,544 DiT parameters, plus the 72 LayerNorm beta buffers we load
+    assert n_params["dit"] == 1_056_828_544 + 72 * 1536
+
+
+def test_config_is_read_from_the_checkpoint():
+    config = model_io.parse_config(SAO1_CONFIG, T5_BASE_CONFIG)
+    assert (config.sample_rate, config.sample_size) == (44100, 2097152)
+    assert (config.dit.embed_dim, config.dit.depth, config.dit.num_heads) == (1536, 24, 24)
+    assert config.dit.project_cond_tokens is False
+    assert config.vae.downsampling_ratio == 2048 and config.vae.final_tanh is False
+    assert config.conditioner.cross_attention_ids == ("prompt", "seconds_start", "seconds_total")
+    assert config.conditioner.numbers == {"seconds_start": (0, 512), "seconds_total": (0, 512)}
+    assert config.conditioner.text_max_length == 128
+    # omitted values take stable-audio-tools' defaults
+    no_tanh = copy.deepcopy(SAO1_CONFIG)
+    del no_tanh["model"]["pretransform"]["config"]["decoder"]["config"]["final_tanh"]
+    assert model_io.parse_config(no_tanh, T5_BASE_CONFIG).vae.final_tanh is True
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("model_type",), "diffusion_uncond", "model_type"),
+        (("model", "diffusion", "type"), "adp_cfg_1d", "diffusion type"),
+        (("model", "diffusion", "diffusion_objective"), "rectified_flow", "diffusion_objective"),
+        (("model", "diffusion", "config", "patch_size"), 2, "patch_size"),
+        (("model", "diffusion", "config", "attn_kwargs"), {"qk_norm": "ln"}, "attn_kwargs"),
+        (("model", "diffusion", "config", "num_heads"), 20, "heads"),
+        (("model", "pretransform", "config", "decoder", "type"), "dac", "autoencoder"),
+        (("model", "pretransform", "config", "bottleneck", "type"), "rvq", "bottleneck"),
+        (("model", "pretransform", "config", "encoder", "config", "use_snake"), False, "use_snake"),
+        (("model", "conditioning", "configs", 0, "type"), "clap_text", "conditioner type"),
+        (("model", "conditioning", "cond_dim"), 512, "cond_dim"),
+    ],
+)
+def test_unsupported_config_values_are_refused(path, value, message):
+    config = copy.deepcopy(SAO1_CONFIG)
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ValueError, match=message):
+        model_io.parse_config(config, T5_BASE_CONFIG)
+
+
+def test_unsupported_t5_is_refused():
+    with pytest.raises(ValueError, match="feed_forward_proj"):
+        model_io.parse_config(SAO1_CONFIG, dict(T5_BASE_CONFIG, feed_forward_proj="gated-gelu"))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_small_models_shapes_and_dtypes(dtype):
+    model_config, t5_config = tiny_configs()
+    config = model_io.parse_config(model_config, t5_config)
+    models = model_io.build(config)
+    for name in ("t5", "dit"):
+        models[name].set_dtype(dtype)
+    B, L, T = 2, config.conditioner.text_max_length, 16
+    tokens = mx.random.randint(0, 200, (B, L))
+    mask = (mx.arange(L)[None] < mx.array([[5], [L]])).astype(mx.int32)
+    text = models["t5"](tokens, mask)
+    assert text.shape == (B, L, 64) and text.dtype == dtype
+    cross, global_cond = models["conditioner"](text, mask, seconds_start=[0, 1], seconds_total=[10, 30])
+    assert cross.shape == (B, L + 2, 64) and global_cond.shape == (B, 128)
+    assert mx.all(cross[0, 5:L] == 0).item()  # padded text positions are zero
+    x, t = mx.random.normal((B, T, 8)), mx.array([0.3, 0.9])
+    for cfg in (1.0, 7.0):
+        v = models["dit"].guided(x, t, cross, global_cond, cfg_scale=cfg)
+        assert v.shape == (B, T, 8) and v.dtype == dtype
+    audio = models["vae"].decode(x)
+    assert audio.shape == (B, 8 * T, 2) and audio.dtype == mx.float32
+    assert models["vae"].encode(audio).shape == (B, T, 8)
+    assert models["vae"].encode(audio, sample=True, key=mx.random.key(0)).shape == (B, T, 8)
+
+
+def _tokenizer(spiece, max_length=16):
+    return Tokenizer(spiece, max_length)
+
+
+def test_tokenizer_conventions(spiece):
+    tok = _tokenizer(spiece)
+    ids, mask = tok(["warm piano loop", ""])
+    sp = spm.SentencePieceProcessor(model_file=str(spiece))
+    expected = sp.encode("warm piano loop") + [1]
+    assert ids.shape == mask.shape == (2, 16) and ids.dtype == mx.int32
+    assert ids[0].tolist() == expected + [0] * (16 - len(expected))
+    assert mask[0].tolist() == [1] * len(expected) + [0] * (16 - len(expected))
+    assert ids[1].tolist() == [1] + [0] * 15 and mask[1].tolist() == [1] + [0] * 15
+
+    long_prompt = " ".join(WORDS[:20])
+    with pytest.warns(UserWarning, match="dropped") as record:
+        ids, mask = tok([long_prompt])
+    assert ids[0, -1].item() == 1 and mask.sum().item() == 16
+    full = sp.encode(long_prompt)
+    assert ids[0, :15].tolist() == full[:15]
+    assert sp.decode(full[15:]) in str(record[0].message)
+    assert WORDS[19] in str(record[0].message)
+
+
+def test_relative_position_buckets():
+    """Independent check of T5's bucketing against its definition, on exact integers."""
+    b = np.array(relative_position_buckets(300, 32, 128))
+    offsets = np.arange(300)[None, :] - np.arange(300)[:, None]
+    # exact buckets for small offsets, sign in the top half, log-spaced up to bucket 15
+    assert (b[offsets == 0] == 0).all() and (b[offsets == 7] == 16 + 7).all()
+    assert (b[offsets == -7] == 7).all() and (b[offsets == -8] == 8).all()
+    assert (b[np.abs(offsets) >= 128] % 16 == 15).all()
+    assert (np.diff(b[0, :128][b[0, :128] >= 16]) >= 0).all()  # monotone in distance
+
+
+def test_convert_round_trip(tiny_checkpoint, tmp_path):
+    for dtype in ("float32", "float16", "bfloat16"):
+        out = tmp_path / f"mlx_{dtype}"
+        convert.convert(str(tiny_checkpoint), str(out), dtype)
+        assert sorted(p.name for p in out.iterdir()) == sorted(model_io.CONVERTED_FILES)
+        original = model_io.load(str(tiny_checkpoint), dtype=getattr(mx, dtype))
+        converted = model_io.load(str(out))
+        for name in model_io.COMPONENTS:
+            a = dict(tree_flatten(original.modules()[name].parameters()))
+            b = dict(tree_flatten(converted.modules()[name].parameters()))
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype, (name, key)
+                assert mx.array_equal(a[key], b[key]).item(), (name, key)
+        assert converted.dit.project_in.weight.dtype == getattr(mx, dtype)
+        assert converted.vae.decoder.layers[0].weight.dtype == mx.float32
+        assert converted.tokenizer.model_proto == original.tokenizer.model_proto
+        assert converted.config.model_config == original.config.model_config
+        # what was written is what mx.load reads back
+        written = mx.load(str(out / "dit.safetensors"))
+        assert written.keys() == dict(tree_flatten(converted.dit.parameters())).keys()
+    # a converted folder loads at another dtype
+    assert model_io.load(str(tmp_path / "mlx_float16"), dtype=mx.float32).dit.project_in.weight.dtype == mx.float32
+
+
+def test_convert_cli(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    run = lambda *args: subprocess.run(
+        [sys.executable, str(HERE / "convert.py"), *args], capture_output=True, text=True
+    )
+    result = run("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").is_file()
+    # refusing to overwrite, a missing source and a bad dtype: one line, no traceback
+    for args in (
+        ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out)),
+        ("--hf-path", str(tmp_path / "nowhere"), "--mlx-path", str(tmp_path / "x")),
+        ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(tmp_path / "no" / "x")),
+        ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(tmp_path / "x"), "--dtype", "int8"),
+    ):
+        result = run(*args)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert "error: " in result.stderr.strip().splitlines()[-1]  # after argparse's usage, if any
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written
+
+
+def test_failed_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mx, "save_safetensors", fail)
+    with pytest.raises(OSError):
+        convert.convert(str(tiny_checkpoint), str(tmp_path / "out"), "float16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _damaged_copy(src: Path, dst: Path, edit):
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    folder = dst / "damaged"
+    (folder / "text_encoder").mkdir(parents=True)
+    (folder / "tokenizer").mkdir()
+    for f in ("model_config.json", "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/spiece.model"):
+        (folder / f).write_bytes((src / f).read_bytes())
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("model.model.transformer.layers.1.ff.ff.2.bias"), "layers.1.ff.out.bias"),
+        (lambda t: t.update({"model.model.extra.weight": np.zeros(3, np.float32)}), "model.model.extra.weight"),
+        (lambda t: t.update({"model.model.transformer.project_in.weight": np.zeros((3, 3), np.float32)}), "project_in.weight"),
+        (lambda t: t.pop("pretransform.model.decoder.layers.0.weight_g"), "decoder.layers.0.weight_v"),
+        (lambda t: t.update({"model.model.transformer.rotary_pos_emb.inv_freq": np.ones(16, np.float32)}), "RoPE"),
+    ],
+)
+def test_loader_refuses_damaged_checkpoints(tiny_checkpoint, tmp_path, edit, message):
+    folder = _damaged_copy(tiny_checkpoint, tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        model_io.load(str(folder))
+
+
+def test_resolve_refuses_what_is_neither_folder_nor_repo(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    for bad in (str(tmp_path / "file.txt"), "not a repo id", str(tmp_path / "a" / "b" / "c")):
+        with pytest.raises(ValueError, match="neither"):
+            model_io.resolve(bad)
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        model_io.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------- tier 2: parity
+
+
+class _Stub(types.ModuleType):
+    """An importable module whose every attribute refuses to be used."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"{self.__name__}.{name} is a test stand-in")
+
+        return unavailable
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """stable-audio-tools and transformers. Their imports of torchaudio (whose wheel does
+    not load with this torch), torchvision, clip, cleanfid and skimage are never used on
+    the text-to-audio path, so import-only stand-ins replace them."""
+    for name in (
+        "torchaudio", "torchaudio.transforms", "torchvision", "torchvision.transforms",
+        "torchvision.transforms.functional", "clip", "cleanfid",
+        "cleanfid.inception_torchscript", "skimage",
+    ):
+        sys.modules.setdefault(name, _Stub(name))
+    import torch
+    import transformers
+    from stable_audio_tools.models.factory import create_model_from_config
+
+    torch.set_num_threads(2)
+    return types.SimpleNamespace(torch=torch, transformers=transformers, create=create_model_from_config)
+
+
+@contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@pytest.fixture(scope="session")
+def sao(reference, spiece, tmp_path_factory):
+    """The reference model at the full SAO 1.0 config with every tensor re-randomized (several
+    are zero-initialised), written in the released layout and loaded by our loader."""
+    torch, tf = reference.torch, reference.transformers
+    torch.manual_seed(0)
+    t5 = tf.T5EncoderModel(tf.T5Config(**T5_BASE_CONFIG)).eval()
+    tokenizer = tf.T5Tokenizer(str(spiece), legacy=True)
+    # the reference downloads t5-base; hand it ours instead
+    with _patched(tf.T5EncoderModel, "from_pretrained", lambda *a, **k: t5), _patched(
+        tf.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer
+    ):
+        model = reference.create(SAO1_CONFIG).eval()
+    t5.float()  # the reference casts T5 to float16; compare in float32
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        for module in (model, t5):
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                if not name.endswith("encoder.embed_tokens.weight"):  # tied to shared.weight
+                    tensor.copy_(torch.from_numpy(random_tensor(rng, name, tuple(tensor.shape))))
+    sao_tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    t5_tensors = {k: v.numpy() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    folder = write_released(
+        tmp_path_factory.mktemp("sao1") / "released", SAO1_CONFIG, T5_BASE_CONFIG, spiece,
+        sao=sao_tensors, t5=t5_tensors,
+    )
+    del sao_tensors, t5_tensors
+    ours = model_io.load(str(folder), dtype=mx.float32)
+    return types.SimpleNamespace(model=model, t5=t5, tokenizer=tokenizer, ours=ours, folder=folder)
+
+
+PROMPTS = ["warm piano loop 120 bpm", "", "deep techno kick with rain and thunder at night"]
+NEGATIVE = ["distorted crackle", "low quality", "vinyl"]
+
+
+def _reference_conditioning(sao, prompts, starts, totals, negative=False):
+    meta = [
+        {"prompt": p, "seconds_start": s, "seconds_total": t}
+        for p, s, t in zip(prompts, starts, totals)
+    ]
+    with sys.modules["torch"].no_grad():
+        tensors = sao.model.conditioner(meta, "cpu")
+        return sao.model.get_conditioning_inputs(tensors, negative=negative)
+
+
+def _our_conditioning(sao, prompts, starts, totals):
+    ours = sao.ours
+    tokens, mask = ours.tokenizer(prompts)
+    return ours.conditioner(ours.t5(tokens, mask), mask, seconds_start=starts, seconds_total=totals)
+
+
+def test_tokenizer_matches_transformers(sao):
+    prompts = PROMPTS + [
+        "  spaces   and\ttabs  ", "Ünïcödé — ♪ 音楽", "x" * 50, " ".join(WORDS * 3), "BPM: 174; amen!",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, mask = sao.ours.tokenizer(prompts)
+    ref = sao.tokenizer(prompts, truncation=True, max_length=128, padding="max_length", return_tensors="np")
+    assert np.array_equal(np.array(ours), ref["input_ids"])
+    assert np.array_equal(np.array(mask), ref["attention_mask"])
+
+
+def test_t5_matches_transformers(sao):
+    torch = sys.modules["torch"]
+    tokens, mask = sao.ours.tokenizer(PROMPTS)
+    ours = sao.ours.t5(tokens, mask)
+    with torch.no_grad():
+        ref = sao.t5(
+            input_ids=torch.from_numpy(np.array(tokens)).long(),
+            attention_mask=torch.from_numpy(np.array(mask)).long(),
+        ).last_hidden_state
+    err = rel_err(ours, ref)
+    print(f"T5 encoder rel. error {err:.2e}")
+    assert err < PARITY_RTOL
+
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    offsets = torch.arange(300)[None, :] - torch.arange(300)[:, None]
+    buckets = T5Attention._relative_position_bucket(offsets, True, 32, 128)
+    assert np.array_equal(np.array(relative_position_buckets(300, 32, 128)), buckets.numpy())
+
+
+def test_conditioning_matches_reference(sao):
+    starts, totals = [0, 3.5, 600], [47, 10.25, 30]  # 600 s is clamped to max_val
+    ref = _reference_conditioning(sao, PROMPTS, starts, totals)
+    cross, global_cond = _our_conditioning(sao, PROMPTS, starts, totals)
+    err_cross = rel_err(cross, ref["cross_attn_cond"])
+    err_global = rel_err(global_cond, ref["global_cond"])
+    numbers = rel_err(cross[:, -2:], ref["cross_attn_cond"][:, -2:])
+    print(f"conditioning rel. error: cross {err_cross:.2e}, global {err_global:.2e}, seconds {numbers:.2e}")
+    assert cross.shape == (3, 130, 768) and global_cond.shape == (3, 1536)
+    assert max(err_cross, err_global, numbers) < PARITY_RTOL
+
+
+@pytest.mark.parametrize(
+    "cfg_scale, negative, rescale, batch",
+    [(1.0, False, 0.0, 2), (7.0, False, 0.0, 2), (7.0, True, 0.0, 1), (7.0, False, 0.7, 1)],
+)
+def test_dit_matches_reference(sao, cfg_scale, negative, rescale, batch):
+    torch = sys.modules["torch"]
+    T = 32
+    prompts, starts, totals = PROMPTS[:batch], [0, 5][:batch], [47, 20][:batch]
+    cond = _reference_conditioning(sao, prompts, starts, totals)
+    kwargs = dict(cross_attn_cond=cond["cross_attn_cond"], cross_attn_mask=cond["cross_attn_mask"],
+                  global_cond=cond["global_cond"], cfg_scale=cfg_scale, scale_phi=rescale)
+    negative_cross = None
+    if negative:
+        neg = _reference_conditioning(sao, NEGATIVE[:batch], starts, totals, negative=True)
+        kwargs.update(negative_cross_attn_cond=neg["negative_cross_attn_cond"],
+                      negative_cross_attn_mask=neg["negative_cross_attn_mask"])
+        negative_cross = mx.array(neg["negative_cross_attn_cond"].numpy())
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 64, T, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    with torch.no_grad():
+        ref = sao.model.model(x, t, **kwargs)
+    ours = sao.ours.dit.guided(
+        mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()),
+        mx.array(cond["cross_attn_cond"].numpy()), mx.array(cond["global_cond"].numpy()),
+        cfg_scale=cfg_scale, negative_cross=negative_cross, cfg_rescale=rescale,
+    )
+    err = rel_err(ours.transpose(0, 2, 1), ref)
+    print(f"DiT cfg {cfg_scale} negative {negative} rescale {rescale}: rel. error {err:.2e}")
+    assert err < PARITY_RTOL
+
+
+def test_vae_matches_reference(sao):
+    torch = sys.modules["torch"]
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 64, 8, generator=gen)
+    audio = torch.randn(1, 2, 8 * 2048, generator=gen) * 0.3
+    vae = sao.model.pretransform.model
+    with torch.no_grad():
+        ref_audio = vae.decoder(latents)
+        ref_mean = vae.encoder(audio).chunk(2, dim=1)[0]
+    ours_audio = sao.ours.vae.decode(mx.array(latents.numpy()).transpose(0, 2, 1))
+    ours_mean = sao.ours.vae.encode(mx.array(audio.numpy()).transpose(0, 2, 1))
+    err_dec = rel_err(ours_audio.transpose(0, 2, 1), ref_audio)
+    err_enc = rel_err(ours_mean.transpose(0, 2, 1), ref_mean)
+    print(f"VAE rel. error: decode {err_dec:.2e}, encode (mean) {err_enc:.2e}")
+    assert max(err_dec, err_enc) < PARITY_RTOL
