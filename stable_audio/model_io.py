@@ -97,7 +97,7 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     )
 
 
-def resolve(path_or_repo: str) -> Path:
+def resolve(path_or_repo: str, configs_only: bool = False) -> Path:
     """A local folder, or a Hub repo id downloaded (only the files we read) to the cache."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
@@ -107,6 +107,8 @@ def resolve(path_or_repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = list(RELEASED_FILES.values()) + CONVERTED_FILES
+    if configs_only:
+        patterns = [p for p in patterns if p.endswith(".json")]
     return Path(snapshot_download(path_or_repo, allow_patterns=patterns))
 
 
@@ -228,6 +230,23 @@ class Components:
         return {c: getattr(self, c) for c in COMPONENTS}
 
 
+def _read_config(folder: Path) -> Config:
+    if is_converted(folder):
+        stored = _read_json(folder / "config.json")
+        if stored.get("quantization"):
+            raise ValueError(f"{folder}: quantized models are not supported yet.")
+        return parse_config(stored["model_config"], stored["text_encoder"])
+    return parse_config(
+        _read_json(folder / RELEASED_FILES["config"]),
+        _read_json(folder / RELEASED_FILES["t5_config"]),
+    )
+
+
+def load_config(path_or_repo: str = DEFAULT_REPO) -> Config:
+    """The architecture alone, without reading (or downloading) any weights."""
+    return _read_config(resolve(path_or_repo, configs_only=True))
+
+
 def load(path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32) -> Components:
     """Load a released checkpoint folder, a folder written by convert.py, or a Hub repo.
 
@@ -235,18 +254,8 @@ def load(path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32) -> 
     in float32 and the autoencoder in `vae_dtype`.
     """
     folder = resolve(path_or_repo)
-    if is_converted(folder):
-        stored = _read_json(folder / "config.json")
-        if stored.get("quantization"):
-            raise ValueError(f"{folder}: quantized models are not supported yet.")
-        config = parse_config(stored["model_config"], stored["text_encoder"])
-        tokenizer_file = folder / "spiece.model"
-    else:
-        config = parse_config(
-            _read_json(folder / RELEASED_FILES["config"]),
-            _read_json(folder / RELEASED_FILES["t5_config"]),
-        )
-        tokenizer_file = folder / RELEASED_FILES["tokenizer"]
+    config = _read_config(folder)
+    tokenizer_file = folder / ("spiece.model" if is_converted(folder) else RELEASED_FILES["tokenizer"])
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} is missing.")
 

@@ -1,0 +1,129 @@
+import argparse
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, load_config
+from stable_audio.sampler import SAMPLERS
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
+
+
+def check_output(output: str, raw: bool) -> str:
+    """The soundfile format of `output`, refusing paths it cannot write."""
+    path = Path(output)
+    if path.suffix.lower() not in (".wav", ".flac"):
+        raise ValueError(f"Output {output!r} must end in .wav or .flac.")
+    if not path.parent.is_dir():
+        raise ValueError(f"The folder of {output!r} does not exist.")
+    if raw and path.suffix.lower() == ".flac":
+        raise ValueError("--raw writes 32-bit float samples, which FLAC cannot hold: use .wav.")
+    return path.suffix[1:].upper()
+
+
+def write_audio(path: Path, audio: np.ndarray, sample_rate: int, file_format: str, raw: bool):
+    """Write (channels, samples) under a temporary name and rename, so no half file remains."""
+    if raw:
+        samples, subtype = audio.T, "FLOAT"
+    else:
+        # peak-normalize, as the official interfaces do
+        samples, subtype = np.clip(audio.T / max(np.abs(audio).max(), 1e-8), -1, 1), "PCM_16"
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        sf.write(tmp, samples, sample_rate, subtype=subtype, format=file_format)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def report(verbose: bool, phase: str, start: float):
+    if verbose:
+        peak = mx.get_peak_memory() / 1024**3
+        print(f"[INFO] {phase}: {time.perf_counter() - start:.2f} s, peak memory {peak:.2f} GB")
+        mx.reset_peak_memory()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Generate audio from text with Stable Audio Open.")
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default=DEFAULT_REPO, help="Converted folder, released folder or Hub repo (default: %(default)s)")
+    parser.add_argument("--negative-prompt", help="What the audio should not sound like")
+    parser.add_argument("--seconds-start", type=float, default=0.0, help="Timing condition: where the clip starts (default: 0)")
+    parser.add_argument("--seconds-total", type=float, help="Length of the clip (default: the model's whole window, 47.55 s)")
+    parser.add_argument("--steps", type=int, default=100, help="Sampler steps (default: %(default)s)")
+    parser.add_argument("--cfg-scale", type=float, default=7.0, help="Classifier-free guidance scale (default: %(default)s)")
+    parser.add_argument("--sampler", default="dpmpp-3m-sde", help=f"One of {', '.join(SAMPLERS)} (default: %(default)s)")
+    parser.add_argument("--sigma-min", type=float, default=0.3, help="Lowest noise level (default: %(default)s)")
+    parser.add_argument("--sigma-max", type=float, default=500.0, help="Highest noise level (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="Random seed (default: a random one, printed)")
+    parser.add_argument("--n-audios", type=int, default=1, help="How many audios to make (default: %(default)s)")
+    parser.add_argument("--output", default="output.wav", help="A .wav or .flac file; several are numbered (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: as stored)")
+    parser.add_argument("--raw", action="store_true", help="Write the decoder's float output as is, not peak-normalized")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Print the time and peak memory of each stage")
+    args = parser.parse_args()
+
+    try:
+        # Everything that can be checked is checked before the weights are read
+        if args.dtype is not None and args.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        file_format = check_output(args.output, args.raw)
+        config = load_config(args.model)
+        check_arguments(
+            config, args.seconds_start, args.seconds_total, args.steps, args.cfg_scale,
+            args.sampler, args.sigma_min, args.sigma_max, args.n_audios,
+        )
+        seed = secrets.randbits(32) if args.seed is None else args.seed
+        print(f"[INFO] Seed {seed}")
+
+        start = time.perf_counter()
+        dtype = getattr(mx, args.dtype) if args.dtype else None
+        pipe = StableAudio.from_pretrained(args.model, dtype=dtype)
+        report(args.verbose, "Loading", start)
+
+        start = time.perf_counter()
+        conditioning = pipe.condition(
+            args.prompt, args.negative_prompt, args.seconds_start, args.seconds_total, args.n_audios
+        )
+        mx.eval(conditioning)
+        del pipe.t5  # not needed any more
+        report(args.verbose, "Text encoding", start)
+
+        start = time.perf_counter()
+        latents = pipe.generate_latents(
+            conditioning, args.steps, args.cfg_scale, args.sampler, args.sigma_min, args.sigma_max, seed
+        )
+        for x in tqdm(latents, total=args.steps, desc="Sampling"):
+            mx.eval(x)
+        check_finite(x, "sampling")
+        del pipe.dit
+        report(args.verbose, "Sampling", start)
+
+        start = time.perf_counter()
+        audio = pipe.decode(x)
+        check_finite(audio, "decoding")
+        seconds = pipe.window_seconds if args.seconds_total is None else args.seconds_total
+        audio = np.array(audio[..., : round(seconds * pipe.sample_rate)])
+        report(args.verbose, "Decoding", start)
+
+        for path, item in zip(output_paths(args.output, args.n_audios), audio):
+            write_audio(path, item, pipe.sample_rate, file_format, args.raw)
+            print(f"[INFO] Wrote {path}")
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("Interrupted.")
