@@ -27,7 +27,8 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 import convert
-from stable_audio import model_io
+from stable_audio import Conditioning, StableAudio, model_io
+from stable_audio import sampler as sampler_lib
 from stable_audio.dit import DiT
 from stable_audio.t5 import T5Encoder, Tokenizer, relative_position_buckets
 from stable_audio.vae import VAE
@@ -50,21 +51,22 @@ def rel_err(ours, ref) -> float:
 # ---------------------------------------------------------------- test checkpoints
 
 
-def tiny_configs():
-    """A small model of the same family: model_config.json and T5 config.json dicts."""
+def small_configs():
+    """A small model of the same family: model_config.json and T5 config.json dicts. T5
+    keeps t5-base's width, which the reference's T5 conditioner assumes; the DiT projects
+    the context tokens, so its 4 heads need not match T5's 12."""
     config = copy.deepcopy(SAO1_CONFIG)
     config["sample_size"] = 8 * 64
     model = config["model"]
     model["io_channels"] = 8
-    model["conditioning"]["cond_dim"] = 64
     model["diffusion"]["config"].update(
-        io_channels=8, embed_dim=128, depth=2, num_heads=2, cond_token_dim=64, global_cond_dim=128
+        io_channels=8, embed_dim=256, depth=2, num_heads=4, project_cond_tokens=True
     )
     pretransform = model["pretransform"]["config"]
     pretransform.update(latent_dim=8, downsampling_ratio=8)
     for part, latent in (("encoder", 16), ("decoder", 8)):
-        pretransform[part]["config"].update(channels=4, c_mults=[1, 2], strides=[2, 4], latent_dim=latent)
-    t5 = dict(T5_BASE_CONFIG, vocab_size=512, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2)
+        pretransform[part]["config"].update(channels=8, c_mults=[1, 2], strides=[2, 4], latent_dim=latent)
+    t5 = dict(T5_BASE_CONFIG, vocab_size=512, d_ff=256, num_layers=2)
     return config, t5
 
 
@@ -212,9 +214,9 @@ def spiece(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, spiece) -> Path:
-    model_config, t5_config = tiny_configs()
-    return write_released(tmp_path_factory.mktemp("tiny") / "released", model_config, t5_config, spiece)
+def small_checkpoint(tmp_path_factory, spiece) -> Path:
+    model_config, t5_config = small_configs()
+    return write_released(tmp_path_factory.mktemp("small") / "released", model_config, t5_config, spiece)
 
 
 # ---------------------------------------------------------------- tier 1: no PyTorch
@@ -303,7 +305,7 @@ def test_unsupported_t5_is_refused():
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 def test_small_models_shapes_and_dtypes(dtype):
-    model_config, t5_config = tiny_configs()
+    model_config, t5_config = small_configs()
     config = model_io.parse_config(model_config, t5_config)
     models = model_io.build(config)
     for name in ("t5", "dit"):
@@ -312,9 +314,9 @@ def test_small_models_shapes_and_dtypes(dtype):
     tokens = mx.random.randint(0, 200, (B, L))
     mask = (mx.arange(L)[None] < mx.array([[5], [L]])).astype(mx.int32)
     text = models["t5"](tokens, mask)
-    assert text.shape == (B, L, 64) and text.dtype == dtype
+    assert text.shape == (B, L, 768) and text.dtype == dtype
     cross, global_cond = models["conditioner"](text, mask, seconds_start=[0, 1], seconds_total=[10, 30])
-    assert cross.shape == (B, L + 2, 64) and global_cond.shape == (B, 128)
+    assert cross.shape == (B, L + 2, 768) and global_cond.shape == (B, 1536)
     assert mx.all(cross[0, 5:L] == 0).item()  # padded text positions are zero
     x, t = mx.random.normal((B, T, 8)), mx.array([0.3, 0.9])
     for cfg in (1.0, 7.0):
@@ -361,12 +363,12 @@ def test_relative_position_buckets():
     assert (np.diff(b[0, :128][b[0, :128] >= 16]) >= 0).all()  # monotone in distance
 
 
-def test_convert_round_trip(tiny_checkpoint, tmp_path):
+def test_convert_round_trip(small_checkpoint, tmp_path):
     for dtype in ("float32", "float16", "bfloat16"):
         out = tmp_path / f"mlx_{dtype}"
-        convert.convert(str(tiny_checkpoint), str(out), dtype)
+        convert.convert(str(small_checkpoint), str(out), dtype)
         assert sorted(p.name for p in out.iterdir()) == sorted(model_io.CONVERTED_FILES)
-        original = model_io.load(str(tiny_checkpoint), dtype=getattr(mx, dtype))
+        original = model_io.load(str(small_checkpoint), dtype=getattr(mx, dtype))
         converted = model_io.load(str(out))
         for name in model_io.COMPONENTS:
             a = dict(tree_flatten(original.modules()[name].parameters()))
@@ -386,20 +388,20 @@ def test_convert_round_trip(tiny_checkpoint, tmp_path):
     assert model_io.load(str(tmp_path / "mlx_float16"), dtype=mx.float32).dit.project_in.weight.dtype == mx.float32
 
 
-def test_convert_cli(tiny_checkpoint, tmp_path):
+def test_convert_cli(small_checkpoint, tmp_path):
     out = tmp_path / "out"
     run = lambda *args: subprocess.run(
         [sys.executable, str(HERE / "convert.py"), *args], capture_output=True, text=True
     )
-    result = run("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), "--dtype", "float32")
+    result = run("--hf-path", str(small_checkpoint), "--mlx-path", str(out), "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").is_file()
     # refusing to overwrite, a missing source and a bad dtype: one line, no traceback
     for args in (
-        ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out)),
+        ("--hf-path", str(small_checkpoint), "--mlx-path", str(out)),
         ("--hf-path", str(tmp_path / "nowhere"), "--mlx-path", str(tmp_path / "x")),
-        ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(tmp_path / "no" / "x")),
-        ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(tmp_path / "x"), "--dtype", "int8"),
+        ("--hf-path", str(small_checkpoint), "--mlx-path", str(tmp_path / "no" / "x")),
+        ("--hf-path", str(small_checkpoint), "--mlx-path", str(tmp_path / "x"), "--dtype", "int8"),
     ):
         result = run(*args)
         assert result.returncode != 0
@@ -408,13 +410,13 @@ def test_convert_cli(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written
 
 
-def test_failed_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+def test_failed_conversion_leaves_nothing(small_checkpoint, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(mx, "save_safetensors", fail)
     with pytest.raises(OSError):
-        convert.convert(str(tiny_checkpoint), str(tmp_path / "out"), "float16")
+        convert.convert(str(small_checkpoint), str(tmp_path / "out"), "float16")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -442,13 +444,13 @@ def _damaged_copy(src: Path, dst: Path, edit):
         (lambda t: t.update({"model.model.transformer.rotary_pos_emb.inv_freq": np.ones(16, np.float32)}), "RoPE"),
     ],
 )
-def test_loader_refuses_damaged_checkpoints(tiny_checkpoint, tmp_path, edit, message):
-    folder = _damaged_copy(tiny_checkpoint, tmp_path, edit)
+def test_loader_refuses_damaged_checkpoints(small_checkpoint, tmp_path, edit, message):
+    folder = _damaged_copy(small_checkpoint, tmp_path, edit)
     with pytest.raises(ValueError, match=message):
         model_io.load(str(folder))
 
 
-def test_convert_from_a_hub_repo_id(tiny_checkpoint, tmp_path):
+def test_convert_from_a_hub_repo_id(small_checkpoint, tmp_path):
     """The newcomer's command, `convert.py --hf-path <repo id>`, through huggingface_hub's
     real download code, answered offline from a local cache that holds the repo."""
     revision = "0" * 40
@@ -456,7 +458,7 @@ def test_convert_from_a_hub_repo_id(tiny_checkpoint, tmp_path):
     snapshot = repo / "snapshots" / revision
     for file in model_io.RELEASED_FILES.values():
         (snapshot / file).parent.mkdir(parents=True, exist_ok=True)
-        (snapshot / file).write_bytes((tiny_checkpoint / file).read_bytes())
+        (snapshot / file).write_bytes((small_checkpoint / file).read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
@@ -476,6 +478,139 @@ def test_resolve_refuses_what_is_neither_folder_nor_repo(tmp_path):
             model_io.resolve(bad)
     with pytest.raises(FileNotFoundError, match="model_config.json"):
         model_io.load(str(tmp_path))
+
+
+def test_sigma_schedule():
+    sigmas = sampler_lib.polyexponential_sigmas(6, 0.3, 500)
+    assert len(sigmas) == 7 and sigmas[-1] == 0
+    assert sigmas[0] == pytest.approx(500) and sigmas[-2] == pytest.approx(0.3)
+    ratios = np.array(sigmas[1:-1]) / np.array(sigmas[:-2])
+    assert np.allclose(ratios, (0.3 / 500) ** (1 / 5))  # log-linear for rho = 1
+
+
+@pytest.fixture(scope="session")
+def small_pipe(small_checkpoint):
+    return StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seconds_total=0), "seconds_total"),
+        (dict(seconds_total=1.0), "seconds_total"),
+        (dict(seconds_total=float("nan")), "finite"),
+        (dict(seconds_start=-1), "seconds_start"),
+        (dict(seconds_start=1000), "seconds_start"),
+        (dict(steps=0), "steps"),
+        (dict(sampler="ddim"), "sampler"),
+        (dict(sigma_min=0), "sigma"),
+        (dict(sigma_min=600), "sigma"),
+        (dict(batch_size=0), "audios"),
+    ],
+)
+def test_generate_refuses_bad_arguments(small_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_pipe.generate("piano", **kwargs)
+
+
+def test_generate_small(small_pipe):
+    window = small_pipe.window_seconds
+    assert window == 512 / 44100
+    audio = small_pipe.generate("warm piano", seconds_total=0.005, steps=4, seed=0, batch_size=2)
+    assert audio.shape == (2, 2, round(0.005 * 44100)) and audio.dtype == mx.float32
+    again = small_pipe.generate("warm piano", seconds_total=0.005, steps=4, seed=0, batch_size=2)
+    assert mx.array_equal(audio, again).item()  # the seed decides everything
+    other = small_pipe.generate("warm piano", seconds_total=0.005, steps=4, seed=1, batch_size=2)
+    assert not mx.allclose(audio, other).item()
+    assert not mx.allclose(audio[0], audio[1]).item()  # a batch holds different audios
+    full = small_pipe.generate("warm piano", steps=2, seed=0, sampler="euler", negative_prompt="noise")
+    assert full.shape == (1, 2, 512)
+
+
+def test_latents_come_step_by_step(small_pipe):
+    conditioning = small_pipe.condition("rain", seconds_total=0.01)
+    steps = list(small_pipe.generate_latents(conditioning, steps=5, seed=3))
+    assert len(steps) == 5 and steps[-1].shape == (1, 64, 8)
+
+
+def test_chunked_decoding_equals_one_shot(small_pipe):
+    latents = mx.random.normal((2, 64, 8), key=mx.random.key(4))
+    one_shot = small_pipe.vae.decode(latents).transpose(0, 2, 1)
+    for chunk in (5, 16, 64):
+        err = rel_err(small_pipe.decode(latents, chunk=chunk), one_shot)
+        assert err < 1e-6, (chunk, err)
+
+
+def test_non_finite_output_is_an_error(small_pipe, monkeypatch):
+    monkeypatch.setattr(small_pipe.dit, "guided", lambda x, *args: x * mx.nan)
+    with pytest.raises(FloatingPointError, match="Sampling"):
+        small_pipe.generate("piano", steps=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_converted(small_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "mlx_model"
+    convert.convert(str(small_checkpoint), str(out), "float32")
+    return out
+
+
+def _txt2audio(*args):
+    return subprocess.run(
+        [sys.executable, str(HERE / "txt2audio.py"), *args], capture_output=True, text=True
+    )
+
+
+def test_txt2audio_writes_the_requested_audio(small_converted, tmp_path):
+    import soundfile as sf
+
+    common = ["warm pads", "--model", str(small_converted), "--steps", "4", "--seconds-total", "0.01"]
+    first, second = tmp_path / "a.wav", tmp_path / "b.wav"
+    for out in (first, second):
+        result = _txt2audio(*common, "--seed", "0", "--output", str(out))
+        assert result.returncode == 0, result.stderr
+        assert "Seed 0" in result.stdout
+    audio, rate = sf.read(first)
+    assert rate == 44100 and audio.shape == (441, 2)
+    assert np.abs(audio).max() == pytest.approx(1.0, abs=1e-4)  # peak-normalized
+    assert first.read_bytes() == second.read_bytes()  # same seed, same file
+
+    result = _txt2audio(*common, "--n-audios", "2", "--output", str(tmp_path / "x.flac"), "--raw")
+    assert result.returncode != 0 and "FLAC" in result.stderr
+    result = _txt2audio(*common, "--n-audios", "2", "--output", str(tmp_path / "x.flac"), "-v", "--negative-prompt", "hiss")
+    assert result.returncode == 0, result.stderr
+    assert "Seed " in result.stdout and "peak memory" in result.stdout
+    for name in ("x_0.flac", "x_1.flac"):
+        audio, rate = sf.read(tmp_path / name)
+        assert rate == 44100 and audio.shape == (441, 2)
+    result = _txt2audio(*common, "--raw", "--output", str(tmp_path / "raw.wav"), "--sampler", "dpmpp-2m")
+    assert result.returncode == 0, result.stderr
+    assert sf.info(str(tmp_path / "raw.wav")).subtype == "FLOAT"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "raw.wav", "x_0.flac", "x_1.flac"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seconds-total", "0"], "seconds_total"),
+        (["--seconds-total", "60"], "seconds_total"),
+        (["--seconds-start", "-1"], "seconds_start"),
+        (["--steps", "0"], "steps"),
+        (["--sampler", "ddim"], "sampler"),
+        (["--dtype", "int8"], "dtype"),
+        (["--n-audios", "0"], "audios"),
+        (["--output", "{tmp}/missing/out.wav"], "does not exist"),
+        (["--output", "{tmp}/out.mp3"], ".wav or .flac"),
+        (["--steps", "many"], "invalid int"),
+        (["--model", "{tmp}/nowhere"], "neither"),
+    ],
+)
+def test_txt2audio_refuses_bad_input(small_converted, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = _txt2audio("piano", "--model", str(small_converted), "--output", str(tmp_path / "out.wav"), *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 # ---------------------------------------------------------------- tier 2: parity
@@ -528,21 +663,20 @@ def _patched(obj, name, value):
         setattr(obj, name, old)
 
 
-@pytest.fixture(scope="session")
-def sao(reference, spiece, tmp_path_factory):
-    """The reference model at the full SAO 1.0 config with every tensor re-randomized (several
-    are zero-initialised), written in the released layout and loaded by our loader."""
+def reference_checkpoint(reference, spiece, folder: Path, model_config, t5_config, seed=0):
+    """The reference model for a config with every tensor re-randomized (several are
+    zero-initialised), written in the released layout and loaded by our loader."""
     torch, tf = reference.torch, reference.transformers
-    torch.manual_seed(0)
-    t5 = tf.T5EncoderModel(tf.T5Config(**T5_BASE_CONFIG)).eval()
+    torch.manual_seed(seed)
+    t5 = tf.T5EncoderModel(tf.T5Config(**t5_config)).eval()
     tokenizer = tf.T5Tokenizer(str(spiece), legacy=True)
     # the reference downloads t5-base; hand it ours instead
     with _patched(tf.T5EncoderModel, "from_pretrained", lambda *a, **k: t5), _patched(
         tf.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer
     ):
-        model = reference.create(SAO1_CONFIG).eval()
+        model = reference.create(model_config).eval()
     t5.float()  # the reference casts T5 to float16; compare in float32
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed + 1)
     with torch.no_grad():
         for module in (model, t5):
             for name, tensor in module.state_dict(keep_vars=True).items():
@@ -550,13 +684,23 @@ def sao(reference, spiece, tmp_path_factory):
                     tensor.copy_(torch.from_numpy(random_tensor(rng, name, tuple(tensor.shape))))
     sao_tensors = {k: v.numpy() for k, v in model.state_dict().items()}
     t5_tensors = {k: v.numpy() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    folder = write_released(
-        tmp_path_factory.mktemp("sao1") / "released", SAO1_CONFIG, T5_BASE_CONFIG, spiece,
-        sao=sao_tensors, t5=t5_tensors,
-    )
+    write_released(folder, model_config, t5_config, spiece, sao=sao_tensors, t5=t5_tensors)
     del sao_tensors, t5_tensors
     ours = model_io.load(str(folder), dtype=mx.float32)
     return types.SimpleNamespace(model=model, t5=t5, tokenizer=tokenizer, ours=ours, folder=folder)
+
+
+@pytest.fixture(scope="session")
+def sao(reference, spiece, tmp_path_factory):
+    """The full Stable Audio Open 1.0 config."""
+    folder = tmp_path_factory.mktemp("sao1") / "released"
+    return reference_checkpoint(reference, spiece, folder, SAO1_CONFIG, T5_BASE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def small(reference, spiece, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small_ref") / "released"
+    return reference_checkpoint(reference, spiece, folder, *small_configs(), seed=10)
 
 
 PROMPTS = ["warm piano loop 120 bpm", "", "deep techno kick with rain and thunder at night"]
@@ -670,3 +814,86 @@ def test_vae_matches_reference(sao):
     err_enc = rel_err(ours_mean.transpose(0, 2, 1), ref_mean)
     print(f"VAE rel. error: decode {err_dec:.2e}, encode (mean) {err_enc:.2e}")
     assert max(err_dec, err_enc) < PARITY_RTOL
+
+
+def test_sigma_schedule_matches_k_diffusion(reference):
+    from k_diffusion.sampling import get_sigmas_polyexponential
+
+    for steps, lo, hi in ((100, 0.3, 500), (8, 0.03, 1000), (1, 0.3, 500)):
+        ref = get_sigmas_polyexponential(steps, lo, hi, 1.0).double().numpy()
+        assert rel_err(sampler_lib.polyexponential_sigmas(steps, lo, hi), ref) < 1e-6
+
+
+def _noise_source(torch, shape, n, seed):
+    """Per-step N(0, 1) draws, replayed identically to both sides."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.randn(shape, generator=gen) for _ in range(n)]
+    theirs, ours = iter(draws), iter(draws)
+    to_mlx = lambda t: mx.array(t.numpy()).transpose(0, 2, 1)
+    return (lambda s, s_next: next(theirs)), (lambda s, s_next: to_mlx(next(ours)))
+
+
+@pytest.mark.parametrize("name", sampler_lib.SAMPLERS)
+def test_samplers_match_k_diffusion(small, name):
+    """10 steps at cfg 7 with a negative prompt, over the reference model wrapped in
+    k-diffusion's VDenoiser, against our sampler over our model, on the same noise."""
+    torch = sys.modules["torch"]
+    from k_diffusion import external, sampling
+
+    kd = {"dpmpp-3m-sde": sampling.sample_dpmpp_3m_sde, "dpmpp-2m-sde": sampling.sample_dpmpp_2m_sde,
+          "dpmpp-2m": sampling.sample_dpmpp_2m, "euler": sampling.sample_euler}[name]
+    steps, B, T = 10, 2, 64
+    cond = _reference_conditioning(small, PROMPTS[:B], [0, 4], [0.01, 0.005])
+    neg = _reference_conditioning(small, NEGATIVE[:B], [0, 4], [0.01, 0.005], negative=True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 8, T, generator=gen) * 500
+    sigmas = sampling.get_sigmas_polyexponential(steps, 0.3, 500, 1.0)
+    theirs, ours = _noise_source(torch, (B, 8, T), steps, seed=6)
+    extra = dict(cross_attn_cond=cond["cross_attn_cond"], global_cond=cond["global_cond"], cfg_scale=7.0,
+                 negative_cross_attn_cond=neg["negative_cross_attn_cond"],
+                 negative_cross_attn_mask=neg["negative_cross_attn_mask"])
+    kwargs = {"noise_sampler": theirs} if name.endswith("sde") else {}
+    with torch.no_grad():
+        ref = kd(external.VDenoiser(small.model.model), x, sigmas, extra_args=extra, disable=True, **kwargs)
+
+    pipe = StableAudio(small.ours)
+    conditioning = Conditioning(
+        mx.array(cond["cross_attn_cond"].numpy()), mx.array(cond["global_cond"].numpy()),
+        mx.array(neg["negative_cross_attn_cond"].numpy()),
+    )
+    noise = mx.array(x.numpy() / 500).transpose(0, 2, 1)
+    for latents in pipe.generate_latents(conditioning, steps, 7.0, name, 0.3, 500, noise=noise, noise_sampler=ours):
+        mx.eval(latents)
+    err = rel_err(latents.transpose(0, 2, 1), ref)
+    print(f"{name}, {steps} steps: rel. error {err:.2e}")
+    assert err < 1e-4
+
+
+def test_generate_matches_reference(small):
+    """Prompt to audio against stable-audio-tools' generate_diffusion_cond: cfg 7, a negative
+    prompt, seconds_start > 0, dpmpp-3m-sde, with the initial and per-step noise shared."""
+    torch = sys.modules["torch"]
+    from stable_audio_tools.inference import generation, sampling
+
+    steps, seed, B, seconds_start, seconds_total = 12, 7, 2, 2.5, 0.008
+    theirs, ours = _noise_source(torch, (B, 8, 64), steps, seed=8)
+    sde = sampling.K.sampling.sample_dpmpp_3m_sde
+    with _patched(sampling.K.sampling, "sample_dpmpp_3m_sde", lambda *a, **k: sde(*a, **k, noise_sampler=theirs)):
+        meta = lambda prompt: [{"prompt": prompt, "seconds_start": seconds_start, "seconds_total": seconds_total}] * B
+        with torch.no_grad():
+            ref = generation.generate_diffusion_cond(
+                small.model, steps=steps, cfg_scale=7.0, conditioning=meta(PROMPTS[2]),
+                negative_conditioning=meta(NEGATIVE[0]), batch_size=B, sample_size=512, seed=seed,
+                device="cpu", sampler_type="dpmpp-3m-sde", sigma_min=0.3, sigma_max=500,
+            )
+    torch.manual_seed(seed)  # generate_diffusion_cond's initial noise
+    noise = mx.array(torch.randn([B, 8, 64]).numpy()).transpose(0, 2, 1)
+    audio = StableAudio(small.ours).generate(
+        PROMPTS[2], NEGATIVE[0], seconds_start, seconds_total, steps, 7.0, "dpmpp-3m-sde", 0.3, 500,
+        batch_size=B, noise=noise, noise_sampler=ours,
+    )
+    n = round(seconds_total * 44100)
+    assert audio.shape == (B, 2, n)
+    err = rel_err(audio, ref[..., :n])
+    print(f"prompt to audio, {steps} steps: rel. error {err:.2e}")
+    assert err < 1e-3

@@ -41,7 +41,7 @@ def check_arguments(
     ]
     for failed, message in problems:
         if failed:
-            raise ValueError(message[0].upper() + message[1:] + ".")
+            raise ValueError(message + ".")
 
 
 class StableAudio:
@@ -125,12 +125,12 @@ class StableAudio:
         denoise = samplers.v_denoiser(model)
         yield from samplers.sample(sampler, denoise, noise * sigmas[0], sigmas, noise_sampler)
 
-    def decode(self, latents: mx.array, chunk: int = 128, overlap: int = 16) -> mx.array:
+    def decode(self, latents: mx.array, chunk: int = 128) -> mx.array:
         """Audio (B, channels, samples) from latents (B, T, C), decoded one batch item and
-        `chunk` latents at a time. Each chunk is decoded with `overlap` extra latents on
-        each side, more than the decoder's receptive field (about 10), which are cut
+        `chunk` latents at a time. Each chunk is decoded with as many extra latents on each
+        side as the decoder's receptive field reaches (11 for SAO 1.0), then those are cut
         off again: the result equals one-shot decoding, and memory does not grow with T."""
-        ratio = self.config.vae.downsampling_ratio
+        ratio, overlap = self.config.vae.downsampling_ratio, self.config.vae.decoder_context
         latents = latents.astype(self.vae.decoder.layers[0].weight.dtype)
         audios = []
         for item in latents:

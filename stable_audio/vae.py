@@ -59,6 +59,16 @@ class VAEConfig:
     def downsampling_ratio(self):
         return math.prod(self.strides)
 
+    @property
+    def decoder_context(self) -> int:
+        """How many latents on each side can affect a decoded sample (the receptive field)."""
+        field, rate = 3, 1  # the first conv, k=7
+        for s in reversed(self.strides):
+            field += 2 / rate  # the transposed conv, k=2s, reaches 2 inputs
+            rate *= s
+            field += 3 * (1 + 3 + 9) / rate  # residual units: k=7, dilations 1, 3, 9
+        return math.ceil(field + 3 / rate)  # the last conv, k=7
+
 
 class Snake(nn.Module):
     """SnakeBeta with log-scale parameters: x + sin^2(e^alpha x) / e^beta."""
