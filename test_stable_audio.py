@@ -286,6 +286,11 @@ def test_config_is_read_from_the_checkpoint():
         (("model", "pretransform", "config", "encoder", "config", "use_snake"), False, "use_snake"),
         (("model", "conditioning", "configs", 0, "type"), "clap_text", "conditioner type"),
         (("model", "conditioning", "cond_dim"), 512, "cond_dim"),
+        # a value left out takes stable-audio-tools' default, which may be unsupported
+        (("sample_rate",), None, "sample_rate"),
+        (("model", "conditioning", "cond_dim"), None, "cond_dim"),
+        (("model", "pretransform", "config", "decoder", "config", "use_snake"), None, "use_snake"),
+        (("model", "diffusion", "config", "cond_token_dim"), None, "cond_token_dim"),
     ],
 )
 def test_unsupported_config_values_are_refused(path, value, message):
@@ -293,7 +298,10 @@ def test_unsupported_config_values_are_refused(path, value, message):
     node = config
     for key in path[:-1]:
         node = node[key]
-    node[path[-1]] = value
+    if value is None:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
     with pytest.raises(ValueError, match=message):
         model_io.parse_config(config, T5_BASE_CONFIG)
 

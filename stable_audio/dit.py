@@ -22,7 +22,9 @@ class ConditionerConfig:
     def from_model_config(cls, model: dict):
         conditioning = model.get("conditioning") or {}
         diffusion = model.get("diffusion") or {}
-        cond_dim = conditioning.get("cond_dim", 768)
+        if "cond_dim" not in conditioning:
+            raise ValueError("model_config.json has no conditioning cond_dim.")
+        cond_dim = conditioning["cond_dim"]
         text_id, max_length, numbers = None, None, {}
         for entry in conditioning.get("configs", []):
             kind, c = entry.get("type"), entry.get("config", {})
@@ -53,12 +55,13 @@ class ConditionerConfig:
 
 @dataclass
 class DiTConfig:
-    io_channels: int = 64
-    embed_dim: int = 1536
-    depth: int = 24
-    num_heads: int = 24
-    cond_token_dim: int = 768
-    global_cond_dim: int = 1536
+    # stable-audio-tools' defaults for what a model_config.json leaves out
+    io_channels: int = 32
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 8
+    cond_token_dim: int = 0
+    global_cond_dim: int = 0
     project_cond_tokens: bool = True
     project_global_cond: bool = True
 
@@ -89,6 +92,9 @@ class DiTConfig:
         if unknown:
             _unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
         c = cls(**config)
+        for key in ("cond_token_dim", "global_cond_dim"):
+            if getattr(c, key) <= 0:
+                _unsupported(f"DiT {key}", getattr(c, key), "> 0")
         head_dim, rest = divmod(c.embed_dim, c.num_heads)
         context_dim = c.embed_dim if c.project_cond_tokens else c.cond_token_dim
         if rest or head_dim < 32 or context_dim % head_dim or c.num_heads % (context_dim // head_dim):
@@ -96,8 +102,6 @@ class DiTConfig:
                 f"Unsupported DiT shape: {c.num_heads} heads of width {c.embed_dim} with a "
                 f"{context_dim}-wide context (heads must be >= 32 wide and divide evenly)."
             )
-        if c.cond_token_dim <= 0 or c.global_cond_dim <= 0:
-            _unsupported("DiT without cross-attention or global conditioning", 0, "> 0")
         return c
 
 

@@ -69,6 +69,9 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
             f"Unsupported model_type {model_config.get('model_type')!r} in model_config.json "
             "(supported: diffusion_cond, the text-to-audio models of stable-audio-tools)."
         )
+    for key in ("sample_rate", "sample_size"):
+        if not isinstance(model_config.get(key), int) or model_config[key] <= 0:
+            raise ValueError(f"model_config.json has no valid {key}.")
     model = model_config.get("model", {})
     t5 = T5Config.from_dict(t5_config)
     conditioner = ConditionerConfig.from_model_config(model)

@@ -10,12 +10,13 @@ import sentencepiece
 
 @dataclass
 class T5Config:
+    # transformers' defaults for what a config.json leaves out
     vocab_size: int = 32128
-    d_model: int = 768
+    d_model: int = 512
     d_kv: int = 64
-    d_ff: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6

@@ -5,6 +5,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+# stable-audio-tools' defaults for what a model_config.json leaves out
+OOBLECK_DEFAULTS = dict(
+    in_channels=2, out_channels=2, channels=128, latent_dim=32, c_mults=[1, 2, 4, 8],
+    strides=[2, 4, 8, 8], use_snake=False, antialias_activation=False,
+    use_nearest_upsample=False, final_tanh=True,
+)
+
+
 @dataclass
 class VAEConfig:
     audio_channels: int = 2
@@ -24,24 +32,24 @@ class VAEConfig:
                 "model_config.json (supported: autoencoder)."
             )
         config = pretransform.get("config", {})
-        enc, dec = config.get("encoder", {}), config.get("decoder", {})
         if config.get("bottleneck", {}).get("type") != "vae":
             raise ValueError("Unsupported autoencoder bottleneck in model_config.json (supported: vae).")
         if config.get("scale", 1.0) != 1.0:
             raise ValueError("Unsupported pretransform scale in model_config.json (supported: 1.0).")
-        for part in (enc, dec):
-            c = part.get("config", {})
+        parts = []
+        for part in (config.get("encoder", {}), config.get("decoder", {})):
             if part.get("type") != "oobleck":
                 raise ValueError(
                     f"Unsupported autoencoder {part.get('type')!r} in model_config.json (supported: oobleck)."
                 )
-            fixed = {"use_snake": True, "antialias_activation": False, "use_nearest_upsample": False}
-            for key, value in fixed.items():
-                if c.get(key, False) != value:
-                    raise ValueError(f"Unsupported Oobleck {key}={c.get(key)!r} in model_config.json.")
-        e, d = enc["config"], dec["config"]
+            c = {**OOBLECK_DEFAULTS, **part.get("config", {})}
+            for key, value in {"use_snake": True, "antialias_activation": False, "use_nearest_upsample": False}.items():
+                if c[key] != value:
+                    raise ValueError(f"Unsupported Oobleck {key}={c[key]!r} in model_config.json.")
+            parts.append(c)
+        e, d = parts
         same = ("channels", "c_mults", "strides")
-        if any(e.get(k) != d.get(k) for k in same) or e.get("in_channels") != d.get("out_channels"):
+        if any(e[k] != d[k] for k in same) or e["in_channels"] != d["out_channels"]:
             raise ValueError("Unsupported autoencoder: encoder and decoder shapes differ.")
         if e["latent_dim"] != 2 * d["latent_dim"]:
             raise ValueError("Unsupported autoencoder: the encoder must output mean and scale.")
@@ -52,7 +60,7 @@ class VAEConfig:
             strides=tuple(d["strides"]),
             encoder_latent_dim=e["latent_dim"],
             latent_dim=d["latent_dim"],
-            final_tanh=d.get("final_tanh", True),
+            final_tanh=d["final_tanh"],
         )
 
     @property
