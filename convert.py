@@ -13,12 +13,13 @@ from stable_audio import model_io
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def convert(hf_path: str, mlx_path: str, dtype: str = "float16"):
+def convert(hf_path: str, mlx_path: str, dtype: str = "float16", quantize: dict = None):
     """Write `hf_path` (released layout, local or on the Hub) as MLX safetensors in `mlx_path`.
 
     T5 and the DiT are stored in `dtype`; the conditioner and the autoencoder stay in
-    float32. The folder appears only when complete: it is written under a temporary
-    name beside `mlx_path` and renamed at the end.
+    float32. `quantize` ({"group_size", "bits"}) quantizes the DiT's transformer blocks.
+    The folder appears only when complete: it is written under a temporary name beside
+    `mlx_path` and renamed at the end.
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
@@ -28,11 +29,11 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "float16"):
     if not mlx_path.parent.is_dir():
         raise ValueError(f"The folder {mlx_path.parent} does not exist.")
 
-    models = model_io.load(hf_path, dtype=getattr(mx, dtype))
+    models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize)
     config = {
         "model_type": "stable-audio",
         "dtype": dtype,
-        "quantization": None,
+        "quantization": models.config.quantization,
         "model_config": models.config.model_config,
         "text_encoder": models.config.t5_config,
     }
@@ -70,9 +71,23 @@ if __name__ == "__main__":
         default="float16",
         help="dtype of T5 and the DiT; the autoencoder stays float32 (default: %(default)s).",
     )
+    parser.add_argument(
+        "-q", "--quantize", action="store_true", help="Quantize the DiT's transformer blocks."
+    )
+    parser.add_argument(
+        "--q-bits", type=int, choices=(4, 8), default=4, help="Bits per weight (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=64,
+        help="Weights sharing one scale and bias (default: %(default)s).",
+    )
     args = parser.parse_args()
+    quantize = {"group_size": args.q_group_size, "bits": args.q_bits} if args.quantize else None
     try:
-        convert(args.hf_path, args.mlx_path, args.dtype)
+        convert(args.hf_path, args.mlx_path, args.dtype, quantize)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"[INFO] Wrote {args.mlx_path}")

@@ -329,11 +329,38 @@ def test_small_models_shapes_and_dtypes(dtype):
     x, t = mx.random.normal((B, T, 8)), mx.array([0.3, 0.9])
     for cfg in (1.0, 7.0):
         v = models["dit"].guided(x, t, cross, global_cond, cfg_scale=cfg)
-        assert v.shape == (B, T, 8) and v.dtype == dtype
+        assert v.shape == (B, T, 8) and v.dtype == mx.float32  # whatever the weights' dtype
     audio = models["vae"].decode(x)
     assert audio.shape == (B, 8 * T, 2) and audio.dtype == mx.float32
     assert models["vae"].encode(audio).shape == (B, T, 8)
     assert models["vae"].encode(audio, sample=True, key=mx.random.key(0)).shape == (B, T, 8)
+
+
+def test_precision_of_the_full_width_dit():
+    """The full-size DiT (random weights, 32 latents) in float16, bfloat16, 8 and 4 bits
+    against float32. These bounds guard regressions; the values are printed."""
+    mx.random.seed(0)
+    config = model_io.parse_config(SAO1_CONFIG, T5_BASE_CONFIG)
+    reference = DiT(config.dit)
+    mx.eval(reference.parameters())
+    keys = mx.random.split(mx.random.key(0), 3)
+    inputs = (
+        mx.random.normal((1, 32, 64), key=keys[0]), mx.array([0.4]),
+        mx.random.normal((1, 130, 768), key=keys[1]), mx.random.normal((1, 1536), key=keys[2]),
+    )
+    expected = reference(*inputs)
+    bounds = {"float16": 1e-2, "bfloat16": 1e-2, 8: 0.02, 4: 0.15}
+    for variant, bound in bounds.items():
+        dit = DiT(config.dit)
+        dit.update(reference.parameters())
+        if isinstance(variant, str):
+            dit.set_dtype(getattr(mx, variant))
+        else:
+            model_io.quantize_dit(dit, 64, variant)
+        err = rel_err(dit(*inputs), expected)
+        print(f"DiT {variant}: rel. error {err:.2e} against float32")
+        assert err < bound, variant
+        del dit
 
 
 def _tokenizer(spiece, max_length=16):
@@ -394,6 +421,41 @@ def test_convert_round_trip(small_checkpoint, tmp_path):
         assert written.keys() == dict(tree_flatten(converted.dit.parameters())).keys()
     # a converted folder loads at another dtype
     assert model_io.load(str(tmp_path / "mlx_float16"), dtype=mx.float32).dit.project_in.weight.dtype == mx.float32
+
+
+def test_quantized_conversion_round_trip(small_checkpoint, tmp_path):
+    import mlx.nn as nn
+
+    for bits in (4, 8):
+        out = tmp_path / f"q{bits}"
+        quantize = {"group_size": 64, "bits": bits}
+        convert.convert(str(small_checkpoint), str(out), "float16", quantize)
+        stored = json.loads((out / "config.json").read_text())
+        assert stored["quantization"] == quantize
+        converted = model_io.load(str(out))
+        dit = converted.dit
+        block = dit.layers[0]
+        assert isinstance(block.ff.proj, nn.QuantizedLinear) and block.ff.proj.bits == bits
+        assert isinstance(block.cross_attn.to_kv, nn.QuantizedLinear)
+        assert block.self_attn.to_qkv.bits == 8  # self-attention keeps 8 bits
+        assert isinstance(dit.to_timestep_embed[0], nn.Linear)  # embedders stay float
+        assert isinstance(dit.to_cond_embed[0], nn.Linear) and isinstance(dit.project_in, nn.Linear)
+        assert not isinstance(converted.t5.blocks[0].wi, nn.QuantizedLinear)
+        # the file holds exactly the parameters in memory
+        params = dict(tree_flatten(dit.parameters()))
+        written = mx.load(str(out / "dit.safetensors"))
+        assert written.keys() == params.keys()
+        assert all(mx.array_equal(written[k], params[k]).item() for k in params)
+        # quantizing at load time gives the same model as loading the quantized folder
+        runtime = model_io.load(str(small_checkpoint), dtype=mx.float16, quantize=quantize)
+        x, t = mx.random.normal((1, 16, 8)), mx.array([0.5])
+        cross, global_cond = mx.random.normal((1, 130, 768)), mx.random.normal((1, 1536))
+        assert mx.array_equal(dit(x, t, cross, global_cond), runtime.dit(x, t, cross, global_cond)).item()
+    with pytest.raises(ValueError, match="already quantized"):
+        model_io.load(str(tmp_path / "q4"), quantize={"group_size": 64, "bits": 8})
+    with pytest.raises(ValueError, match="Unsupported quantization"):
+        convert.convert(str(small_checkpoint), str(tmp_path / "q3"), "float16", {"group_size": 64, "bits": 3})
+    assert not (tmp_path / "q3").exists()
 
 
 def test_convert_cli(small_checkpoint, tmp_path):
@@ -541,6 +603,17 @@ def test_latents_come_step_by_step(small_pipe):
     assert len(steps) == 5 and steps[-1].shape == (1, 64, 8)
 
 
+@pytest.mark.parametrize("name", sampler_lib.SAMPLERS)
+def test_compiled_steps_equal_eager(small_pipe, name):
+    conditioning = small_pipe.condition("rain", "hiss", seconds_total=0.01, batch_size=2)
+    runs = [
+        list(small_pipe.generate_latents(conditioning, 6, 7.0, name, seed=11, cfg_rescale=0.5, compile=c))
+        for c in (False, True)
+    ]
+    for eager, compiled in zip(*runs):
+        assert rel_err(compiled, eager) < 1e-5
+
+
 def test_chunked_decoding_equals_one_shot(small_pipe):
     latents = mx.random.normal((2, 64, 8), key=mx.random.key(4))
     one_shot = small_pipe.vae.decode(latents).transpose(0, 2, 1)
@@ -593,7 +666,14 @@ def test_txt2audio_writes_the_requested_audio(small_converted, tmp_path):
     result = _txt2audio(*common, "--raw", "--output", str(tmp_path / "raw.wav"), "--sampler", "dpmpp-2m")
     assert result.returncode == 0, result.stderr
     assert sf.info(str(tmp_path / "raw.wav")).subtype == "FLOAT"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "b.wav", "raw.wav", "x_0.flac", "x_1.flac"]
+    # quantized and compiled, in bfloat16 with a float16 decoder
+    extra = ["--quantize", "8", "--compile", "--dtype", "bfloat16", "--vae-dtype", "float16", "-v"]
+    result = _txt2audio(*common, *extra, "--output", str(tmp_path / "q.wav"))
+    assert result.returncode == 0, result.stderr
+    assert "First step (with compilation)" in result.stdout
+    assert sf.read(tmp_path / "q.wav")[0].shape == (441, 2)
+    names = ["a.wav", "b.wav", "q.wav", "raw.wav", "x_0.flac", "x_1.flac"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 @pytest.mark.parametrize(
@@ -605,6 +685,8 @@ def test_txt2audio_writes_the_requested_audio(small_converted, tmp_path):
         (["--steps", "0"], "steps"),
         (["--sampler", "ddim"], "sampler"),
         (["--dtype", "int8"], "dtype"),
+        (["--vae-dtype", "float64"], "dtype"),
+        (["--quantize", "3"], "invalid choice"),
         (["--n-audios", "0"], "audios"),
         (["--output", "{tmp}/missing/out.wav"], "does not exist"),
         (["--output", "{tmp}/out.mp3"], ".wav or .flac"),

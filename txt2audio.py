@@ -72,15 +72,21 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, help="Random seed (default: a random one, printed)")
     parser.add_argument("--n-audios", type=int, default=1, help="How many audios to make (default: %(default)s)")
     parser.add_argument("--output", default="output.wav", help="A .wav or .flac file; several are numbered (default: %(default)s)")
-    parser.add_argument("--dtype", default=None, help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: as stored)")
+    parser.add_argument("--dtype", help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--vae-dtype", default="float32", help="dtype of the VAE decoder (default: %(default)s)")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize a floating-point DiT to 4 or 8 bits at load time")
+    parser.add_argument("--compile", action="store_true", help="Compile each sampler step (DiT, guidance and update) with mx.compile")
     parser.add_argument("--raw", action="store_true", help="Write the decoder's float output as is, not peak-normalized")
     parser.add_argument("-v", "--verbose", action="store_true", help="Print the time and peak memory of each stage")
     args = parser.parse_args()
 
     try:
         # Everything that can be checked is checked before the weights are read
-        if args.dtype is not None and args.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if args.dtype is None:
+            args.dtype = "float16" if mx.default_device() == mx.gpu else "float32"
+        for dtype in (args.dtype, args.vae_dtype):
+            if dtype not in DTYPES:
+                raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
         file_format = check_output(args.output, args.raw)
         config = load_config(args.model)
         check_arguments(
@@ -91,8 +97,11 @@ if __name__ == "__main__":
         print(f"[INFO] Seed {seed}")
 
         start = time.perf_counter()
-        dtype = getattr(mx, args.dtype) if args.dtype else None
-        pipe = StableAudio.from_pretrained(args.model, dtype=dtype)
+        if args.quantize and config.quantization:
+            raise ValueError(f"{args.model} is already quantized; leave out --quantize.")
+        pipe = StableAudio.from_pretrained(
+            args.model, getattr(mx, args.dtype), getattr(mx, args.vae_dtype), args.quantize
+        )
         report(args.verbose, "Loading", start)
 
         start = time.perf_counter()
@@ -105,10 +114,16 @@ if __name__ == "__main__":
 
         start = time.perf_counter()
         latents = pipe.generate_latents(
-            conditioning, args.steps, args.cfg_scale, args.sampler, args.sigma_min, args.sigma_max, seed
+            conditioning, args.steps, args.cfg_scale, args.sampler, args.sigma_min, args.sigma_max,
+            seed, compile=args.compile,
         )
-        for x in tqdm(latents, total=args.steps, desc="Sampling"):
+        for i, x in enumerate(tqdm(latents, total=args.steps, desc="Sampling")):
             mx.eval(x)
+            if i == 0 and args.verbose:
+                first_step = time.perf_counter() - start
+        if args.verbose:
+            what = "with compilation" if args.compile else "eager"
+            tqdm.write(f"[INFO] First step ({what}): {first_step:.2f} s")
         check_finite(x, "sampling")
         del pipe.dit
         report(args.verbose, "Sampling", start)

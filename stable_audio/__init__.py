@@ -54,11 +54,17 @@ class StableAudio:
         self.conditioner = components.conditioner
         self.dit = components.dit
         self.vae = components.vae
+        # compiled once; the guidance settings are constants, a new value retraces it
+        self._compiled_step = mx.compile(self._step)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32):
-        """A converted folder, a released-layout folder, or a Hub repo id."""
-        return cls(load(path_or_repo, dtype=dtype, vae_dtype=vae_dtype))
+    def from_pretrained(
+        cls, path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32, quantize: int = None
+    ):
+        """A converted folder, a released-layout folder, or a Hub repo id. `dtype` is for T5
+        and the DiT (None: as stored); `quantize` (4 or 8) quantizes a float DiT's blocks."""
+        q = {"group_size": 64, "bits": quantize} if quantize else None
+        return cls(load(path_or_repo, dtype=dtype, vae_dtype=vae_dtype, quantize=q))
 
     @property
     def sample_rate(self) -> int:
@@ -101,11 +107,13 @@ class StableAudio:
         cfg_rescale: float = 0.0,
         noise: mx.array = None,
         noise_sampler=None,
+        compile: bool = False,
     ):
         """Yield the latents (B, T, C) after each sampler step, on the model's full window.
 
         `noise` (the initial N(0, 1) latents) and `noise_sampler(sigma, sigma_next)` (each
-        SDE step's N(0, 1) noise) default to draws from `seed`.
+        SDE step's N(0, 1) noise) default to draws from `seed`. With `compile`, the whole
+        step (DiT, guidance and sampler update) runs as one compiled function.
         """
         cross, global_cond, negative_cross = conditioning
         B = cross.shape[0]
@@ -118,12 +126,25 @@ class StableAudio:
             step_keys = iter(mx.random.split(step_key, steps))
             noise_sampler = lambda sigma, sigma_next: mx.random.normal(shape, key=next(step_keys))
 
+        sigmas = samplers.polyexponential_sigmas(steps, sigma_min, sigma_max)
+        coefficients = samplers.step_coefficients(sampler, sigmas)
+        step = self._compiled_step if compile else self._step
+        x = noise * sigmas[0]
+        zeros = mx.zeros_like(x)
+        d1 = d2 = zeros  # the denoised estimates of the last two steps
+        for (sigma, sigma_next), k in zip(zip(sigmas, sigmas[1:]), coefficients):
+            # draw only where k-diffusion draws, so that a noise_sampler sees the same calls
+            step_noise = noise_sampler(sigma, sigma_next) if k[-1] else zeros
+            x, d1, d2 = step(
+                x, d1, d2, step_noise, mx.array(k), cross, global_cond, negative_cross, cfg_scale, cfg_rescale
+            )
+            yield x
+
+    def _step(self, x, d1, d2, noise, k, cross, global_cond, negative_cross, cfg_scale, cfg_rescale):
         def model(x, t):
             return self.dit.guided(x, t, cross, global_cond, cfg_scale, negative_cross, cfg_rescale)
 
-        sigmas = samplers.polyexponential_sigmas(steps, sigma_min, sigma_max)
-        denoise = samplers.v_denoiser(model)
-        yield from samplers.sample(sampler, denoise, noise * sigmas[0], sigmas, noise_sampler)
+        return samplers.step(model, x, d1, d2, noise, k)
 
     def decode(self, latents: mx.array, chunk: int = 128) -> mx.array:
         """Audio (B, channels, samples) from latents (B, T, C), decoded one batch item and
@@ -160,13 +181,14 @@ class StableAudio:
         cfg_rescale: float = 0.0,
         noise: mx.array = None,
         noise_sampler=None,
+        compile: bool = False,
     ) -> mx.array:
         """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`."""
         seconds_total = self.window_seconds if seconds_total is None else seconds_total
         check_arguments(self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max, batch_size)
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
         for latents in self.generate_latents(
-            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale, noise, noise_sampler
+            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale, noise, noise_sampler, compile
         ):
             mx.eval(latents)
         check_finite(latents, "sampling")

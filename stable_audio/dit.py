@@ -224,9 +224,11 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.self_attn(self.pre_norm(x))
-        x = x + self.cross_attn(self.cross_attend_norm(x), context)
-        return x + self.ff(self.ff_norm(x))
+        # the residual stream stays float32; each branch runs in the weights' dtype
+        dtype = context.dtype
+        x = x + self.self_attn(self.pre_norm(x).astype(dtype))
+        x = x + self.cross_attn(self.cross_attend_norm(x).astype(dtype), context)
+        return x + self.ff(self.ff_norm(x).astype(dtype))
 
 
 class DiT(nn.Module):
@@ -259,18 +261,21 @@ class DiT(nn.Module):
         self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
 
     def __call__(self, x: mx.array, t: mx.array, cross: mx.array, global_cond: mx.array):
-        """The v prediction for latents `x` (B, T, C) at diffusion times `t` (B,)."""
+        """The v prediction (float32) for latents `x` (B, T, C) at diffusion times `t` (B,).
+
+        The weights may be float16, bfloat16 or quantized; the residual streams and the
+        norms stay in float32, and each matmul runs in the weights' dtype."""
         dtype = self.project_in.weight.dtype
         x, cross, global_cond = (a.astype(dtype) for a in (x, cross, global_cond))
         context = _sequential(self.to_cond_embed, cross)
         timestep = _sequential(self.to_timestep_embed, self.timestep_features(t).astype(dtype))
         prepend = _sequential(self.to_global_embed, global_cond) + timestep
         x = x + self.preprocess_conv(x)
-        h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1)
+        h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1).astype(mx.float32)
         for layer in self.layers:
             h = layer(h, context)
-        y = self.project_out(h)[:, 1:]
-        return y + self.postprocess_conv(y)
+        y = self.project_out(h.astype(dtype))[:, 1:]
+        return (y + self.postprocess_conv(y)).astype(mx.float32)
 
     def guided(
         self,

@@ -60,6 +60,7 @@ class Config:
     vae: VAEConfig
     model_config: dict  # the checkpoint's model_config.json, kept for convert.py
     t5_config: dict  # text_encoder/config.json
+    quantization: dict = None  # {"group_size", "bits"} of a quantized DiT
 
 
 def parse_config(model_config: dict, t5_config: dict) -> Config:
@@ -236,13 +237,51 @@ class Components:
 def _read_config(folder: Path) -> Config:
     if is_converted(folder):
         stored = _read_json(folder / "config.json")
-        if stored.get("quantization"):
-            raise ValueError(f"{folder}: quantized models are not supported yet.")
-        return parse_config(stored["model_config"], stored["text_encoder"])
+        config = parse_config(stored["model_config"], stored["text_encoder"])
+        config.quantization = stored.get("quantization")
+        return config
     return parse_config(
         _read_json(folder / RELEASED_FILES["config"]),
         _read_json(folder / RELEASED_FILES["t5_config"]),
     )
+
+
+def quantize_dit(dit: nn.Module, group_size: int = 64, bits: int = 4):
+    """Quantize the linear layers of the transformer blocks (99% of the DiT's weights).
+
+    At 4 bits the self-attention projections keep 8: on random weights they carry most
+    of the error (18% relative on the DiT's output with them at 4 bits, 8% without).
+    The timestep, conditioning and global embedders, project_in/out and the 1x1 convs
+    stay in floating point, as do T5 and the VAE."""
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(
+            f"Unsupported quantization: {bits} bits in groups of {group_size} "
+            "(supported: 4 or 8 bits, groups of 32, 64 or 128)."
+        )
+
+    def settings(path: str, module: nn.Module):
+        if not (path.startswith("layers.") and isinstance(module, nn.Linear)):
+            return False
+        if module.weight.shape[1] % group_size:
+            return False
+        return {"group_size": group_size, "bits": 8 if ".self_attn." in path else bits}
+
+    nn.quantize(dit, class_predicate=settings)
+
+
+def _quantize_as_stored(dit: nn.Module, weights: dict):
+    """Quantize a skeleton like the stored DiT, each layer's bits and group size read from
+    the shapes of its packed weights and scales."""
+
+    def settings(path: str, module: nn.Module):
+        scales = weights.get(f"dit.{path}.scales")
+        if scales is None or not isinstance(module, nn.Linear):
+            return False
+        in_dims = module.weight.shape[1]
+        bits = weights[f"dit.{path}.weight"].shape[1] * 32 // in_dims
+        return {"group_size": in_dims // scales.shape[1], "bits": bits}
+
+    nn.quantize(dit, class_predicate=settings)
 
 
 def load_config(path_or_repo: str = DEFAULT_REPO) -> Config:
@@ -250,14 +289,20 @@ def load_config(path_or_repo: str = DEFAULT_REPO) -> Config:
     return _read_config(resolve(path_or_repo, configs_only=True))
 
 
-def load(path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32) -> Components:
+def load(
+    path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32, quantize: dict = None
+) -> Components:
     """Load a released checkpoint folder, a folder written by convert.py, or a Hub repo.
 
     `dtype` applies to T5 and the DiT (None keeps the stored dtype); the conditioner stays
-    in float32 and the autoencoder in `vae_dtype`.
+    in float32 and the autoencoder in `vae_dtype`. `quantize` ({"group_size", "bits"})
+    quantizes a floating-point DiT after loading. The VAE encoder, which text-to-audio
+    does not use, is read from disk only when first used.
     """
     folder = resolve(path_or_repo)
     config = _read_config(folder)
+    if quantize and config.quantization:
+        raise ValueError(f"{path_or_repo} is already quantized ({config.quantization['bits']} bits).")
     tokenizer_file = folder / ("spiece.model" if is_converted(folder) else RELEASED_FILES["tokenizer"])
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} is missing.")
@@ -265,6 +310,8 @@ def load(path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32) -> 
     models = build(config)
     if is_converted(folder):
         weights, sources = _converted_weights(folder)
+        # quantize the skeleton first: the stored weights are packed integers
+        _quantize_as_stored(models["dit"], weights)
     else:
         weights, sources = _released_weights(folder, models)
     unknown = sorted(k for k in weights if k.split(".")[0] not in models)
@@ -276,6 +323,9 @@ def load(path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32) -> 
         load_strict(component, module, weights, sources)
         if dtypes[component] is not None:
             module.set_dtype(dtypes[component])
-        mx.eval(module.parameters())
+        if component == "dit" and quantize:
+            quantize_dit(module, **quantize)
+            config.quantization = dict(quantize)
+        mx.eval(module.decoder.parameters() if component == "vae" else module.parameters())
     tokenizer = Tokenizer(tokenizer_file, config.conditioner.text_max_length)
     return Components(config, tokenizer, **models)

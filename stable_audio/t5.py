@@ -80,8 +80,10 @@ class Block(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
-        x = x + self.attention(self.attention_norm(x), bias)
-        return x + self.wo(nn.relu(self.wi(self.ff_norm(x))))
+        # the residual stream stays float32, so float16 weights cannot overflow it
+        dtype = self.wi.weight.dtype
+        x = x + self.attention(self.attention_norm(x).astype(dtype), bias)
+        return x + self.wo(nn.relu(self.wi(self.ff_norm(x).astype(dtype))))
 
 
 class T5Encoder(nn.Module):
@@ -108,10 +110,10 @@ class T5Encoder(nn.Module):
         )
         bias = self.relative_attention_bias(buckets).transpose(2, 0, 1)
         bias = bias.astype(mx.float32) + mx.where(mask[:, None, None, :] > 0, 0.0, -1e30)
-        x = self.embed(tokens)
+        x = self.embed(tokens).astype(mx.float32)
         for block in self.blocks:
             x = block(x, bias)
-        return self.final_norm(x)
+        return self.final_norm(x).astype(self.embed.weight.dtype)
 
 
 class Tokenizer:
