@@ -1,7 +1,10 @@
 """Time Stable Audio Open 1.0 generation with random weights at the real shapes (no download).
 
-Prints, per dtype: text encoding, one guided DiT step, the sampling loop, VAE decoding,
-end to end, and the peak memory of the whole generation, as a markdown table.
+For each precision (float32, float16, 8-bit and 4-bit DiT), with and without compiled
+steps: text encoding, the time per sampler step, the sampling loop, VAE decoding and
+end to end (medians of --runs after a warm-up), and the peak memory of one generation
+run as txt2audio.py runs it (T5 freed after encoding, the DiT before decoding). Prints
+a markdown table.
 """
 
 import argparse
@@ -12,25 +15,31 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from stable_audio import StableAudio
-from stable_audio.model_io import Components, build, parse_config
+from stable_audio import Conditioning, StableAudio
+from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
+VARIANTS = ("float32", "float16", "8-bit", "4-bit")
 
 
-def random_pipeline(dtype) -> StableAudio:
-    config = parse_config(
+def random_pipeline(variant: str, config=None) -> StableAudio:
+    """Random weights, as StableAudio.from_pretrained would hold them for `variant`."""
+    config = config or parse_config(
         json.loads((DATA / "sao1_model_config.json").read_text()),
         json.loads((DATA / "t5_config.json").read_text()),
     )
     models = build(config)
+    dtype = mx.float32 if variant == "float32" else mx.float16
     for name in ("t5", "dit"):
         models[name].set_dtype(dtype)
+    if variant.endswith("-bit"):
+        quantize_dit(models["dit"], 64, int(variant[0]))
+    del models["vae"].encoder  # text-to-audio never reads it
     mx.eval([m.parameters() for m in models.values()])
     return StableAudio(Components(config, None, **models))
 
 
-def encode_text(pipe, batch_size):
+def condition(pipe, batch_size) -> Conditioning:
     """What StableAudio.condition does, on random token ids instead of a tokenized prompt."""
     vocab = pipe.config.t5.vocab_size
     tokens = mx.random.randint(0, vocab, (batch_size, 128), key=mx.random.key(0))
@@ -38,19 +47,24 @@ def encode_text(pipe, batch_size):
     seconds = dict(seconds_start=[0.0] * batch_size, seconds_total=[pipe.window_seconds] * batch_size)
     cross, global_cond = pipe.conditioner(pipe.t5(tokens, mask), mask, **seconds)
     mx.eval(cross, global_cond)
-    return cross, global_cond
+    return Conditioning(cross, global_cond)
 
 
-def generate(pipe, steps, batch_size, times):
-    """One full generation, recording each phase's time in `times`."""
+def generate(pipe, steps, batch_size, compile, times, free=False):
+    """One full generation, recording each phase's time in `times`. With `free`, T5 and
+    the DiT are deleted when done, as txt2audio.py does."""
     start = time.perf_counter()
-    cross, global_cond = encode_text(pipe, batch_size)
+    conditioning = condition(pipe, batch_size)
     times["text"].append(time.perf_counter() - start)
+    if free:
+        del pipe.t5
 
     start = time.perf_counter()
-    for latents in pipe.generate_latents((cross, global_cond, None), steps=steps, seed=0):
+    for latents in pipe.generate_latents(conditioning, steps=steps, seed=0, compile=compile):
         mx.eval(latents)
     times["sampling"].append(time.perf_counter() - start)
+    if free:
+        del pipe.dit, conditioning
 
     start = time.perf_counter()
     mx.eval(pipe.decode(latents))
@@ -58,45 +72,42 @@ def generate(pipe, steps, batch_size, times):
     times["end to end"].append(sum(times[k][-1] for k in ("text", "sampling", "decode")))
 
 
-def dit_step(pipe, batch_size, repeats=10):
-    cross, global_cond = encode_text(pipe, batch_size)
-    c = pipe.config
-    x = mx.random.normal((batch_size, c.sample_size // c.vae.downsampling_ratio, c.dit.io_channels))
-    t = mx.full((batch_size,), 0.5)
-    step = lambda: mx.eval(pipe.dit.guided(x, t, cross, global_cond, cfg_scale=7.0))
-    step()
-    durations = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        durations.append(time.perf_counter() - start)
-    return statistics.median(durations)
+def measure(variant, compile, steps, runs, batch_size, config=None):
+    pipe = random_pipeline(variant, config)
+    times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
+    generate(pipe, 2, batch_size, compile, {k: [] for k in times})  # warm-up (and compile)
+    for _ in range(runs):
+        generate(pipe, steps, batch_size, compile, times)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    generate(pipe, steps, batch_size, compile, {k: [] for k in times}, free=True)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result["peak"] = mx.get_peak_memory() / 1e9
+    del pipe
+    mx.clear_cache()
+    return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up (default: 3)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="audios per generation")
     args = parser.parse_args()
 
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     print(f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents")
-    print("| DiT/T5 dtype | text (s) | DiT step (ms) | sampling (s) | decode (s) | end to end (s) | peak (GB) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in args.dtypes:
-        pipe = random_pipeline(getattr(mx, name))
-        step = dit_step(pipe, args.batch_size)
-        times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
-        generate(pipe, 2, args.batch_size, {k: [] for k in times})  # warm-up
-        mx.reset_peak_memory()
-        for _ in range(args.runs):
-            generate(pipe, args.steps, args.batch_size, times)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        peak = mx.get_peak_memory() / 1e9
-        print(
-            f"| {name} | {med['text']:.3f} | {1e3 * step:.1f} | {med['sampling']:.2f} | "
-            f"{med['decode']:.3f} | {med['end to end']:.2f} | {peak:.2f} |"
-        )
-        del pipe
-        mx.clear_cache()
+    print("| DiT | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for variant in args.variants:
+        for compile in compiles:
+            for batch_size in args.batch_sizes:
+                r = measure(variant, compile, args.steps, args.runs, batch_size)
+                print(
+                    f"| {variant} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
+                    f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
+                    f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} |",
+                    flush=True,
+                )
