@@ -9,13 +9,21 @@ a markdown table.
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
-import mlx.core as mx
+# Commit GPU work in command buffers of at most 50 ops or 50 MB, as MLX does on an M-series
+# Max or Ultra. MLX's CUDA defaults on an H100 (100 ops, 1000 MB) let ~10 such batches run
+# ahead, whose freed intermediates stay allocated: 6.4 GB peak instead of 3.4 GB (float16,
+# same speed). Set the variables yourself to measure something else.
+os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "50")
+os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "50")
 
-from stable_audio import Conditioning, StableAudio
+import mlx.core as mx  # noqa: E402
+
+from stable_audio import Conditioning, StableAudio, limit_memory
 from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
@@ -50,39 +58,54 @@ def condition(pipe, batch_size) -> Conditioning:
     return Conditioning(cross, global_cond)
 
 
-def generate(pipe, steps, batch_size, compile, times, free=False):
-    """One full generation, recording each phase's time in `times`. With `free`, T5 and
-    the DiT are deleted when done, as txt2audio.py does."""
+def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=False):
+    """One full generation, recording each phase's time in `times`. With `peaks`, each
+    phase's peak memory is recorded there, and T5 and the DiT are deleted when done, as
+    txt2audio.py does."""
+
+    def phase_end(name, start):
+        times[name].append(time.perf_counter() - start)
+        if peaks is not None:
+            peaks[name] = mx.get_peak_memory() / 1e9
+            mx.reset_peak_memory()
+
     start = time.perf_counter()
     conditioning = condition(pipe, batch_size)
-    times["text"].append(time.perf_counter() - start)
-    if free:
+    phase_end("text", start)
+    if peaks is not None:
         del pipe.t5
+    default_limit = limit_memory() if low_memory else None
 
     start = time.perf_counter()
     for latents in pipe.generate_latents(conditioning, steps=steps, seed=0, compile=compile):
         mx.eval(latents)
-    times["sampling"].append(time.perf_counter() - start)
-    if free:
+    phase_end("sampling", start)
+    if peaks is not None:
         del pipe.dit, conditioning
 
     start = time.perf_counter()
     mx.eval(pipe.decode(latents))
-    times["decode"].append(time.perf_counter() - start)
+    phase_end("decode", start)
+    if low_memory:
+        mx.set_memory_limit(default_limit)
     times["end to end"].append(sum(times[k][-1] for k in ("text", "sampling", "decode")))
 
 
-def measure(variant, compile, steps, runs, batch_size, config=None):
+def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False):
+    """Times are medians of `runs` generations with everything loaded; the peaks come
+    from one more generation run as txt2audio.py runs it."""
     pipe = random_pipeline(variant, config)
     times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
-    generate(pipe, 2, batch_size, compile, {k: [] for k in times})  # warm-up (and compile)
+    generate(pipe, 2, batch_size, compile, {k: [] for k in times})  # warm-up
     for _ in range(runs):
-        generate(pipe, steps, batch_size, compile, times)
+        generate(pipe, steps, batch_size, compile, times, low_memory=low_memory)
     mx.clear_cache()
     mx.reset_peak_memory()
-    generate(pipe, steps, batch_size, compile, {k: [] for k in times}, free=True)
+    peaks = {}
+    generate(pipe, steps, batch_size, compile, {k: [] for k in times}, peaks, low_memory)
     result = {k: statistics.median(v) for k, v in times.items()}
-    result["peak"] = mx.get_peak_memory() / 1e9
+    result["peak"] = max(peaks.values())
+    result["peaks"] = peaks
     del pipe
     mx.clear_cache()
     return result
@@ -95,19 +118,25 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up (default: 3)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="audios per generation")
+    parser.add_argument("--low-memory", action="store_true", help="as txt2audio.py --low-memory")
     args = parser.parse_args()
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    print(f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents")
-    print("| DiT | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB) |")
+    print(
+        f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents, "
+        f"low memory {'on' if args.low_memory else 'off'}, command buffers of "
+        f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB"
+    )
+    print("| DiT | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant in args.variants:
         for compile in compiles:
             for batch_size in args.batch_sizes:
-                r = measure(variant, compile, args.steps, args.runs, batch_size)
+                r = measure(variant, compile, args.steps, args.runs, batch_size, low_memory=args.low_memory)
                 print(
                     f"| {variant} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
                     f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
-                    f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} |",
+                    f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} "
+                    f"({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
                     flush=True,
                 )

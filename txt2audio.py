@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, load_config
+from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, limit_memory, load_config
 from stable_audio.sampler import SAMPLERS
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -76,6 +76,7 @@ if __name__ == "__main__":
     parser.add_argument("--vae-dtype", default="float32", help="dtype of the VAE decoder (default: %(default)s)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize a floating-point DiT to 4 or 8 bits at load time")
     parser.add_argument("--compile", action="store_true", help="Compile each sampler step (DiT, guidance and update) with mx.compile")
+    parser.add_argument("--low-memory", action="store_true", help="Keep memory within 0.5 GB of the weights, a little slower")
     parser.add_argument("--raw", action="store_true", help="Write the decoder's float output as is, not peak-normalized")
     parser.add_argument("-v", "--verbose", action="store_true", help="Print the time and peak memory of each stage")
     args = parser.parse_args()
@@ -110,6 +111,8 @@ if __name__ == "__main__":
         )
         mx.eval(conditioning)
         del pipe.t5  # not needed any more
+        if args.low_memory:
+            limit_memory()
         report(args.verbose, "Text encoding", start)
 
         start = time.perf_counter()

@@ -54,8 +54,6 @@ class StableAudio:
         self.conditioner = components.conditioner
         self.dit = components.dit
         self.vae = components.vae
-        # compiled once; the guidance settings are constants, a new value retraces it
-        self._compiled_step = mx.compile(self._step)
 
     @classmethod
     def from_pretrained(
@@ -128,7 +126,9 @@ class StableAudio:
 
         sigmas = samplers.polyexponential_sigmas(steps, sigma_min, sigma_max)
         coefficients = samplers.step_coefficients(sampler, sigmas)
-        step = self._compiled_step if compile else self._step
+        # compiled per generation: a cached compiled function would keep the DiT's
+        # weights alive after `del pipe.dit`
+        step = mx.compile(self._step) if compile else self._step
         x = noise * sigmas[0]
         zeros = mx.zeros_like(x)
         d1 = d2 = zeros  # the denoised estimates of the last two steps
@@ -195,6 +195,15 @@ class StableAudio:
         audio = self.decode(latents)
         check_finite(audio, "decoding")
         return audio[..., : round(seconds_total * self.sample_rate)]
+
+
+def limit_memory(headroom: float = 0.5) -> int:
+    """Bound MLX's memory to what is in use now plus `headroom` GB; returns the old limit.
+
+    MLX runs ahead of the GPU, and the buffers of freed intermediates stay allocated
+    until the GPU has passed them; at its limit MLX waits for pending work instead. Call
+    this once the weights that generation needs are loaded (and T5 freed)."""
+    return mx.set_memory_limit(mx.get_active_memory() + int(headroom * 1e9))
 
 
 def check_finite(x: mx.array, stage: str):
