@@ -82,6 +82,8 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     phase_end("sampling", start)
     if peaks is not None:
         del pipe.dit, conditioning
+        if low_memory:
+            limit_memory()  # again, now that the DiT is gone
 
     start = time.perf_counter()
     mx.eval(pipe.decode(latents))

@@ -129,6 +129,8 @@ if __name__ == "__main__":
             tqdm.write(f"[INFO] First step ({what}): {first_step:.2f} s")
         check_finite(x, "sampling")
         del pipe.dit
+        if args.low_memory:
+            limit_memory()  # again, now that the DiT is gone
         report(args.verbose, "Sampling", start)
 
         start = time.perf_counter()
