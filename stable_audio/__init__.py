@@ -187,9 +187,11 @@ class StableAudio:
         seconds_total = self.window_seconds if seconds_total is None else seconds_total
         check_arguments(self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max, batch_size)
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
-        for latents in self.generate_latents(
-            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale, noise, noise_sampler, compile
-        ):
+        latents = self.generate_latents(
+            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed,
+            cfg_rescale=cfg_rescale, noise=noise, noise_sampler=noise_sampler, compile=compile,
+        )
+        for latents in latents:
             mx.eval(latents)
         check_finite(latents, "sampling")
         audio = self.decode(latents)
