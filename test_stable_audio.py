@@ -637,7 +637,7 @@ def test_chunked_decoding_equals_one_shot(small_pipe):
 
 
 def test_non_finite_output_is_an_error(small_pipe, monkeypatch):
-    monkeypatch.setattr(small_pipe.dit, "guided", lambda x, *args: x * mx.nan)
+    monkeypatch.setattr(small_pipe.dit, "guide", lambda x, *args: x * mx.nan)
     with pytest.raises(FloatingPointError, match="Sampling"):
         small_pipe.generate("piano", steps=2, seed=0)
 

@@ -113,8 +113,7 @@ class StableAudio:
         SDE step's N(0, 1) noise) default to draws from `seed`. With `compile`, the whole
         step (DiT, guidance and sampler update) runs as one compiled function.
         """
-        cross, global_cond, negative_cross = conditioning
-        B = cross.shape[0]
+        B = conditioning.cross.shape[0]
         shape = (B, self.config.sample_size // self.config.vae.downsampling_ratio, self.config.dit.io_channels)
         seed = secrets.randbits(32) if seed is None else seed
         init_key, step_key = mx.random.split(mx.random.key(seed))
@@ -129,20 +128,19 @@ class StableAudio:
         # compiled per generation: a cached compiled function would keep the DiT's
         # weights alive after `del pipe.dit`
         step = mx.compile(self._step) if compile else self._step
+        dit_conditioning = self.dit.condition(*conditioning)  # the same at every step
         x = noise * sigmas[0]
         zeros = mx.zeros_like(x)
         d1 = d2 = zeros  # the denoised estimates of the last two steps
         for (sigma, sigma_next), k in zip(zip(sigmas, sigmas[1:]), coefficients):
             # draw only where k-diffusion draws, so that a noise_sampler sees the same calls
             step_noise = noise_sampler(sigma, sigma_next) if k[-1] else zeros
-            x, d1, d2 = step(
-                x, d1, d2, step_noise, mx.array(k), cross, global_cond, negative_cross, cfg_scale, cfg_rescale
-            )
+            x, d1, d2 = step(x, d1, d2, step_noise, mx.array(k), dit_conditioning, cfg_scale, cfg_rescale)
             yield x
 
-    def _step(self, x, d1, d2, noise, k, cross, global_cond, negative_cross, cfg_scale, cfg_rescale):
+    def _step(self, x, d1, d2, noise, k, dit_conditioning, cfg_scale, cfg_rescale):
         def model(x, t):
-            return self.dit.guided(x, t, cross, global_cond, cfg_scale, negative_cross, cfg_rescale)
+            return self.dit.guide(x, t, dit_conditioning, cfg_scale, cfg_rescale)
 
         return samplers.step(model, x, d1, d2, noise, k)
 

@@ -184,18 +184,22 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, context: mx.array = None) -> mx.array:
+    def keys_values(self, context: mx.array):
+        """Cross-attention keys and values, (B, kv heads, tokens, head_dim) each. Query head
+        j uses kv head j // (heads / kv heads), which is how scaled_dot_product_attention
+        groups them."""
+        return tuple(map(self._heads, mx.split(self.to_kv(context), 2, axis=-1)))
+
+    def __call__(self, x: mx.array, keys_values: tuple = None) -> mx.array:
+        """Self-attention, or cross-attention on precomputed `keys_values`."""
         B, L, _ = x.shape
-        if context is None:
+        if keys_values is None:
             q, k, v = map(self._heads, mx.split(self.to_qkv(x), 3, axis=-1))
             # rotate-half RoPE on the leading dims; position 0 is the prepended token
             q = mx.fast.rope(q, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
             k = mx.fast.rope(k, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
         else:
-            # fewer kv heads than query heads: query head j uses kv head j // group,
-            # which is how scaled_dot_product_attention groups them
-            q = self._heads(self.to_q(x))
-            k, v = map(self._heads, mx.split(self.to_kv(context), 2, axis=-1))
+            q, (k, v) = self._heads(self.to_q(x)), keys_values
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.to_out(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -223,11 +227,15 @@ class TransformerBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, keys_values: tuple) -> mx.array:
+        """Rows of `x` beyond the keys' batch have an all-zero context (the unconditional
+        half of guidance): their cross-attention output is exactly zero, so it is skipped."""
         # the residual stream stays float32; each branch runs in the weights' dtype
-        dtype = context.dtype
+        dtype = keys_values[0].dtype
         x = x + self.self_attn(self.pre_norm(x).astype(dtype))
-        x = x + self.cross_attn(self.cross_attend_norm(x).astype(dtype), context)
+        n = keys_values[0].shape[0]
+        y = self.cross_attn(self.cross_attend_norm(x[:n]).astype(dtype), keys_values)
+        x = x + y if n == x.shape[0] else mx.concatenate([x[:n] + y, x[n:]])
         return x + self.ff(self.ff_norm(x).astype(dtype))
 
 
@@ -260,22 +268,60 @@ class DiT(nn.Module):
         self.project_out = nn.Linear(dim, io, bias=False)
         self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
 
-    def __call__(self, x: mx.array, t: mx.array, cross: mx.array, global_cond: mx.array):
+    def condition(self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None):
+        """What every sampler step reuses: each block's cross-attention keys and values (for
+        the prompt, then the negative prompt's if any, along the batch) and the projected
+        global vector."""
+        dtype = self.project_in.weight.dtype
+        tokens = cross if negative_cross is None else mx.concatenate([cross, negative_cross])
+        context = _sequential(self.to_cond_embed, tokens.astype(dtype))
+        return {
+            "keys_values": [layer.cross_attn.keys_values(context) for layer in self.layers],
+            "global": _sequential(self.to_global_embed, global_cond.astype(dtype)),
+        }
+
+    def forward(self, x: mx.array, t: mx.array, conditioning: dict) -> mx.array:
         """The v prediction (float32) for latents `x` (B, T, C) at diffusion times `t` (B,).
 
-        The weights may be float16, bfloat16 or quantized; the residual streams and the
-        norms stay in float32, and each matmul runs in the weights' dtype."""
+        Rows of `x` beyond the batch of the conditioning's keys see all-zero cross-attention
+        tokens. The weights may be float16, bfloat16 or quantized; the residual streams and
+        the norms stay in float32, and each matmul runs in the weights' dtype."""
         dtype = self.project_in.weight.dtype
-        x, cross, global_cond = (a.astype(dtype) for a in (x, cross, global_cond))
-        context = _sequential(self.to_cond_embed, cross)
+        x = x.astype(dtype)
         timestep = _sequential(self.to_timestep_embed, self.timestep_features(t).astype(dtype))
-        prepend = _sequential(self.to_global_embed, global_cond) + timestep
+        global_embed = conditioning["global"]
+        global_embed = mx.concatenate([global_embed] * (x.shape[0] // global_embed.shape[0]))
         x = x + self.preprocess_conv(x)
+        prepend = global_embed + timestep
         h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1).astype(mx.float32)
-        for layer in self.layers:
-            h = layer(h, context)
+        for layer, keys_values in zip(self.layers, conditioning["keys_values"]):
+            h = layer(h, keys_values)
         y = self.project_out(h.astype(dtype))[:, 1:]
         return (y + self.postprocess_conv(y)).astype(mx.float32)
+
+    def __call__(self, x: mx.array, t: mx.array, cross: mx.array, global_cond: mx.array):
+        """The v prediction for latents `x` (B, T, C) with conditioning tokens `cross`."""
+        return self.forward(x, t, self.condition(cross, global_cond))
+
+    def guide(self, x: mx.array, t: mx.array, conditioning: dict, cfg_scale: float = 1.0, cfg_rescale: float = 0.0):
+        """Classifier-free guidance in one doubled batch, as stable-audio-tools does it.
+
+        The unconditional branch sees all-zero cross-attention tokens (or the negative
+        prompt's, if `conditioning` holds them) but keeps the global token. `cfg_rescale` is
+        the reference's scale_phi."""
+        B = x.shape[0]
+        if cfg_scale == 1.0:
+            keys_values = [(k[:B], v[:B]) for k, v in conditioning["keys_values"]]
+            return self.forward(x, t, {**conditioning, "keys_values": keys_values})
+        double = lambda a: mx.concatenate([a, a], axis=0)
+        cond, uncond = mx.split(self.forward(double(x), double(t), conditioning), 2, axis=0)
+        guided = uncond + (cond - uncond) * cfg_scale
+        if cfg_rescale != 0.0:
+            ratio = mx.std(cond, axis=-1, keepdims=True, ddof=1) / mx.std(
+                guided, axis=-1, keepdims=True, ddof=1
+            )
+            guided = cfg_rescale * guided * ratio + (1 - cfg_rescale) * guided
+        return guided
 
     def guided(
         self,
@@ -287,21 +333,5 @@ class DiT(nn.Module):
         negative_cross: mx.array = None,
         cfg_rescale: float = 0.0,
     ):
-        """Classifier-free guidance in one doubled batch, as stable-audio-tools does it.
-
-        The unconditional branch sees all-zero cross-attention tokens (or the negative
-        prompt's) but keeps the global token. `cfg_rescale` is the reference's scale_phi.
-        """
-        if cfg_scale == 1.0:
-            return self(x, t, cross, global_cond)
-        uncond = mx.zeros_like(cross) if negative_cross is None else negative_cross
-        double = lambda a, b: mx.concatenate([a, b], axis=0)
-        out = self(double(x, x), double(t, t), double(cross, uncond), double(global_cond, global_cond))
-        cond, uncond = mx.split(out, 2, axis=0)
-        guided = uncond + (cond - uncond) * cfg_scale
-        if cfg_rescale != 0.0:
-            ratio = mx.std(cond, axis=-1, keepdims=True, ddof=1) / mx.std(
-                guided, axis=-1, keepdims=True, ddof=1
-            )
-            guided = cfg_rescale * guided * ratio + (1 - cfg_rescale) * guided
-        return guided
+        """guide() on conditioning tokens: condition() and guide() in one call."""
+        return self.guide(x, t, self.condition(cross, global_cond, negative_cross), cfg_scale, cfg_rescale)
