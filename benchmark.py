@@ -30,7 +30,7 @@ DATA = Path(__file__).parent / "test_data"
 VARIANTS = ("float32", "float16", "8-bit", "4-bit")
 
 
-def random_pipeline(variant: str, config=None) -> StableAudio:
+def random_pipeline(variant: str, config=None, vae_dtype=mx.float32) -> StableAudio:
     """Random weights, as StableAudio.from_pretrained would hold them for `variant`."""
     config = config or parse_config(
         json.loads((DATA / "sao1_model_config.json").read_text()),
@@ -40,6 +40,7 @@ def random_pipeline(variant: str, config=None) -> StableAudio:
     dtype = mx.float32 if variant == "float32" else mx.float16
     for name in ("t5", "dit"):
         models[name].set_dtype(dtype)
+    models["vae"].set_dtype(vae_dtype)
     if variant.endswith("-bit"):
         quantize_dit(models["dit"], 64, int(variant[0]))
     del models["vae"].encoder  # text-to-audio never reads it
@@ -93,10 +94,10 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     times["end to end"].append(sum(times[k][-1] for k in ("text", "sampling", "decode")))
 
 
-def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False):
+def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False, vae_dtype=mx.float32):
     """Times are medians of `runs` generations with everything loaded; the peaks come
     from one more generation run as txt2audio.py runs it."""
-    pipe = random_pipeline(variant, config)
+    pipe = random_pipeline(variant, config, vae_dtype)
     times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
     generate(pipe, 2, batch_size, compile, {k: [] for k in times})  # warm-up
     for _ in range(runs):
@@ -115,18 +116,19 @@ def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=F
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="DiT and T5 precisions (default: all)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both", help="compiled sampler steps (default: both)")
+    parser.add_argument("--steps", type=int, default=100, help="sampler steps (default: 100)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up (default: 3)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="audios per generation")
     parser.add_argument("--low-memory", action="store_true", help="as txt2audio.py --low-memory")
+    parser.add_argument("--vae-dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="the decoder's dtype (default: float32)")
     args = parser.parse_args()
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     print(
         f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents, "
-        f"low memory {'on' if args.low_memory else 'off'}, command buffers of "
+        f"VAE {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command buffers of "
         f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB"
     )
     print("| DiT | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
@@ -134,7 +136,10 @@ if __name__ == "__main__":
     for variant in args.variants:
         for compile in compiles:
             for batch_size in args.batch_sizes:
-                r = measure(variant, compile, args.steps, args.runs, batch_size, low_memory=args.low_memory)
+                r = measure(
+                    variant, compile, args.steps, args.runs, batch_size,
+                    low_memory=args.low_memory, vae_dtype=getattr(mx, args.vae_dtype),
+                )
                 print(
                     f"| {variant} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
                     f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
