@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 import convert
+import stable_audio
 from stable_audio import Conditioning, StableAudio, model_io
 from stable_audio import sampler as sampler_lib
 from stable_audio.dit import DiT
@@ -36,6 +37,8 @@ from stable_audio.vae import VAE
 HERE = Path(__file__).parent
 DATA = HERE / "test_data"  # copies of ../shared/reference: the released config and manifests
 SAO1_CONFIG = json.loads((DATA / "sao1_model_config.json").read_text())
+# Stable Audio Open Small's config, reconstructed (../shared/reference/ARCHITECTURE.md 2.2)
+SAOS_CONFIG = json.loads((DATA / "saos_model_config.RECONSTRUCTED.json").read_text())
 T5_BASE_CONFIG = json.loads((DATA / "t5_config.json").read_text())
 
 # float32 parity bound on ||ours - reference|| / ||reference||, per module
@@ -70,6 +73,24 @@ def small_configs():
     return config, t5
 
 
+def small_flow_configs():
+    """A small model of the SAO Small family: rectified flow, qk LayerNorm, 2 heads of 128
+    (RoPE on 64 dims), 64 T5 tokens, seconds_total only."""
+    config, t5 = small_configs()
+    model = config["model"]
+    model["diffusion"].update(
+        diffusion_objective="rf_denoiser",
+        cross_attention_cond_ids=["prompt", "seconds_total"],
+        global_cond_ids=["seconds_total"],
+    )
+    model["diffusion"]["config"].update(num_heads=2, global_cond_dim=768, attn_kwargs={"qk_norm": "ln"})
+    model["conditioning"]["configs"] = [
+        {"id": "prompt", "type": "t5", "config": {"t5_model_name": "t5-base", "max_length": 64}},
+        {"id": "seconds_total", "type": "number", "config": {"min_val": 0, "max_val": 256}},
+    ]
+    return config, t5
+
+
 def released_layout(model_config: dict, t5_config: dict) -> dict:
     """{name: shape} of the released files (model.safetensors + text_encoder) for a config."""
     model = model_config["model"]
@@ -98,6 +119,9 @@ def released_layout(model_config: dict, t5_config: dict) -> dict:
         keys[l + "cross_attn.to_kv.weight"] = (2 * ctx, ctx)
         for attn in ("self_attn", "cross_attn"):
             keys[l + attn + ".to_out.weight"] = (dim, dim)
+        if d.get("attn_kwargs", {}).get("qk_norm") == "ln":
+            for name in ("self_attn.q_norm", "self_attn.k_norm", "cross_attn.q_norm", "cross_attn.k_norm"):
+                keys[l + name + ".weight"] = keys[l + name + ".bias"] = (dim // d["num_heads"],)
         keys[l + "ff.ff.0.proj.weight"], keys[l + "ff.ff.0.proj.bias"] = (8 * dim, dim), (8 * dim,)
         keys[l + "ff.ff.2.weight"], keys[l + "ff.ff.2.bias"] = (dim, 4 * dim), (dim,)
     for c in model["conditioning"]["configs"]:
@@ -257,6 +281,34 @@ def test_loader_maps_every_released_tensor():
     assert n_params["dit"] == 1_056_828_544 + 72 * 1536
 
 
+def test_sao_small_layout_loader_and_config():
+    """The reconstructed SAO Small config: our layout is its manifest, every tensor lands
+    on a parameter (lazily), and the architecture is read from the file."""
+    manifest = json.loads((DATA / "saos_keys.json").read_text())
+    layout = released_layout(SAOS_CONFIG, T5_BASE_CONFIG)
+    sao = {k: v for k, v in layout.items() if k.startswith(("model.", "conditioner.", "pretransform."))}
+    assert sao == {k: tuple(shape) for k, (shape, _) in manifest.items()} and len(sao) == 750
+
+    config = model_io.parse_config(SAOS_CONFIG, T5_BASE_CONFIG)
+    assert (config.dit.objective, config.dit.qk_norm) == ("rf_denoiser", "ln")
+    assert (config.dit.embed_dim, config.dit.depth, config.dit.num_heads) == (1024, 16, 8)
+    assert config.dit.project_cond_tokens is True and config.sample_size == 524288
+    assert config.conditioner.text_max_length == 64
+    assert config.conditioner.numbers == {"seconds_total": (0, 256)}
+    assert config.conditioner.cross_attention_ids == ("prompt", "seconds_total")
+    models = model_io.build(config)
+    assert models["dit"].layers[0].self_attn.rope_dims == 64
+    tensors = {k: mx.zeros(shape) for k, shape in layout.items()}
+    tensors["model.model.transformer.rotary_pos_emb.inv_freq"] = mx.array(random_tensor(None, "inv_freq", (32,)))
+    weights, origin = model_io.sanitize(tensors, models)
+    for name, module in models.items():
+        model_io.load_strict(name, module, weights, dict(origin))
+    assert not weights
+    n_dit = sum(v.size for _, v in tree_flatten(models["dit"].parameters()))
+    # ARCHITECTURE.md: 340,879,488 DiT parameters, plus the 48 LayerNorm beta buffers we load
+    assert n_dit == 340_879_488 + 48 * 1024
+
+
 def test_config_is_read_from_the_checkpoint():
     config = model_io.parse_config(SAO1_CONFIG, T5_BASE_CONFIG)
     assert (config.sample_rate, config.sample_size) == (44100, 2097152)
@@ -279,7 +331,7 @@ def test_config_is_read_from_the_checkpoint():
         (("model", "diffusion", "type"), "adp_cfg_1d", "diffusion type"),
         (("model", "diffusion", "diffusion_objective"), "rectified_flow", "diffusion_objective"),
         (("model", "diffusion", "config", "patch_size"), 2, "patch_size"),
-        (("model", "diffusion", "config", "attn_kwargs"), {"qk_norm": "ln"}, "attn_kwargs"),
+        (("model", "diffusion", "config", "attn_kwargs"), {"qk_norm": "l2"}, "attn_kwargs"),
         (("model", "diffusion", "config", "num_heads"), 20, "heads"),
         (("model", "pretransform", "config", "decoder", "type"), "dac", "autoencoder"),
         (("model", "pretransform", "config", "bottleneck", "type"), "rvq", "bottleneck"),
@@ -333,7 +385,7 @@ def test_small_models_shapes_and_dtypes(dtype):
     audio = models["vae"].decode(x)
     assert audio.shape == (B, 8 * T, 2) and audio.dtype == mx.float32
     assert models["vae"].encode(audio).shape == (B, T, 8)
-    assert models["vae"].encode(audio, sample=True, key=mx.random.key(0)).shape == (B, T, 8)
+    assert models["vae"].encode(audio, mx.random.normal((B, T, 8))).shape == (B, T, 8)
 
 
 def test_precision_of_the_full_width_dit():
@@ -643,6 +695,108 @@ def test_non_finite_output_is_an_error(small_pipe, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def small_flow_pipe(spiece, tmp_path_factory):
+    folder = write_released(tmp_path_factory.mktemp("flow") / "released", *small_flow_configs(), spiece)
+    return StableAudio.from_pretrained(str(folder), dtype=mx.float32)
+
+
+def test_flow_model_defaults_and_refusals(small_flow_pipe):
+    """SAO Small's family runs 8 ping-pong steps without guidance unless told otherwise."""
+    conditioning = small_flow_pipe.condition("rain", seconds_total=0.01)
+    assert len(list(small_flow_pipe.generate_latents(conditioning, seed=0))) == 8
+    audio = small_flow_pipe.generate("rain", seed=0, cfg_scale=3.0, negative_prompt="hiss", steps=3)
+    assert audio.shape == (1, 2, 512) and mx.all(mx.isfinite(audio)).item()
+    for kwargs, message in [
+        (dict(sampler="dpmpp-3m-sde"), "pingpong"),
+        (dict(sigma_max=2.0), r"\(0, 1\]"),
+        (dict(seconds_start=1.0), "seconds_start"),
+        (dict(init_audio=(44100, np.zeros(10)), init_noise_level=0.0), r"\(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            small_flow_pipe.generate("rain", **kwargs)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 32000, 48000, 96000])
+def test_resampler_keeps_tones(rate):
+    """Tones well inside both bands come out as the same tones at 44.1 kHz."""
+    n = rate // 10
+    tone = lambda t: np.stack([np.sin(2 * np.pi * 0.05 * low * t), np.sin(2 * np.pi * 0.2 * low * t + 1)])
+    low = min(rate, 44100)
+    resampled = stable_audio.resample(tone(np.arange(n) / rate).astype(np.float32), rate, 44100)
+    assert resampled.shape == (2, math.ceil(n * 44100 / rate)) and resampled.dtype == np.float32
+    expected = tone(np.arange(resampled.shape[1]) / 44100)
+    edge = 50  # the filter reaches ~7 input samples beyond the ends
+    err = rel_err(resampled[:, edge:-edge], expected[:, edge:-edge])
+    assert err < 2e-3, err
+    # asking for fewer samples gives exactly the first ones
+    assert np.array_equal(stable_audio.resample(tone(np.arange(n) / rate), rate, 44100, length=777), resampled[:, :777])
+
+
+def test_prepare_audio_as_the_reference(small_pipe):
+    window = small_pipe.config.sample_size  # 512
+    rng = np.random.default_rng(0)
+    mono = rng.standard_normal(300).astype(np.float32)
+    prepared = np.array(small_pipe.prepare_audio(mono, 44100))
+    assert prepared.shape == (1, window, 2)
+    assert np.array_equal(prepared[0, :300, 0], mono) and np.array_equal(prepared[0, :, 0], prepared[0, :, 1])
+    assert not prepared[0, 300:].any()  # zero-padded at the end
+    three = rng.standard_normal((3, 900)).astype(np.float32)
+    assert np.array_equal(np.array(small_pipe.prepare_audio(three, 44100))[0], three[:2, :window].T)
+    assert small_pipe.prepare_audio(three, 48000).shape == (1, window, 2)
+    for bad, message in [(np.zeros((2, 0)), "samples"), (np.zeros((1, 2, 3)), "channels"),
+                         (np.full(10, np.nan), "NaN")]:
+        with pytest.raises(ValueError, match=message):
+            small_pipe.prepare_audio(bad, 44100)
+
+
+@pytest.mark.parametrize("family", ["small_pipe", "small_flow_pipe"])
+def test_inpainting_keeps_the_source(request, family):
+    """Outside the range the latents end exactly equal to the source's; the audio there,
+    beyond the decoder's reach of the range, equals the source's decoded; inside, new audio."""
+    pipe = request.getfixturevalue(family)
+    audio = np.random.default_rng(1).standard_normal((2, 512)).astype(np.float32) * 0.3
+    source, regenerate = pipe.inpaint_source(audio, 44100, [(0.0, 0.002)])
+    regenerate = np.array(regenerate)
+    assert regenerate.tolist() == [True] * 12 + [False] * 52  # 0.002 s = 88.2 samples = 11.03 latents
+    conditioning = pipe.condition("rain", batch_size=2)
+    for latents in pipe.generate_latents(conditioning, steps=6, seed=0, inpaint=(source, mx.array(regenerate))):
+        mx.eval(latents)
+    latents, source = np.array(latents), np.array(source)
+    assert np.array_equal(latents[:, ~regenerate], np.broadcast_to(source[:, ~regenerate], latents[:, ~regenerate].shape))
+    assert rel_err(latents[:, regenerate], np.broadcast_to(source[:, regenerate], latents[:, regenerate].shape)) > 0.5
+
+    far = (12 + pipe.config.vae.decoder_context) * pipe.config.vae.downsampling_ratio
+    decoded, kept = np.array(pipe.decode(mx.array(latents))), np.array(pipe.decode(mx.array(source)))
+    assert far < 512 and rel_err(decoded[..., far:], np.broadcast_to(kept[..., far:], decoded[..., far:].shape)) < 1e-6
+    assert rel_err(decoded[..., :88], np.broadcast_to(kept[..., :88], decoded[..., :88].shape)) > 0.1
+    # the same through generate(), which also refuses what makes no sense
+    out = pipe.generate("rain", inpaint_audio=(44100, audio), inpaint_ranges=[(0.0, 0.002)], steps=6, seed=0, batch_size=2)
+    assert np.array_equal(np.array(out), decoded)
+    for kwargs, message in [(dict(), "range"), (dict(inpaint_ranges=[(0.003, 0.001)]), "inpaint ranges"),
+                            (dict(inpaint_ranges=[(0, 1.0)]), "inpaint ranges"),
+                            (dict(inpaint_ranges=[(0, 0.001)], init_audio=(44100, audio)), "not both")]:
+        with pytest.raises(ValueError, match=message):
+            pipe.generate("rain", inpaint_audio=(44100, audio), **kwargs)
+
+
+def test_init_audio_through_generate(small_pipe):
+    """generate(init_audio=...) is encode + noised start + sampling, its posterior noise
+    drawn from the seed; the noise level decides how far the result strays."""
+    audio = np.random.default_rng(2).standard_normal((2, 512)).astype(np.float32) * 0.3
+    kwargs = dict(init_audio=(44100, audio), steps=6, seed=5)
+    out = small_pipe.generate("rain", init_noise_level=1.0, **kwargs)
+    init_latents = small_pipe.init_latents(audio, 44100, seed=5)
+    conditioning = small_pipe.condition("rain")
+    for latents in small_pipe.generate_latents(conditioning, 6, sigma_max=1.0, seed=5, init_latents=init_latents):
+        mx.eval(latents)
+    assert np.array_equal(np.array(out), np.array(small_pipe.decode(latents)))
+    source = np.array(small_pipe.decode(small_pipe.encode(audio, 44100)))
+    near = rel_err(out, source)
+    far = rel_err(small_pipe.generate("rain", init_noise_level=100.0, **kwargs), source)
+    assert near < far
+
+
+@pytest.fixture(scope="session")
 def small_converted(small_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "mlx_model"
     convert.convert(str(small_checkpoint), str(out), "float32")
@@ -690,9 +844,44 @@ def test_txt2audio_writes_the_requested_audio(small_converted, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
+@pytest.fixture(scope="session")
+def audio_files(tmp_path_factory):
+    import soundfile as sf
+
+    folder = tmp_path_factory.mktemp("audio files")  # a space in the path
+    rng = np.random.default_rng(5)
+    sf.write(folder / "mono 48k.wav", (rng.standard_normal(960) * 0.3).astype(np.float32), 48000)
+    sf.write(folder / "stereo.flac", (rng.standard_normal((600, 2)) * 0.3).astype(np.float32), 44100)
+    (folder / "broken.wav").write_bytes(b"RIFF, but not audio")
+    return folder
+
+
+def test_txt2audio_init_and_inpaint_audio(small_converted, audio_files, tmp_path):
+    import soundfile as sf
+
+    common = ["warm pads", "--model", str(small_converted), "--steps", "4", "--seed", "0"]
+    result = _txt2audio(*common, "--init-audio", str(audio_files / "mono 48k.wav"), "--init-noise-level", "3",
+                        "--output", str(tmp_path / "variation.wav"))
+    assert result.returncode == 0, result.stderr
+    result = _txt2audio(*common, "--inpaint-audio", str(audio_files / "stereo.flac"), "--inpaint-range", "0:0.002",
+                        "--inpaint-range", "0.008:0.01", "--raw", "-v", "--output", str(tmp_path / "inpainted.wav"))
+    assert result.returncode == 0, result.stderr
+    assert "Audio encoding" in result.stdout
+    for name in ("variation.wav", "inpainted.wav"):
+        assert sf.read(tmp_path / name)[0].shape == (512, 2)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--init-audio", "{audio}/mono 48k.wav", "--inpaint-audio", "{audio}/stereo.flac", "--inpaint-range", "0:0.001"], "not both"),
+        (["--inpaint-range", "0:0.001"], "go together"),
+        (["--inpaint-audio", "{audio}/stereo.flac"], "go together"),
+        (["--inpaint-audio", "{audio}/stereo.flac", "--inpaint-range", "1-2"], "START:END"),
+        (["--inpaint-audio", "{audio}/stereo.flac", "--inpaint-range", "0:5"], "inpaint ranges"),
+        (["--init-audio", "{audio}/broken.wav"], "Cannot read audio"),
+        (["--init-audio", "{tmp}/none.wav"], "Cannot read audio"),
+        (["--init-audio", "{audio}/mono 48k.wav", "--init-noise-level", "0.1"], "noise levels"),
         (["--seconds-total", "0"], "seconds_total"),
         (["--seconds-total", "60"], "seconds_total"),
         (["--seconds-start", "-1"], "seconds_start"),
@@ -708,8 +897,8 @@ def test_txt2audio_writes_the_requested_audio(small_converted, tmp_path):
         (["--model", "{tmp}/nowhere"], "neither"),
     ],
 )
-def test_txt2audio_refuses_bad_input(small_converted, tmp_path, args, message):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+def test_txt2audio_refuses_bad_input(small_converted, audio_files, tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{audio}", str(audio_files)) for a in args]
     result = _txt2audio("piano", "--model", str(small_converted), "--output", str(tmp_path / "out.wav"), *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -1013,3 +1202,109 @@ def test_generate_matches_reference(small):
     err = rel_err(audio, ref[..., :n])
     print(f"prompt to audio, {steps} steps: rel. error {err:.2e}")
     assert err < 1e-3
+
+
+@pytest.fixture(scope="session")
+def small_flow(reference, spiece, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small_flow_ref") / "released"
+    return reference_checkpoint(reference, spiece, folder, *small_flow_configs(), seed=20)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 7.0])
+def test_flow_generate_matches_reference(small_flow, cfg_scale):
+    """SAO Small's path (rectified flow, qk LayerNorm, ping-pong) against
+    generate_diffusion_cond, 8 steps; ping-pong's noise comes from torch's global
+    generator after the initial noise, so it is replayed from the same seed."""
+    torch = sys.modules["torch"]
+    from stable_audio_tools.inference import generation
+
+    steps, seed, B, seconds_total = 8, 4, 2, 0.008
+    meta = lambda prompt: [{"prompt": prompt, "seconds_total": seconds_total}] * B
+    negative = meta(NEGATIVE[1]) if cfg_scale != 1 else None
+    with torch.no_grad():
+        ref = generation.generate_diffusion_cond(
+            small_flow.model, steps=steps, cfg_scale=cfg_scale, conditioning=meta(PROMPTS[0]),
+            negative_conditioning=negative, batch_size=B, sample_size=512, seed=seed, device="cpu",
+            sampler_type="pingpong",
+        )
+    torch.manual_seed(seed)
+    to_mlx = lambda t: mx.array(t.numpy()).transpose(0, 2, 1)
+    noise = to_mlx(torch.randn([B, 8, 64]))
+    draws = iter([to_mlx(torch.randn([B, 8, 64])) for _ in range(steps)])
+    audio = StableAudio(small_flow.ours).generate(
+        PROMPTS[0], NEGATIVE[1] if negative else None, seconds_total=seconds_total, cfg_scale=cfg_scale,
+        batch_size=B, noise=noise, noise_sampler=lambda t, t_next: next(draws),
+    )  # steps and sampler: the model's defaults, 8 and pingpong
+    n = round(seconds_total * 44100)
+    err = rel_err(audio, ref[..., :n])
+    print(f"rectified flow, ping-pong, cfg {cfg_scale}: rel. error {err:.2e}")
+    assert err < 1e-3
+
+
+@pytest.mark.parametrize("family", ["small", "small_flow"])
+def test_init_audio_matches_reference(request, family):
+    """Audio to audio against generate_diffusion_cond(init_audio=..., init_noise_level=...):
+    the audio (shorter than the window, so zero-padded) is encoded to a posterior sample
+    and noised to the init level, then sampled; the initial noise, the posterior's noise
+    and the sampler's noise are shared."""
+    torch = sys.modules["torch"]
+    from stable_audio_tools.inference import generation, sampling
+
+    model = request.getfixturevalue(family)
+    flow = family == "small_flow"
+    steps, seed, B, level = 8, 9, 2, (0.7 if flow else 2.0)
+    init = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 400)).astype(np.float32) * 0.3)
+    meta = [{"prompt": PROMPTS[2], "seconds_start": 0, "seconds_total": 0.01}] * B
+    theirs, ours = _noise_source(torch, (B, 8, 64), steps, seed=12)
+    kwargs = dict(sampler_type="pingpong") if flow else dict(sampler_type="dpmpp-3m-sde", sigma_min=0.3)
+    sde = sampling.K.sampling.sample_dpmpp_3m_sde
+    with _patched(sampling.K.sampling, "sample_dpmpp_3m_sde", lambda *a, **k: sde(*a, **k, noise_sampler=theirs)):
+        with torch.no_grad():
+            ref = generation.generate_diffusion_cond(
+                model.model, steps=steps, cfg_scale=7.0, conditioning=meta, batch_size=B, sample_size=512,
+                seed=seed, device="cpu", init_audio=(44100, init), init_noise_level=level, **kwargs,
+            )
+    torch.manual_seed(seed)  # the initial noise, then the posterior sample's, then ping-pong's
+    to_mlx = lambda t: mx.array(t.numpy()).transpose(0, 2, 1)
+    noise, posterior = to_mlx(torch.randn([B, 8, 64])), to_mlx(torch.randn([1, 8, 64]))
+    if flow:
+        draws = iter([to_mlx(torch.randn([B, 8, 64])) for _ in range(steps)])
+        ours = lambda t, t_next: next(draws)
+
+    pipe = StableAudio(model.ours)
+    init_latents = pipe.encode(init.numpy(), 44100, noise=posterior)
+    conditioning = pipe.condition(PROMPTS[2], seconds_total=0.01, batch_size=B)
+    latents = pipe.generate_latents(
+        conditioning, steps, 7.0, sigma_min=0.3, sigma_max=level, noise=noise, noise_sampler=ours,
+        init_latents=init_latents,
+    )
+    for x in latents:
+        mx.eval(x)
+    err = rel_err(pipe.decode(x), ref)
+    print(f"{family}, init audio at {level}: rel. error {err:.2e}")
+    assert err < 1e-3
+
+
+def test_sao_small_dit_matches_reference(reference, spiece, tmp_path):
+    """The full (reconstructed) SAO Small config: conditioning and the DiT, 256 latents."""
+    torch = reference.torch
+    model = reference_checkpoint(reference, spiece, tmp_path / "saos", SAOS_CONFIG, T5_BASE_CONFIG, seed=30)
+    prompts, totals = PROMPTS[:2], [11.0, 3.5]
+    meta = [{"prompt": p, "seconds_total": t} for p, t in zip(prompts, totals)]
+    with torch.no_grad():
+        cond = model.model.get_conditioning_inputs(model.model.conditioner(meta, "cpu"))
+    ours = model.ours
+    tokens, mask = ours.tokenizer(prompts)
+    cross, global_cond = ours.conditioner(ours.t5(tokens, mask), mask, seconds_total=totals)
+    assert rel_err(cross, cond["cross_attn_cond"]) < PARITY_RTOL
+    assert rel_err(global_cond, cond["global_cond"]) < PARITY_RTOL
+    gen = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 64, 256, generator=gen), torch.rand(2, generator=gen)
+    for cfg_scale in (1.0, 7.0):
+        with torch.no_grad():
+            ref = model.model.model(x, t, cross_attn_cond=cond["cross_attn_cond"], cross_attn_mask=cond["cross_attn_mask"],
+                                    global_cond=cond["global_cond"], cfg_scale=cfg_scale)
+        v = ours.dit.guided(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), cross, global_cond, cfg_scale)
+        err = rel_err(v.transpose(0, 2, 1), ref)
+        print(f"SAO Small DiT cfg {cfg_scale}: rel. error {err:.2e}")
+        assert err < PARITY_RTOL

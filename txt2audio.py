@@ -10,8 +10,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, limit_memory, load_config
-from stable_audio.sampler import SAMPLERS
+from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, limit_memory, load_config, settings
+from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -50,6 +50,26 @@ def write_audio(path: Path, audio: np.ndarray, sample_rate: int, file_format: st
         tmp.unlink(missing_ok=True)
 
 
+def read_audio(path: str, seconds: float) -> tuple:
+    """(sample_rate, samples (channels, n)) of the first `seconds` (and a little more) of a file."""
+    try:
+        rate = sf.info(path).samplerate
+        samples, rate = sf.read(path, frames=int(seconds * rate) + rate, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as e:  # soundfile's errors are RuntimeErrors
+        raise ValueError(f"Cannot read audio from {path!r}: {e}") from None
+    if len(samples) == 0:
+        raise ValueError(f"{path!r} holds no audio.")
+    return rate, samples.T
+
+
+def parse_range(text: str) -> tuple:
+    try:
+        start, end = (float(t) for t in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, e.g. 10:15, not {text!r}") from None
+    return start, end
+
+
 def report(verbose: bool, phase: str, start: float):
     if verbose:
         peak = mx.get_peak_memory() / 1024**3
@@ -64,11 +84,15 @@ if __name__ == "__main__":
     parser.add_argument("--negative-prompt", help="What the audio should not sound like")
     parser.add_argument("--seconds-start", type=float, default=0.0, help="Timing condition: where the clip starts (default: 0)")
     parser.add_argument("--seconds-total", type=float, help="Length of the clip (default: the model's whole window, 47.55 s)")
-    parser.add_argument("--steps", type=int, default=100, help="Sampler steps (default: %(default)s)")
-    parser.add_argument("--cfg-scale", type=float, default=7.0, help="Classifier-free guidance scale (default: %(default)s)")
-    parser.add_argument("--sampler", default="dpmpp-3m-sde", help=f"One of {', '.join(SAMPLERS)} (default: %(default)s)")
-    parser.add_argument("--sigma-min", type=float, default=0.3, help="Lowest noise level (default: %(default)s)")
-    parser.add_argument("--sigma-max", type=float, default=500.0, help="Highest noise level (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="Sampler steps (default: the model's, 100 for SAO 1.0, 8 for SAO Small)")
+    parser.add_argument("--cfg-scale", type=float, help="Classifier-free guidance scale (default: 7 for SAO 1.0, 1 for SAO Small)")
+    parser.add_argument("--sampler", help=f"One of {', '.join(SAMPLERS)} for SAO 1.0 (default: dpmpp-3m-sde); {', '.join(FLOW_SAMPLERS)} for SAO Small")
+    parser.add_argument("--sigma-min", type=float, help="Lowest noise level, SAO 1.0 only (default: 0.3)")
+    parser.add_argument("--sigma-max", type=float, help="Highest noise level (default: 500 for SAO 1.0, 1 for SAO Small)")
+    parser.add_argument("--init-audio", metavar="FILE", help="Make a variation of this audio file (any rate; read with soundfile)")
+    parser.add_argument("--init-noise-level", type=float, default=1.0, metavar="SIGMA", help="How far --init-audio is noised before sampling; it replaces --sigma-max (default: %(default)s)")
+    parser.add_argument("--inpaint-audio", metavar="FILE", help="Keep this audio file except the --inpaint-range parts, which are regenerated")
+    parser.add_argument("--inpaint-range", type=parse_range, action="append", default=[], metavar="START:END", help="Seconds of --inpaint-audio to regenerate; repeat for several ranges")
     parser.add_argument("--seed", type=int, help="Random seed (default: a random one, printed)")
     parser.add_argument("--n-audios", type=int, default=1, help="How many audios to make (default: %(default)s)")
     parser.add_argument("--output", default="output.wav", help="A .wav or .flac file; several are numbered (default: %(default)s)")
@@ -89,11 +113,20 @@ if __name__ == "__main__":
             if dtype not in DTYPES:
                 raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
         file_format = check_output(args.output, args.raw)
+        if args.init_audio and args.inpaint_audio:
+            raise ValueError("Give --init-audio or --inpaint-audio, not both.")
+        if bool(args.inpaint_audio) != bool(args.inpaint_range):
+            raise ValueError("--inpaint-audio and --inpaint-range go together.")
         config = load_config(args.model)
+        if args.init_audio:
+            args.sigma_max = args.init_noise_level
         check_arguments(
             config, args.seconds_start, args.seconds_total, args.steps, args.cfg_scale,
-            args.sampler, args.sigma_min, args.sigma_max, args.n_audios,
+            args.sampler, args.sigma_min, args.sigma_max, args.n_audios, args.inpaint_range,
         )
+        window = config.sample_size / config.sample_rate
+        init_audio = read_audio(args.init_audio, window) if args.init_audio else None
+        inpaint_audio = read_audio(args.inpaint_audio, window) if args.inpaint_audio else None
         seed = secrets.randbits(32) if args.seed is None else args.seed
         print(f"[INFO] Seed {seed}")
 
@@ -104,6 +137,17 @@ if __name__ == "__main__":
             args.model, getattr(mx, args.dtype), getattr(mx, args.vae_dtype), args.quantize
         )
         report(args.verbose, "Loading", start)
+
+        init_latents = inpaint = None
+        if init_audio or inpaint_audio:
+            start = time.perf_counter()
+            if init_audio:
+                init_latents = pipe.init_latents(init_audio[1], init_audio[0], seed)
+            else:
+                inpaint = pipe.inpaint_source(inpaint_audio[1], inpaint_audio[0], args.inpaint_range)
+            mx.eval(init_latents, inpaint)
+            del pipe.vae.encoder
+            report(args.verbose, "Audio encoding", start)
 
         start = time.perf_counter()
         conditioning = pipe.condition(
@@ -118,9 +162,10 @@ if __name__ == "__main__":
         start = time.perf_counter()
         latents = pipe.generate_latents(
             conditioning, args.steps, args.cfg_scale, args.sampler, args.sigma_min, args.sigma_max,
-            seed, compile=args.compile,
+            seed, compile=args.compile, init_latents=init_latents, inpaint=inpaint,
         )
-        for i, x in enumerate(tqdm(latents, total=args.steps, desc="Sampling")):
+        steps = settings(config, steps=args.steps)["steps"]
+        for i, x in enumerate(tqdm(latents, total=steps, desc="Sampling")):
             mx.eval(x)
             if i == 0 and args.verbose:
                 first_step = time.perf_counter() - start

@@ -3,6 +3,8 @@ import secrets
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from . import sampler as samplers
 from .model_io import DEFAULT_REPO, Config, load, load_config
@@ -14,34 +16,80 @@ class Conditioning(NamedTuple):
     negative_cross: mx.array = None  # the negative prompt's tokens, if any
 
 
+# What each objective's released model is run with: SAO 1.0 (v) and SAO Small (rectified
+# flow, post-trained for 8 ping-pong steps without guidance)
+DEFAULTS = {
+    "v": dict(steps=100, cfg_scale=7.0, sampler="dpmpp-3m-sde", sigma_min=0.3, sigma_max=500.0),
+    "rf_denoiser": dict(steps=8, cfg_scale=1.0, sampler="pingpong", sigma_min=0.0, sigma_max=1.0),
+}
+
+
+def settings(config: Config, **given) -> dict:
+    """`given`, each None replaced by the model's default."""
+    defaults = DEFAULTS[config.dit.objective]
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
 def check_arguments(
     config: Config,
     seconds_start: float = 0.0,
     seconds_total: float = None,
-    steps: int = 100,
-    cfg_scale: float = 7.0,
-    sampler: str = "dpmpp-3m-sde",
-    sigma_min: float = 0.3,
-    sigma_max: float = 500.0,
+    steps: int = None,
+    cfg_scale: float = None,
+    sampler: str = None,
+    sigma_min: float = None,
+    sigma_max: float = None,
     batch_size: int = 1,
+    inpaint_ranges: tuple = (),
 ):
-    """Refuse, with a one-line ValueError, what the model or the samplers cannot do."""
+    """Refuse, with a one-line ValueError, what the model or the samplers cannot do. None
+    stands for the model's default; with init audio, sigma_max is its noise level."""
+    s = settings(config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
+    flow = config.dit.objective != "v"
+    names = samplers.FLOW_SAMPLERS if flow else samplers.SAMPLERS
     window = config.sample_size / config.sample_rate
     total = window if seconds_total is None else seconds_total
-    start_max = config.conditioner.numbers.get("seconds_start", (0, math.inf))[1]
-    finite = all(math.isfinite(v) for v in (seconds_start, total, cfg_scale, sigma_min, sigma_max))
+    start_max = config.conditioner.numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
+    numbers = [seconds_start, total, s["cfg_scale"], s["sigma_min"], s["sigma_max"]]
+    numbers += [t for r in inpaint_ranges for t in r]
     problems = [
-        (not finite, "numbers must be finite"),
+        (not all(math.isfinite(v) for v in numbers), "numbers must be finite"),
         (not 0 < total <= window + 1e-9, f"seconds_total must be in (0, {window:.2f}], the model's window"),
-        (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}]"),
-        (steps < 1, "steps must be at least 1"),
-        (sampler not in samplers.SAMPLERS, f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}"),
-        (not 0 < sigma_min < sigma_max, "sigmas must satisfy 0 < sigma_min < sigma_max"),
+        (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}] for this model"),
+        (s["steps"] < 1, "steps must be at least 1"),
+        (s["sampler"] not in names, f"unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}"),
+        (flow and not 0 < s["sigma_max"] <= 1, "the noise level (sigma_max, init noise level) must be in (0, 1] for this model"),
+        (not flow and not 0 < s["sigma_min"] < s["sigma_max"], "the noise levels must satisfy 0 < sigma_min < sigma_max (the init noise level is sigma_max)"),
         (batch_size < 1, "the number of audios must be at least 1"),
+        (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),
     ]
     for failed, message in problems:
         if failed:
             raise ValueError(message + ".")
+
+
+def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) -> np.ndarray:
+    """(channels, samples) at `rate` Hz to `new_rate` Hz by windowed-sinc interpolation,
+    the design of torchaudio's Resample that stable-audio-tools uses: a Hann window over
+    6 zero crossings, cut off at 0.99 of the lower Nyquist frequency. With `length`, only
+    the first `length` output samples are made (and only the input they need is read)."""
+    if rate == new_rate:
+        return audio[:, :length]
+    g = math.gcd(rate, new_rate)
+    up, down = new_rate // g, rate // g
+    cutoff = min(up, down) * 0.99
+    width = math.ceil(6 * down / cutoff)
+    if up * (2 * width + down) > 2**24:
+        raise ValueError(f"Cannot resample {rate} Hz to {new_rate} Hz (their ratio is too fine); convert the file first.")
+    # kernel[j, i]: the weight of input sample i (of a frame) in output phase j
+    t = (-np.arange(up)[:, None] / up + np.arange(-width, width + down) / down) * cutoff
+    t = np.clip(t, -6, 6)
+    kernel = (np.sinc(t) * np.cos(t * np.pi / 12) ** 2 * cutoff / down).astype(np.float32)
+    n = math.ceil(audio.shape[1] * up / down) if length is None else min(length, math.ceil(audio.shape[1] * up / down))
+    audio = audio[:, : math.ceil(n * down / up) + width + down]
+    padded = np.pad(audio.astype(np.float32), [(0, 0), (width, width + down)])
+    frames = sliding_window_view(padded, kernel.shape[1], axis=-1)[:, ::down]
+    return (frames @ kernel.T).reshape(len(audio), -1)[:, :n]
 
 
 class StableAudio:
@@ -93,56 +141,123 @@ class StableAudio:
         negative_cross = None if negative_prompt is None else encode(negative_prompt)[0]
         return Conditioning(cross, global_cond, negative_cross)
 
+    def latent_shape(self, batch_size: int = 1) -> tuple:
+        """(B, T, C) of the latents of the model's window."""
+        ratio = self.config.vae.downsampling_ratio
+        return (batch_size, self.config.sample_size // ratio, self.config.dit.io_channels)
+
     def generate_latents(
         self,
         conditioning: Conditioning,
-        steps: int = 100,
-        cfg_scale: float = 7.0,
-        sampler: str = "dpmpp-3m-sde",
-        sigma_min: float = 0.3,
-        sigma_max: float = 500.0,
+        steps: int = None,
+        cfg_scale: float = None,
+        sampler: str = None,
+        sigma_min: float = None,
+        sigma_max: float = None,
         seed: int = None,
         cfg_rescale: float = 0.0,
         noise: mx.array = None,
         noise_sampler=None,
         compile: bool = False,
+        init_latents: mx.array = None,
+        inpaint: tuple = None,
     ):
         """Yield the latents (B, T, C) after each sampler step, on the model's full window.
 
-        `noise` (the initial N(0, 1) latents) and `noise_sampler(sigma, sigma_next)` (each
-        SDE step's N(0, 1) noise) default to draws from `seed`. With `compile`, the whole
-        step (DiT, guidance and sampler update) runs as one compiled function.
+        None stands for the model's default (DEFAULTS). `noise` (the initial N(0, 1)
+        latents) and `noise_sampler(sigma, sigma_next)` (each SDE step's N(0, 1) noise)
+        default to draws from `seed`. With `compile`, the whole step (DiT, guidance and
+        sampler update) runs as one compiled function.
+
+        `init_latents` (audio to audio) start sampling from those latents noised to
+        `sigma_max`, as stable-audio-tools does. `inpaint` = (source latents, mask (T,),
+        True where to regenerate): after every step the latents outside the mask are
+        replaced by the source noised to the step's level, so they end exactly equal.
         """
-        B = conditioning.cross.shape[0]
-        shape = (B, self.config.sample_size // self.config.vae.downsampling_ratio, self.config.dit.io_channels)
+        s = settings(self.config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
+        objective = self.config.dit.objective
+        shape = self.latent_shape(conditioning.cross.shape[0])
         seed = secrets.randbits(32) if seed is None else seed
         init_key, step_key = mx.random.split(mx.random.key(seed))
         if noise is None:
             noise = mx.random.normal(shape, key=init_key)
         if noise_sampler is None:
-            step_keys = iter(mx.random.split(step_key, steps))
+            step_keys = iter(mx.random.split(step_key, s["steps"]))
             noise_sampler = lambda sigma, sigma_next: mx.random.normal(shape, key=next(step_keys))
 
-        sigmas = samplers.polyexponential_sigmas(steps, sigma_min, sigma_max)
-        coefficients = samplers.step_coefficients(sampler, sigmas)
+        sigmas = samplers.schedule(objective, s["steps"], s["sigma_min"], s["sigma_max"])
+        coefficients = samplers.step_coefficients(s["sampler"], sigmas, objective)
+
+        def keep_source(x, sigma):
+            if inpaint is None:
+                return x
+            source, regenerate = inpaint
+            return mx.where(regenerate[:, None], x, samplers.noised(objective, source, noise, sigma))
+
         # compiled per generation: a cached compiled function would keep the DiT's
         # weights alive after `del pipe.dit`
         step = mx.compile(self._step) if compile else self._step
         dit_conditioning = self.dit.condition(*conditioning)  # the same at every step
-        x = noise * sigmas[0]
+        start = mx.zeros(shape) if init_latents is None else init_latents
+        x = keep_source(samplers.noised(objective, start, noise, sigmas[0]), sigmas[0])
         zeros = mx.zeros_like(x)
         d1 = d2 = zeros  # the denoised estimates of the last two steps
         for (sigma, sigma_next), k in zip(zip(sigmas, sigmas[1:]), coefficients):
-            # draw only where k-diffusion draws, so that a noise_sampler sees the same calls
+            # draw only where the reference draws, so that a noise_sampler sees the same calls
             step_noise = noise_sampler(sigma, sigma_next) if k[-1] else zeros
-            x, d1, d2 = step(x, d1, d2, step_noise, mx.array(k), dit_conditioning, cfg_scale, cfg_rescale)
-            yield x
+            x, d1, d2 = step(x, d1, d2, step_noise, mx.array(k), dit_conditioning, s["cfg_scale"], cfg_rescale)
+            yield keep_source(x, sigma_next)
 
     def _step(self, x, d1, d2, noise, k, dit_conditioning, cfg_scale, cfg_rescale):
         def model(x, t):
             return self.dit.guide(x, t, dit_conditioning, cfg_scale, cfg_rescale)
 
         return samplers.step(model, x, d1, d2, noise, k)
+
+    def prepare_audio(self, audio, sample_rate: int) -> mx.array:
+        """Audio (channels, samples) or (samples,) at `sample_rate` made ready for the encoder
+        as stable-audio-tools makes init audio ready: resampled to the model's rate, cut or
+        zero-padded at the end to the window, mono doubled to stereo (or extra channels
+        dropped). Returns (1, window samples, channels)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        audio = audio[None] if audio.ndim == 1 else audio
+        if audio.ndim != 2 or audio.size == 0:
+            raise ValueError(f"Audio must be (channels, samples) with some samples; got shape {audio.shape}.")
+        if not np.isfinite(audio).all():
+            raise ValueError("The audio holds NaN or infinite samples.")
+        size, channels = self.config.sample_size, self.config.vae.audio_channels
+        audio = resample(audio, sample_rate, self.sample_rate, length=size)
+        audio = np.pad(audio, [(0, 0), (0, size - audio.shape[1])])
+        if channels == 1:
+            audio = audio.mean(axis=0, keepdims=True)
+        elif len(audio) == 1:
+            audio = np.repeat(audio, channels, axis=0)
+        return mx.array(audio[:channels].T[None])
+
+    def encode(self, audio, sample_rate: int, noise: mx.array = None) -> mx.array:
+        """Latents (1, T, C) of `audio` (see prepare_audio): the posterior mean, or with
+        `noise` (N(0, 1), shaped like the latents) a sample of the posterior."""
+        prepared = self.prepare_audio(audio, sample_rate)
+        latents = self.vae.encode(prepared.astype(self.vae.encoder.layers[0].weight.dtype), noise)
+        return latents.astype(mx.float32)
+
+    def init_latents(self, audio, sample_rate: int, seed: int) -> mx.array:
+        """Init audio's latents as stable-audio-tools makes them: a sample of the posterior
+        (its noise drawn from `seed`)."""
+        key = mx.random.split(mx.random.key(seed), 3)[2]  # unlike generate_latents' two
+        return self.encode(audio, sample_rate, mx.random.normal(self.latent_shape(1), key=key))
+
+    def inpaint_source(self, audio, sample_rate: int, ranges) -> tuple:
+        """generate_latents' `inpaint`: the posterior mean of `audio` (its most faithful
+        latents) and the mask of the latents that overlap the (start, end) `ranges` in
+        seconds, which are regenerated."""
+        T, ratio = self.latent_shape()[1], self.config.vae.downsampling_ratio
+        regenerate = np.zeros(T, dtype=bool)
+        for start, end in ranges:
+            lo = math.floor(start * self.sample_rate / ratio)
+            hi = math.ceil(end * self.sample_rate / ratio)
+            regenerate[lo:hi] = True
+        return self.encode(audio, sample_rate), mx.array(regenerate)
 
     def decode(self, latents: mx.array, chunk: int = 128) -> mx.array:
         """Audio (B, channels, samples) from latents (B, T, C), decoded one batch item and
@@ -169,25 +284,52 @@ class StableAudio:
         negative_prompt: str = None,
         seconds_start: float = 0.0,
         seconds_total: float = None,
-        steps: int = 100,
-        cfg_scale: float = 7.0,
-        sampler: str = "dpmpp-3m-sde",
-        sigma_min: float = 0.3,
-        sigma_max: float = 500.0,
+        steps: int = None,
+        cfg_scale: float = None,
+        sampler: str = None,
+        sigma_min: float = None,
+        sigma_max: float = None,
         seed: int = None,
         batch_size: int = 1,
         cfg_rescale: float = 0.0,
         noise: mx.array = None,
         noise_sampler=None,
         compile: bool = False,
+        init_audio: tuple = None,
+        init_noise_level: float = 1.0,
+        inpaint_audio: tuple = None,
+        inpaint_ranges: tuple = (),
     ) -> mx.array:
-        """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`."""
+        """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`.
+
+        None stands for the model's default (DEFAULTS). `init_audio` = (sample_rate,
+        samples (channels, n) or (n,)) makes a variation of that audio: sampling starts
+        from its latents noised to `init_noise_level` (which replaces sigma_max).
+        `inpaint_audio` = (sample_rate, samples) regenerates the (start, end) seconds of
+        `inpaint_ranges` and keeps the rest."""
         seconds_total = self.window_seconds if seconds_total is None else seconds_total
-        check_arguments(self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max, batch_size)
+        if init_audio is not None and inpaint_audio is not None:
+            raise ValueError("Give init audio or inpaint audio, not both.")
+        if inpaint_audio is not None and not inpaint_ranges:
+            raise ValueError("Inpainting needs at least one range to regenerate.")
+        if init_audio is not None:
+            sigma_max = init_noise_level
+        check_arguments(
+            self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max,
+            batch_size, inpaint_ranges,
+        )
+        seed = secrets.randbits(32) if seed is None else seed
+        init_latents = inpaint = None
+        if init_audio is not None:
+            rate, samples = init_audio
+            init_latents = self.init_latents(samples, rate, seed)
+        if inpaint_audio is not None:
+            rate, samples = inpaint_audio
+            inpaint = self.inpaint_source(samples, rate, inpaint_ranges)
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
         latents = self.generate_latents(
-            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed,
-            cfg_rescale=cfg_rescale, noise=noise, noise_sampler=noise_sampler, compile=compile,
+            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale=cfg_rescale,
+            noise=noise, noise_sampler=noise_sampler, compile=compile, init_latents=init_latents, inpaint=inpaint,
         )
         for latents in latents:
             mx.eval(latents)

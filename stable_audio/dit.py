@@ -64,6 +64,8 @@ class DiTConfig:
     global_cond_dim: int = 0
     project_cond_tokens: bool = True
     project_global_cond: bool = True
+    qk_norm: str = "none"  # "ln": LayerNorm on each head's queries and keys (SAO Small)
+    objective: str = "v"  # or "rf_denoiser": rectified flow (SAO Small)
 
     # Values other than these stable-audio-tools defaults are not implemented
     _FIXED = {
@@ -81,17 +83,21 @@ class DiTConfig:
         if diffusion.get("type") != "dit":
             _unsupported("diffusion type", diffusion.get("type"), "dit")
         objective = diffusion.get("diffusion_objective", "v")
-        if objective != "v":
-            _unsupported("diffusion_objective", objective, "v")
+        if objective not in ("v", "rf_denoiser"):
+            _unsupported("diffusion_objective", objective, "v, rf_denoiser")
         config = dict(diffusion.get("config", {}))
+        attn_kwargs = dict(config.pop("attn_kwargs", None) or {})
+        qk_norm = attn_kwargs.pop("qk_norm", "none")
+        if qk_norm not in ("none", "ln") or attn_kwargs:
+            _unsupported("DiT attn_kwargs", diffusion["config"]["attn_kwargs"], "qk_norm none or ln")
         for key, default in cls._FIXED.items():
             if config.pop(key, default) != default:
                 _unsupported(f"DiT {key}", diffusion["config"][key], default)
-        names = set(cls.__dataclass_fields__)
+        names = set(cls.__dataclass_fields__) - {"qk_norm", "objective"}  # set from elsewhere
         unknown = sorted(set(config) - names)
         if unknown:
             _unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
-        c = cls(**config)
+        c = cls(**config, qk_norm=qk_norm, objective=objective)
         for key in ("cond_token_dim", "global_cond_dim"):
             if getattr(c, key) <= 0:
                 _unsupported(f"DiT {key}", getattr(c, key), "> 0")
@@ -168,11 +174,14 @@ class FourierFeatures(nn.Module):
 class Attention(nn.Module):
     """Self-attention with partial RoPE, or cross-attention with grouped kv heads."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int = None):
+    def __init__(self, dim: int, num_heads: int, context_dim: int = None, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.rope_dims = max(self.head_dim // 2, 32)
+        if qk_norm:
+            self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         if context_dim is None:
             self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         else:
@@ -188,18 +197,25 @@ class Attention(nn.Module):
         """Cross-attention keys and values, (B, kv heads, tokens, head_dim) each. Query head
         j uses kv head j // (heads / kv heads), which is how scaled_dot_product_attention
         groups them."""
-        return tuple(map(self._heads, mx.split(self.to_kv(context), 2, axis=-1)))
+        k, v = map(self._heads, mx.split(self.to_kv(context), 2, axis=-1))
+        return (self.k_norm(k) if "k_norm" in self else k), v
 
     def __call__(self, x: mx.array, keys_values: tuple = None) -> mx.array:
         """Self-attention, or cross-attention on precomputed `keys_values`."""
         B, L, _ = x.shape
         if keys_values is None:
             q, k, v = map(self._heads, mx.split(self.to_qkv(x), 3, axis=-1))
-            # rotate-half RoPE on the leading dims; position 0 is the prepended token
-            q = mx.fast.rope(q, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
-            k = mx.fast.rope(k, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+            if "k_norm" in self:
+                k = self.k_norm(k)
         else:
             q, (k, v) = self._heads(self.to_q(x)), keys_values
+        if "q_norm" in self:
+            q = self.q_norm(q)
+        if keys_values is None:
+            # after the qk norms, as in the reference: rotate-half RoPE on the leading
+            # dims; position 0 is the prepended token
+            q = mx.fast.rope(q, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+            k = mx.fast.rope(k, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.to_out(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -218,12 +234,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, context_dim: int):
+    def __init__(self, dim: int, num_heads: int, context_dim: int, qk_norm: bool):
         super().__init__()
         self.pre_norm = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, num_heads)
+        self.self_attn = Attention(dim, num_heads, qk_norm=qk_norm)
         self.cross_attend_norm = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, num_heads, context_dim)
+        self.cross_attn = Attention(dim, num_heads, context_dim, qk_norm)
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -262,7 +278,7 @@ class DiT(nn.Module):
         self.preprocess_conv = nn.Conv1d(io, io, 1, bias=False)
         self.project_in = nn.Linear(io, dim, bias=False)
         self.layers = [
-            TransformerBlock(dim, config.num_heads, context_dim)
+            TransformerBlock(dim, config.num_heads, context_dim, config.qk_norm == "ln")
             for _ in range(config.depth)
         ]
         self.project_out = nn.Linear(dim, io, bias=False)

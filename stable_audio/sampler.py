@@ -1,8 +1,9 @@
-"""k-diffusion's samplers over a v-objective model, as stable-audio-tools runs them.
+"""The samplers of stable-audio-tools: k-diffusion's over a v-objective model (SAO 1.0),
+ping-pong over a rectified-flow model (SAO Small).
 
-Noise levels are k-diffusion sigmas (0.3 to 500 by default). Every sampler here is a
-linear multistep method: with D the denoised estimate at this step and D1, D2 those of
-the two steps before,
+Noise levels are k-diffusion sigmas (0.3 to 500 by default) for v models and flow times
+t in [0, 1] for rectified flow. Every sampler here is a linear multistep method: with D
+the denoised estimate at this step and D1, D2 those of the two steps before,
 
     x_next = A x + B0 D + B1 D1 + B2 D2 + S noise
 
@@ -22,6 +23,20 @@ def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: 
     ramp = np.linspace(1, 0, steps) ** rho
     sigmas = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
     return [float(s) for s in sigmas] + [0.0]
+
+
+def flow_times(steps: int, t_max: float = 1.0):
+    """stable-audio-tools' ping-pong schedule: t = sigmoid(-logSNR), logSNR evenly spaced
+    up to 2, starting at t_max and ending at 0."""
+    logsnr_max = math.log((1 - t_max) / t_max + 1e-6) if t_max < 1 else -6.0
+    t = 1 / (1 + np.exp(np.linspace(logsnr_max, 2, steps + 1)))
+    return [t_max] + [float(v) for v in t[1:-1]] + [0.0]
+
+
+def pingpong(times):
+    """Denoise fully, then re-noise to the next time with fresh noise."""
+    for t_next in times[1:]:
+        yield 0.0, 1 - t_next, 0.0, 0.0, t_next
 
 
 def euler(sigmas):
@@ -94,23 +109,43 @@ SAMPLERS = {
     "dpmpp-2m": dpmpp_2m,
     "euler": euler,
 }
+FLOW_SAMPLERS = {"pingpong": pingpong}
 
 
-def step_coefficients(sampler: str, sigmas: list) -> list:
+def schedule(objective: str, steps: int, sigma_min: float, sigma_max: float) -> list:
+    """The noise levels of a generation, for the model's objective."""
+    if objective == "v":
+        return polyexponential_sigmas(steps, sigma_min, sigma_max)
+    return flow_times(steps, min(sigma_max, 1.0))
+
+
+def noised(objective: str, latents, noise, sigma):
+    """Clean latents brought to noise level `sigma`, as the sampler sees them."""
+    if objective == "v":
+        return latents + sigma * noise
+    return (1 - sigma) * latents + sigma * noise
+
+
+def step_coefficients(sampler: str, sigmas: list, objective: str = "v") -> list:
     """Per step: [c_in, c_skip, c_out, t, A, B0, B1, B2, S] as Python floats.
 
-    The first four are k-diffusion's VDenoiser: the model sees c_in x at time
-    t = atan(sigma) 2 / pi and D = c_skip x + c_out v."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    The first four are the denoiser: the model sees c_in x at time t, and D = c_skip x +
+    c_out v. For v (k-diffusion's VDenoiser) t = atan(sigma) 2 / pi; for rectified flow
+    the model sees x at t itself and D = x - t v."""
+    samplers = SAMPLERS if objective == "v" else FLOW_SAMPLERS
+    if sampler not in samplers:
+        raise ValueError(f"Unknown sampler {sampler!r} for this model; choose one of {', '.join(samplers)}.")
     steps = []
-    for sigma, update in zip(sigmas, SAMPLERS[sampler](sigmas)):
-        denoiser = (
-            1 / math.sqrt(sigma**2 + 1),
-            1 / (sigma**2 + 1),
-            -sigma / math.sqrt(sigma**2 + 1),
-            math.atan(sigma) * 2 / math.pi,
-        )
+    for sigma, update in zip(sigmas, samplers[sampler](sigmas)):
+        if objective == "v":
+            denoiser = (
+                1 / math.sqrt(sigma**2 + 1),
+                1 / (sigma**2 + 1),
+                -sigma / math.sqrt(sigma**2 + 1),
+                math.atan(sigma) * 2 / math.pi,
+            )
+        else:
+            denoiser = (1.0, 1.0, -sigma, sigma)
         steps.append(denoiser + tuple(update))
     return steps
 

@@ -165,13 +165,13 @@ class VAE(nn.Module):
         self.encoder = encoder(config)
         self.decoder = decoder(config)
 
-    def encode(self, audio: mx.array, sample: bool = False, key: mx.array = None) -> mx.array:
-        """Latents (B, N / ratio, latent_dim): the posterior mean, or a sample of it."""
+    def encode(self, audio: mx.array, noise: mx.array = None) -> mx.array:
+        """Latents (B, N / ratio, latent_dim): the posterior mean, or with `noise` (N(0, 1)
+        of the latents' shape) a sample of the posterior."""
         mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
-        if not sample:
+        if noise is None:
             return mean
-        std = nn.softplus(scale) + 1e-4
-        return mean + std * mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
+        return mean + (nn.softplus(scale) + 1e-4) * noise.astype(mean.dtype)
 
     def decode(self, latents: mx.array) -> mx.array:
         return self.decoder(latents)
