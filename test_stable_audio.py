@@ -727,7 +727,7 @@ def test_resampler_keeps_tones(rate):
     expected = tone(np.arange(resampled.shape[1]) / 44100)
     edge = 50  # the filter reaches ~7 input samples beyond the ends
     err = rel_err(resampled[:, edge:-edge], expected[:, edge:-edge])
-    assert err < 2e-3, err
+    assert err < 1e-3, err  # measured 1.4e-4 to 3.0e-4
     # asking for fewer samples gives exactly the first ones
     assert np.array_equal(stable_audio.resample(tone(np.arange(n) / rate), rate, 44100, length=777), resampled[:, :777])
 
