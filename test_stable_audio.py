@@ -31,8 +31,7 @@ import stable_audio
 from stable_audio import Conditioning, StableAudio, model_io
 from stable_audio import sampler as sampler_lib
 from stable_audio.dit import DiT
-from stable_audio.t5 import T5Encoder, Tokenizer, relative_position_buckets
-from stable_audio.vae import VAE
+from stable_audio.t5 import Tokenizer, relative_position_buckets
 
 HERE = Path(__file__).parent
 DATA = HERE / "test_data"  # copies of ../shared/reference: the released config and manifests

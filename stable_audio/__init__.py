@@ -85,7 +85,8 @@ def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) ->
     t = (-np.arange(up)[:, None] / up + np.arange(-width, width + down) / down) * cutoff
     t = np.clip(t, -6, 6)
     kernel = (np.sinc(t) * np.cos(t * np.pi / 12) ** 2 * cutoff / down).astype(np.float32)
-    n = math.ceil(audio.shape[1] * up / down) if length is None else min(length, math.ceil(audio.shape[1] * up / down))
+    n = math.ceil(audio.shape[1] * up / down)
+    n = n if length is None else min(n, length)
     audio = audio[:, : math.ceil(n * down / up) + width + down]
     padded = np.pad(audio.astype(np.float32), [(0, 0), (width, width + down)])
     frames = sliding_window_view(padded, kernel.shape[1], axis=-1)[:, ::down]
