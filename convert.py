@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -13,23 +14,43 @@ from stable_audio import model_io
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def convert(hf_path: str, mlx_path: str, dtype: str = "float16", quantize: dict = None):
+def check_output(mlx_path: Path, force: bool):
+    """Refuse an output folder we must not write: an existing one without `force`, or, even
+    with it, anything but an empty folder or one that convert.py wrote."""
+    if not mlx_path.parent.is_dir():
+        raise ValueError(f"The folder {mlx_path.parent} does not exist.")
+    if not (mlx_path.exists() or mlx_path.is_symlink()):
+        return
+    if not force:
+        raise ValueError(f"{mlx_path} already exists; choose another --mlx-path, or replace it with --force.")
+    ours = model_io.is_converted(mlx_path) and all((mlx_path / f).is_file() for f in model_io.CONVERTED_FILES)
+    if mlx_path.is_symlink() or not mlx_path.is_dir() or not (ours or not any(mlx_path.iterdir())):
+        raise ValueError(f"{mlx_path} is not a folder written by convert.py; --force replaces only those.")
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    dtype: str = "float16",
+    quantize: dict = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+):
     """Write `hf_path` (released layout, local or on the Hub) as MLX safetensors in `mlx_path`.
 
     T5 and the DiT are stored in `dtype`; the conditioner and the autoencoder stay in
     float32. `quantize` ({"group_size", "bits"}) quantizes the DiT's transformer blocks.
     The folder appears only when complete: it is written under a temporary name beside
-    `mlx_path` and renamed at the end.
+    `mlx_path` and renamed at the end; `force` then replaces an earlier conversion.
+    `allow_pickle` reads a released folder's model.ckpt when it has no model.safetensors.
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     mlx_path = Path(mlx_path)
-    if mlx_path.exists():
-        raise ValueError(f"{mlx_path} already exists; remove it or choose another --mlx-path.")
-    if not mlx_path.parent.is_dir():
-        raise ValueError(f"The folder {mlx_path.parent} does not exist.")
+    check_output(mlx_path, force)
 
-    models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize)
+    print(f"[INFO] Loading {hf_path}")
+    models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize, allow_pickle=allow_pickle)
     config = {
         "model_type": "stable-audio",
         "dtype": dtype,
@@ -37,6 +58,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "float16", quantize: dict 
         "model_config": models.config.model_config,
         "text_encoder": models.config.t5_config,
     }
+    print(f"[INFO] Writing {mlx_path}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
     try:
         for name, module in models.modules().items():
@@ -45,16 +67,26 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "float16", quantize: dict 
         (tmp / "spiece.model").write_bytes(models.tokenizer.model_proto)
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=4)
-        tmp.rename(mlx_path)
+        check_output(mlx_path, force)  # again: it may have appeared meanwhile
+        if mlx_path.exists():
+            # set the old folder aside, put the new one in place, only then delete the old
+            os.rename(mlx_path, tmp / ".replaced")
+            os.rename(tmp, mlx_path)
+            shutil.rmtree(mlx_path / ".replaced")
+        else:
+            os.rename(tmp, mlx_path)
     except BaseException:
+        if (tmp / ".replaced").exists() and not mlx_path.exists():
+            os.rename(tmp / ".replaced", mlx_path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Convert Stable Audio Open weights to MLX safetensors."
     )
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, no usage
     parser.add_argument(
         "--hf-path",
         default=model_io.DEFAULT_REPO,
@@ -64,6 +96,11 @@ if __name__ == "__main__":
         "--mlx-path",
         default="mlx_model",
         help="Folder to create for the MLX model (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Replace --mlx-path if it exists (only a folder convert.py wrote, or an empty one).",
     )
     parser.add_argument(
         "--dtype",
@@ -84,10 +121,22 @@ if __name__ == "__main__":
         default=64,
         help="Weights sharing one scale and bias (default: %(default)s).",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Read the pickled model.ckpt when the checkpoint has no model.safetensors "
+        "(needs torch; loaded with weights_only=True; only for a file you trust).",
+    )
+    args = parser.parse_args(argv)
     quantize = {"group_size": args.q_group_size, "bits": args.q_bits} if args.quantize else None
     try:
-        convert(args.hf_path, args.mlx_path, args.dtype, quantize)
+        convert(args.hf_path, args.mlx_path, args.dtype, quantize, args.force, args.allow_pickle)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("Interrupted; nothing was written.")
     print(f"[INFO] Wrote {args.mlx_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -597,7 +597,7 @@ def test_resolve_refuses_what_is_neither_folder_nor_repo(tmp_path):
     for bad in (str(tmp_path / "file.txt"), "not a repo id", str(tmp_path / "a" / "b" / "c")):
         with pytest.raises(ValueError, match="neither"):
             model_io.resolve(bad)
-    with pytest.raises(FileNotFoundError, match="model_config.json"):
+    with pytest.raises(ValueError, match="neither model_config.json .* nor config.json"):
         model_io.load(str(tmp_path))
 
 

@@ -77,8 +77,9 @@ def report(verbose: bool, phase: str, start: float):
         mx.reset_peak_memory()
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate audio from text with Stable Audio Open.")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, no usage
     parser.add_argument("prompt")
     parser.add_argument("--model", default=DEFAULT_REPO, help="Converted folder, released folder or Hub repo (default: %(default)s)")
     parser.add_argument("--negative-prompt", help="What the audio should not sound like")
@@ -103,7 +104,7 @@ if __name__ == "__main__":
     parser.add_argument("--low-memory", action="store_true", help="Keep memory within 0.5 GB of the weights, a little slower")
     parser.add_argument("--raw", action="store_true", help="Write the decoder's float output as is, not peak-normalized")
     parser.add_argument("-v", "--verbose", action="store_true", help="Print the time and peak memory of each stage")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     try:
         # Everything that can be checked is checked before the weights are read
@@ -117,12 +118,15 @@ if __name__ == "__main__":
             raise ValueError("Give --init-audio or --inpaint-audio, not both.")
         if bool(args.inpaint_audio) != bool(args.inpaint_range):
             raise ValueError("--inpaint-audio and --inpaint-range go together.")
+        for text in (args.prompt, args.negative_prompt or ""):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in text):  # undecodable bytes of the command line
+                raise ValueError(f"The prompt {text!r} is not valid UTF-8 text.")
         config = load_config(args.model)
         if args.init_audio:
             args.sigma_max = args.init_noise_level
         check_arguments(
             config, args.seconds_start, args.seconds_total, args.steps, args.cfg_scale,
-            args.sampler, args.sigma_min, args.sigma_max, args.n_audios, args.inpaint_range,
+            args.sampler, args.sigma_min, args.sigma_max, args.n_audios, args.inpaint_range, args.seed,
         )
         window = config.sample_size / config.sample_rate
         init_audio = read_audio(args.init_audio, window) if args.init_audio else None
@@ -145,7 +149,7 @@ if __name__ == "__main__":
                 init_latents = pipe.init_latents(init_audio[1], init_audio[0], seed)
             else:
                 inpaint = pipe.inpaint_source(inpaint_audio[1], inpaint_audio[0], args.inpaint_range)
-            mx.eval(init_latents, inpaint)
+            check_finite(init_latents if init_audio else inpaint[0], "audio encoding")
             del pipe.vae.encoder
             report(args.verbose, "Audio encoding", start)
 
@@ -153,7 +157,9 @@ if __name__ == "__main__":
         conditioning = pipe.condition(
             args.prompt, args.negative_prompt, args.seconds_start, args.seconds_total, args.n_audios
         )
-        mx.eval(conditioning)
+        for x in (conditioning.cross, conditioning.negative_cross):
+            if x is not None:
+                check_finite(x, "text encoding")
         del pipe.t5  # not needed any more
         if args.low_memory:
             limit_memory()
@@ -190,5 +196,12 @@ if __name__ == "__main__":
             print(f"[INFO] Wrote {path}")
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: MLX failed ({reason}); if memory ran out, try --low-memory, --quantize 8 or fewer --n-audios.")
     except KeyboardInterrupt:
         sys.exit("Interrupted.")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,9 @@ DEFAULTS = {
 }
 
 
+MAX_STEPS, MAX_BATCH = 10_000, 64
+
+
 def settings(config: Config, **given) -> dict:
     """`given`, each None replaced by the model's default."""
     defaults = DEFAULTS[config.dit.objective]
@@ -41,9 +44,11 @@ def check_arguments(
     sigma_max: float = None,
     batch_size: int = 1,
     inpaint_ranges: tuple = (),
+    seed: int = None,
 ):
     """Refuse, with a one-line ValueError, what the model or the samplers cannot do. None
-    stands for the model's default; with init audio, sigma_max is its noise level."""
+    stands for the model's default; with init audio, sigma_max is its noise level. Steps
+    and batch size are bounded too, so that absurd values fail here, not out of memory."""
     s = settings(config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
     flow = config.dit.objective != "v"
     names = samplers.FLOW_SAMPLERS if flow else samplers.SAMPLERS
@@ -52,15 +57,17 @@ def check_arguments(
     start_max = config.conditioner.numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
     numbers = [seconds_start, total, s["cfg_scale"], s["sigma_min"], s["sigma_max"]]
     numbers += [t for r in inpaint_ranges for t in r]
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError("Numbers must be finite.")
     problems = [
-        (not all(math.isfinite(v) for v in numbers), "numbers must be finite"),
-        (not 0 < total <= window + 1e-9, f"seconds_total must be in (0, {window:.2f}], the model's window"),
+        (not (0 < total <= window + 1e-9 and round(total * config.sample_rate) >= 1), f"seconds_total must be in (0, {window:.2f}], the model's window, and hold a sample"),
         (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}] for this model"),
-        (s["steps"] < 1, "steps must be at least 1"),
+        (not 1 <= s["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
         (s["sampler"] not in names, f"unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}"),
         (flow and not 0 < s["sigma_max"] <= 1, "the noise level (sigma_max, init noise level) must be in (0, 1] for this model"),
         (not flow and not 0 < s["sigma_min"] < s["sigma_max"], "the noise levels must satisfy 0 < sigma_min < sigma_max (the init noise level is sigma_max)"),
-        (batch_size < 1, "the number of audios must be at least 1"),
+        (not 1 <= batch_size <= MAX_BATCH, f"the number of audios must be in [1, {MAX_BATCH}]"),
+        (seed is not None and not 0 <= seed < 2**64, "the seed must be in [0, 2**64)"),
         (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),
     ]
     for failed, message in problems:
@@ -317,7 +324,7 @@ class StableAudio:
             sigma_max = init_noise_level
         check_arguments(
             self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max,
-            batch_size, inpaint_ranges,
+            batch_size, inpaint_ranges, seed,
         )
         seed = secrets.randbits(32) if seed is None else seed
         init_latents = inpaint = None
@@ -327,7 +334,13 @@ class StableAudio:
         if inpaint_audio is not None:
             rate, samples = inpaint_audio
             inpaint = self.inpaint_source(samples, rate, inpaint_ranges)
+        for x in (init_latents, None if inpaint is None else inpaint[0]):
+            if x is not None:
+                check_finite(x, "audio encoding")
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
+        for x in (conditioning.cross, conditioning.negative_cross):
+            if x is not None:
+                check_finite(x, "text encoding")
         latents = self.generate_latents(
             conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale=cfg_rescale,
             noise=noise, noise_sampler=noise_sampler, compile=compile, init_latents=init_latents, inpaint=inpaint,
@@ -350,8 +363,9 @@ def limit_memory(headroom: float = 0.5) -> int:
 
 
 def check_finite(x: mx.array, stage: str):
+    """Raise FloatingPointError, naming the stage, if `x` holds NaN or Inf."""
     if not mx.all(mx.isfinite(x)).item():
         raise FloatingPointError(
-            f"{stage.capitalize()} produced NaN or Inf values; "
-            f"float16 may overflow: try --dtype float32 (or bfloat16)."
+            f"{stage.capitalize()} produced NaN or Inf values; nothing was written. float16 "
+            "can overflow: try --dtype float32 or bfloat16 (or --vae-dtype float32)."
         )

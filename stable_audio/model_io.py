@@ -1,6 +1,7 @@
 import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ from .t5 import T5Config, T5Encoder, Tokenizer
 from .vae import VAE, VAEConfig
 
 DEFAULT_REPO = "stabilityai/stable-audio-open-1.0"
+PICKLED = "model.ckpt"  # read only when asked (allow_pickle): unpickling can run code
 
 # The files of the released Hub repo that we read (it also holds model.ckpt and diffusers folders)
 RELEASED_FILES = {
@@ -78,6 +80,8 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     conditioner = ConditionerConfig.from_model_config(model)
     dit = DiTConfig.from_model_config(model)
     vae = VAEConfig.from_model_config(model)
+    for section, c in (("T5", t5), ("conditioning", conditioner), ("DiT", dit), ("autoencoder", vae)):
+        _check_values(section, c)
     number_widths = len(conditioner.global_ids) * conditioner.cond_dim
     checks = [
         (t5.d_model == conditioner.cond_dim, "T5 width", t5.d_model, "cond_dim", conditioner.cond_dim),
@@ -101,26 +105,139 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     )
 
 
-def resolve(path_or_repo: str, configs_only: bool = False) -> Path:
-    """A local folder, or a Hub repo id downloaded (only the files we read) to the cache."""
+LOCAL_COPY = "or download the folder elsewhere and pass its path instead (convert.py --hf-path, txt2audio.py --model)"
+
+
+def _download(repo: str, patterns: list) -> Path:
+    """snapshot_download, its failures turned into one sentence that says what to do (the
+    messages are ours: huggingface_hub's span several lines)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except GatedRepoError:
+        message = f"{repo} is gated: accept its licence on https://huggingface.co/{repo}, {login}, {LOCAL_COPY}."
+    except RepositoryNotFoundError:
+        message = f"{repo} is not on the Hugging Face Hub, or it is private and you are not logged in ({login}); check the name, {LOCAL_COPY}."
+    except HfHubHTTPError as e:  # LocalEntryNotFoundError among them: nothing cached, and ...
+        response = getattr(e.__cause__, "response", None) if isinstance(e, LocalEntryNotFoundError) else e.response
+        status = getattr(response, "status_code", None)
+        if status in (401, 403):
+            message = f"The Hugging Face Hub refused access to {repo} (HTTP {status}): accept its licence on https://huggingface.co/{repo}, {login} with a token that may read it, {LOCAL_COPY}."
+        elif status is not None:
+            message = f"The Hugging Face Hub failed to serve {repo} (HTTP {status}); try again later, {LOCAL_COPY}."
+        elif constants.HF_HUB_OFFLINE:
+            message = f"{repo} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE is set): unset it, {LOCAL_COPY}."
+        else:
+            message = f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached: check the connection, {LOCAL_COPY}."
+    except OSError as e:  # the connection dropped mid-download, the disk is full, ...
+        message = f"Downloading {repo} failed ({type(e).__name__}); run again to resume, {LOCAL_COPY}."
+    raise ValueError(message)
+
+
+def resolve(path_or_repo: str, configs_only: bool = False, allow_pickle: bool = False) -> Path:
+    """A local folder, or a Hub repo id downloaded (only the files we read) to the cache;
+    either way checked to hold every file of its layout."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
-        return path
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
+        folder = path
+    elif path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
         raise ValueError(f"{path_or_repo} is neither a model folder nor a Hugging Face repo id.")
-    from huggingface_hub import snapshot_download
+    else:
+        patterns = list(RELEASED_FILES.values()) + CONVERTED_FILES
+        if configs_only:
+            patterns = [p for p in patterns if p.endswith(".json")]
+        folder = _download(path_or_repo, patterns)
+        if allow_pickle and not configs_only and not (folder / RELEASED_FILES["weights"]).is_file():
+            folder = _download(path_or_repo, [PICKLED])
+    _check_layout(folder, path_or_repo, configs_only, allow_pickle)
+    return folder
 
-    patterns = list(RELEASED_FILES.values()) + CONVERTED_FILES
-    if configs_only:
-        patterns = [p for p in patterns if p.endswith(".json")]
-    return Path(snapshot_download(path_or_repo, allow_patterns=patterns))
+
+def _check_layout(folder: Path, name: str, configs_only: bool, allow_pickle: bool):
+    """Refuse a folder that lacks a file of its layout, before anything is read."""
+    if is_converted(folder):
+        files = list(CONVERTED_FILES)
+    elif (folder / RELEASED_FILES["config"]).is_file():
+        files = list(RELEASED_FILES.values())
+        if allow_pickle and (folder / PICKLED).is_file():
+            files.remove(RELEASED_FILES["weights"])
+    else:
+        raise ValueError(
+            f"{name} is not a Stable Audio model: it has neither model_config.json "
+            "(the released layout) nor config.json (a folder written by convert.py)."
+        )
+    missing = [f for f in files if not (folder / f).is_file() and (f.endswith(".json") or not configs_only)]
+    if not missing:
+        return
+    more = f" (and {len(missing) - 1} more of its files)" if len(missing) > 1 else ""
+    if missing[0] == RELEASED_FILES["weights"] and (folder / PICKLED).is_file():
+        raise ValueError(
+            f"{name} has no model.safetensors, only the pickled {PICKLED}, which is not read by default "
+            "(unpickling can run code): if you trust it, convert it once with "
+            f"`python convert.py --hf-path {name} --allow-pickle` (needs torch)."
+        )
+    if folder != Path(name).expanduser():  # a Hub snapshot
+        raise ValueError(
+            f"{name} lacks {missing[0]}{more}: the repo does not hold it, or it is not in the local "
+            "cache and the Hub could not be reached to download it."
+        )
+    raise ValueError(f"{folder} lacks {missing[0]}{more}: copy or download it again.")
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a Stable Audio model folder.")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is damaged: it is not valid JSON ({e}).") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not an object.")
+    return value
+
+
+def _read_safetensors(path: Path, dtypes: tuple) -> dict:
+    """The tensors of a safetensors file, refused if it is cut short, damaged, or holds a
+    dtype other than `dtypes`. mx.load checks the header and every tensor's extent against
+    the file's size without reading the data."""
+    try:
+        tensors = mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).split("] ", 1)[-1].split(". Perhaps")[0]
+        raise ValueError(f"{path} is damaged ({reason.rstrip('.')}): download or convert it again.") from None
+    if not isinstance(tensors, dict):  # a .npy file under this name, say
+        raise ValueError(f"{path} is damaged: it is not a safetensors file.")
+    for key, value in tensors.items():
+        if value.dtype not in dtypes:
+            allowed = ", ".join(str(d).split(".")[-1] for d in dtypes)
+            raise ValueError(f"Tensor {path.name}: {key} has dtype {str(value.dtype).split('.')[-1]}; expected {allowed}.")
+    return tensors
+
+
+def _read_pickled(path: Path) -> dict:
+    """The tensors of a PyTorch checkpoint (its "state_dict"), read with torch.load's
+    weights_only=True, which refuses any object but tensors and plain containers."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"Reading {path} (a pickled PyTorch checkpoint) needs torch: pip install torch.") from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a refused object, RuntimeError for damage, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} was refused by torch.load(weights_only=True): {reason}") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state_dict of tensors.")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"{path}: {key} is not a floating-point tensor.")
+        dtype = {torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}.get(value.dtype, mx.float32)
+        tensors[key] = mx.array(value.float().numpy()).astype(dtype)
+    return tensors
 
 
 def is_converted(folder: Path) -> bool:
@@ -168,12 +285,17 @@ def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
     return weights, {name: origin[name] for name in weights}
 
 
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
 def _released_weights(folder: Path, models: dict) -> tuple[dict, dict]:
     tensors, files = {}, {}
-    for file in (RELEASED_FILES["weights"], RELEASED_FILES["t5_weights"]):
-        if not (folder / file).is_file():
-            raise FileNotFoundError(f"{folder / file} is missing.")
-        for key, value in mx.load(str(folder / file)).items():
+    weights_file = RELEASED_FILES["weights"]
+    if not (folder / weights_file).is_file():  # _check_layout let it through: allow_pickle
+        weights_file = PICKLED
+    for file in (weights_file, RELEASED_FILES["t5_weights"]):
+        read = _read_pickled(folder / file) if file == PICKLED else _read_safetensors(folder / file, FLOATS)
+        for key, value in read.items():
             tensors[key], files[key] = value, file
     weights, origin = sanitize(tensors, models)
     return weights, {k: f"{files[key]}: {key}" for k, key in origin.items()}
@@ -183,9 +305,8 @@ def _converted_weights(folder: Path) -> tuple[dict, dict]:
     weights, sources = {}, {}
     for component in COMPONENTS:
         file = f"{component}.safetensors"
-        if not (folder / file).is_file():
-            raise FileNotFoundError(f"{folder / file} is missing.")
-        for key, value in mx.load(str(folder / file)).items():
+        # uint32: the packed weights of a quantized DiT
+        for key, value in _read_safetensors(folder / file, FLOATS + (mx.uint32,)).items():
             weights[f"{component}.{key}"] = value
             sources[f"{component}.{key}"] = f"{file}: {key}"
     return weights, sources
@@ -200,6 +321,8 @@ def load_strict(component: str, module: nn.Module, weights: dict, sources: dict)
     for key, value in ours.items():
         if key not in expected:
             raise ValueError(f"Unexpected tensor {sources[prefix + key]} (no such {component} parameter).")
+        if (value.dtype == mx.uint32) != (expected[key].dtype == mx.uint32):
+            raise ValueError(f"Tensor {sources[prefix + key]} has dtype {value.dtype}; the model expects {expected[key].dtype}.")
         if value.shape != expected[key].shape:
             raise ValueError(
                 f"Tensor {sources[prefix + key]} has shape {tuple(value.shape)}; "
@@ -235,15 +358,47 @@ class Components:
 
 
 def _read_config(folder: Path) -> Config:
+    """The configs of a folder, any value we cannot run refused with its file named."""
     if is_converted(folder):
-        stored = _read_json(folder / "config.json")
-        config = parse_config(stored["model_config"], stored["text_encoder"])
-        config.quantization = stored.get("quantization")
-        return config
-    return parse_config(
-        _read_json(folder / RELEASED_FILES["config"]),
-        _read_json(folder / RELEASED_FILES["t5_config"]),
-    )
+        file = folder / "config.json"
+        stored = _read_json(file)
+        if stored.get("model_type") != "stable-audio":
+            raise ValueError(f"{file} is not a config written by convert.py (its model_type is {stored.get('model_type')!r}).")
+        files = (file, file)
+        configs = (stored.get("model_config"), stored.get("text_encoder"))
+        quantization = stored.get("quantization")
+    else:
+        files = (folder / RELEASED_FILES["config"], folder / RELEASED_FILES["t5_config"])
+        configs = tuple(_read_json(f) for f in files)
+        quantization = None
+    try:
+        config = parse_config(*configs)
+        if quantization is not None and set(quantization) != {"group_size", "bits"}:
+            raise ValueError(f"Unsupported quantization {quantization!r}.")
+    except ValueError as e:
+        raise ValueError(f"{files[0].parent}: {e}") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        # a value of another type, or a section missing, where the checks above did not look
+        raise ValueError(f"{files[0]} or {files[1].name} holds a value we cannot read ({type(e).__name__}: {e}).") from None
+    config.quantization = quantization
+    return config
+
+
+def _check_values(section: str, config):
+    """Refuse config values of the wrong type or sign: every int and float of our configs
+    is a positive size, rate or epsilon."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if field.type is bool:
+            ok = isinstance(value, bool)
+        elif field.type is int:
+            ok = type(value) is int and value > 0
+        elif field.type is float:
+            ok = type(value) in (int, float) and 0 < value < math.inf
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"Unsupported {section} {field.name} {value!r} (expected a positive {field.type.__name__}).")
 
 
 def quantize_dit(dit: nn.Module, group_size: int = 64, bits: int = 4):
@@ -269,17 +424,21 @@ def quantize_dit(dit: nn.Module, group_size: int = 64, bits: int = 4):
     nn.quantize(dit, class_predicate=settings)
 
 
-def _quantize_as_stored(dit: nn.Module, weights: dict):
+def _quantize_as_stored(dit: nn.Module, weights: dict, sources: dict):
     """Quantize a skeleton like the stored DiT, each layer's bits and group size read from
     the shapes of its packed weights and scales."""
 
     def settings(path: str, module: nn.Module):
-        scales = weights.get(f"dit.{path}.scales")
+        scales, packed = weights.get(f"dit.{path}.scales"), weights.get(f"dit.{path}.weight")
         if scales is None or not isinstance(module, nn.Linear):
             return False
         in_dims = module.weight.shape[1]
-        bits = weights[f"dit.{path}.weight"].shape[1] * 32 // in_dims
-        return {"group_size": in_dims // scales.shape[1], "bits": bits}
+        if packed is None or packed.ndim != 2 or scales.ndim != 2 or not scales.shape[1]:
+            raise ValueError(f"Tensor {sources[f'dit.{path}.scales']} belongs to no valid quantized weight.")
+        bits, group_size = packed.shape[1] * 32 // in_dims, in_dims // scales.shape[1]
+        if bits not in (4, 8) or group_size not in (32, 64, 128):
+            raise ValueError(f"Tensor {sources[f'dit.{path}.weight']} is quantized as we cannot read ({bits} bits in groups of {group_size}).")
+        return {"group_size": group_size, "bits": bits}
 
     nn.quantize(dit, class_predicate=settings)
 
@@ -290,28 +449,35 @@ def load_config(path_or_repo: str = DEFAULT_REPO) -> Config:
 
 
 def load(
-    path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32, quantize: dict = None
+    path_or_repo: str = DEFAULT_REPO,
+    dtype=None,
+    vae_dtype=mx.float32,
+    quantize: dict = None,
+    allow_pickle: bool = False,
 ) -> Components:
     """Load a released checkpoint folder, a folder written by convert.py, or a Hub repo.
 
     `dtype` applies to T5 and the DiT (None keeps the stored dtype); the conditioner stays
     in float32 and the autoencoder in `vae_dtype`. `quantize` ({"group_size", "bits"})
     quantizes a floating-point DiT after loading. The VAE encoder, which text-to-audio
-    does not use, is read from disk only when first used.
+    does not use, is read from disk only when first used. Only safetensors are read unless
+    `allow_pickle` lets a released folder's pickled model.ckpt stand in for model.safetensors
+    (read with torch.load(weights_only=True); torch must be installed).
     """
-    folder = resolve(path_or_repo)
+    folder = resolve(path_or_repo, allow_pickle=allow_pickle)
     config = _read_config(folder)
     if quantize and config.quantization:
         raise ValueError(f"{path_or_repo} is already quantized ({config.quantization['bits']} bits).")
     tokenizer_file = folder / ("spiece.model" if is_converted(folder) else RELEASED_FILES["tokenizer"])
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file} is missing.")
+    tokenizer = Tokenizer(tokenizer_file, config.conditioner.text_max_length)
+    if tokenizer.sp.get_piece_size() > config.t5.vocab_size:
+        raise ValueError(f"{tokenizer_file} has {tokenizer.sp.get_piece_size()} tokens, more than T5's vocab_size {config.t5.vocab_size}.")
 
     models = build(config)
     if is_converted(folder):
         weights, sources = _converted_weights(folder)
         # quantize the skeleton first: the stored weights are packed integers
-        _quantize_as_stored(models["dit"], weights)
+        _quantize_as_stored(models["dit"], weights, sources)
     else:
         weights, sources = _released_weights(folder, models)
     unknown = sorted(k for k in weights if k.split(".")[0] not in models)
@@ -321,11 +487,18 @@ def load(
     dtypes = {"t5": dtype, "conditioner": mx.float32, "dit": dtype, "vae": vae_dtype}
     for component, module in models.items():
         load_strict(component, module, weights, sources)
+        # the VAE's encoder is checked when first used (its output is checked for NaN)
+        loaded = tree_flatten(module.decoder.parameters() if component == "vae" else module.parameters())
+        names, finite = [k for k, _ in loaded], mx.stack([mx.all(mx.isfinite(v)) for _, v in loaded])
+        del loaded  # so the stored tensors are freed once cast
         if dtypes[component] is not None:
             module.set_dtype(dtypes[component])
         if component == "dit" and quantize:
             quantize_dit(module, **quantize)
             config.quantization = dict(quantize)
-        mx.eval(module.decoder.parameters() if component == "vae" else module.parameters())
-    tokenizer = Tokenizer(tokenizer_file, config.conditioner.text_max_length)
+        mx.eval(finite, module.decoder.parameters() if component == "vae" else module.parameters())
+        if not finite.all():
+            name = names[finite.tolist().index(False)]
+            prefix = f"{component}.decoder." if component == "vae" else f"{component}."
+            raise ValueError(f"Tensor {sources[prefix + name]} holds NaN or Inf: the file is damaged; download or convert it again.")
     return Components(config, tokenizer, **models)

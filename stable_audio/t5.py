@@ -120,7 +120,10 @@ class Tokenizer:
     """T5's SentencePiece tokenizer: appends `</s>`, pads to `max_length`, masks the padding."""
 
     def __init__(self, model_file: str, max_length: int):
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except RuntimeError:
+            raise ValueError(f"{model_file} is damaged: it is not a SentencePiece model.") from None
         self.model_proto = self.sp.serialized_model_proto()
         self.max_length = max_length
         self.eos_id = self.sp.piece_to_id("</s>")
@@ -131,6 +134,10 @@ class Tokenizer:
         tokens = np.full((len(prompts), self.max_length), self.pad_id, np.int32)
         mask = np.zeros((len(prompts), self.max_length), np.int32)
         for i, prompt in enumerate(prompts):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: bytes of the command line that are not UTF-8
+                raise ValueError(f"The prompt {prompt!r} is not valid UTF-8 text.") from None
             ids = self.sp.encode(prompt)
             keep = self.max_length - 1
             if len(ids) > keep:
