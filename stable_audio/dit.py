@@ -1,5 +1,5 @@
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,6 +7,23 @@ import mlx.nn as nn
 
 def _unsupported(what: str, value, supported):
     raise ValueError(f"Unsupported {what} {value!r} in model_config.json (supported: {supported}).")
+
+
+def check_values(section: str, config):
+    """Refuse config values of the wrong type or sign: every int and float of our configs
+    is a positive size, rate or epsilon."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if field.type is bool:
+            ok = isinstance(value, bool)
+        elif field.type is int:
+            ok = type(value) is int and value > 0
+        elif field.type is float:
+            ok = type(value) in (int, float) and 0 < value < math.inf
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"Unsupported {section} {field.name} {value!r} (expected a positive {field.type.__name__}).")
 
 
 @dataclass
@@ -35,7 +52,10 @@ class ConditionerConfig:
                     _unsupported("t5 project_out", True, "false")
                 text_id, max_length = entry["id"], c.get("max_length", 128)
             elif kind == "number":
-                numbers[entry["id"]] = (c.get("min_val", 0), c.get("max_val", 1))
+                low, high = c.get("min_val", 0), c.get("max_val", 1)
+                if not (type(low) in (int, float) and type(high) in (int, float) and low < high):
+                    _unsupported(f"{entry['id']} min_val, max_val", (low, high), "numbers, min_val < max_val")
+                numbers[entry["id"]] = (low, high)
             else:
                 _unsupported("conditioner type", kind, "t5, number")
         if text_id is None:
@@ -98,6 +118,7 @@ class DiTConfig:
         if unknown:
             _unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
         c = cls(**config, qk_norm=qk_norm, objective=objective)
+        check_values("DiT", c)
         for key in ("cond_token_dim", "global_cond_dim"):
             if getattr(c, key) <= 0:
                 _unsupported(f"DiT {key}", getattr(c, key), "> 0")

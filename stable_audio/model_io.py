@@ -1,14 +1,13 @@
 import json
-import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .dit import DiT, Conditioner, ConditionerConfig, DiTConfig
+from .dit import DiT, Conditioner, ConditionerConfig, DiTConfig, check_values
 from .t5 import T5Config, T5Encoder, Tokenizer
 from .vae import VAE, VAEConfig
 
@@ -81,7 +80,7 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     dit = DiTConfig.from_model_config(model)
     vae = VAEConfig.from_model_config(model)
     for section, c in (("T5", t5), ("conditioning", conditioner), ("DiT", dit), ("autoencoder", vae)):
-        _check_values(section, c)
+        check_values(section, c)
     number_widths = len(conditioner.global_ids) * conditioner.cond_dim
     checks = [
         (t5.d_model == conditioner.cond_dim, "T5 width", t5.d_model, "cond_dim", conditioner.cond_dim),
@@ -382,23 +381,6 @@ def _read_config(folder: Path) -> Config:
         raise ValueError(f"{files[0]} or {files[1].name} holds a value we cannot read ({type(e).__name__}: {e}).") from None
     config.quantization = quantization
     return config
-
-
-def _check_values(section: str, config):
-    """Refuse config values of the wrong type or sign: every int and float of our configs
-    is a positive size, rate or epsilon."""
-    for field in fields(config):
-        value = getattr(config, field.name)
-        if field.type is bool:
-            ok = isinstance(value, bool)
-        elif field.type is int:
-            ok = type(value) is int and value > 0
-        elif field.type is float:
-            ok = type(value) in (int, float) and 0 < value < math.inf
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"Unsupported {section} {field.name} {value!r} (expected a positive {field.type.__name__}).")
 
 
 def quantize_dit(dit: nn.Module, group_size: int = 64, bits: int = 4):

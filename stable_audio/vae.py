@@ -44,6 +44,11 @@ class VAEConfig:
                     f"Unsupported autoencoder {part.get('type')!r} in model_config.json (supported: oobleck)."
                 )
             c = {**OOBLECK_DEFAULTS, **part.get("config", {})}
+            for key in ("c_mults", "strides"):
+                if not (isinstance(c[key], list) and c[key] and all(type(v) is int and v > 0 for v in c[key])):
+                    raise ValueError(f"Unsupported Oobleck {key}={c[key]!r} in model_config.json (expected a list of positive ints).")
+            if len(c["c_mults"]) != len(c["strides"]):
+                raise ValueError("Unsupported Oobleck config in model_config.json: c_mults and strides differ in length.")
             for key, value in {"use_snake": True, "antialias_activation": False, "use_nearest_upsample": False}.items():
                 if c[key] != value:
                     raise ValueError(f"Unsupported Oobleck {key}={c[key]!r} in model_config.json.")
