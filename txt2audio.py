@@ -30,6 +30,8 @@ def check_output(output: str, raw: bool) -> str:
         raise ValueError(f"Output {output!r} must end in .wav or .flac.")
     if not path.parent.is_dir():
         raise ValueError(f"The folder of {output!r} does not exist.")
+    if path.is_dir():
+        raise ValueError(f"Output {output!r} is a folder.")
     if raw and path.suffix.lower() == ".flac":
         raise ValueError("--raw writes 32-bit float samples, which FLAC cannot hold: use .wav.")
     return path.suffix[1:].upper()

@@ -25,6 +25,7 @@ DEFAULTS = {
 
 
 MAX_STEPS, MAX_BATCH = 10_000, 64
+MAX_SIGMA = 1e6  # beyond it, unit-scale latents vanish below float32 precision in the noise
 
 
 def settings(config: Config, **given) -> dict:
@@ -65,7 +66,7 @@ def check_arguments(
         (not 1 <= s["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
         (s["sampler"] not in names, f"unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}"),
         (flow and not 0 < s["sigma_max"] <= 1, "the noise level (sigma_max, init noise level) must be in (0, 1] for this model"),
-        (not flow and not 0 < s["sigma_min"] < s["sigma_max"], "the noise levels must satisfy 0 < sigma_min < sigma_max (the init noise level is sigma_max)"),
+        (not flow and not 0 < s["sigma_min"] < s["sigma_max"] <= MAX_SIGMA, f"the noise levels must satisfy 0 < sigma_min < sigma_max <= {MAX_SIGMA:g} (the init noise level is sigma_max)"),
         (not 1 <= batch_size <= MAX_BATCH, f"the number of audios must be in [1, {MAX_BATCH}]"),
         (seed is not None and not 0 <= seed < 2**64, "the seed must be in [0, 2**64)"),
         (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),

@@ -204,8 +204,10 @@ def _read_safetensors(path: Path, dtypes: tuple) -> dict:
     try:
         tensors = mx.load(str(path))
     except (RuntimeError, ValueError) as e:
-        reason = str(e).split("] ", 1)[-1].split(". Perhaps")[0]
-        raise ValueError(f"{path} is damaged ({reason.rstrip('.')}): download or convert it again.") from None
+        reason = str(e).split("] ", 1)[-1].split(". Perhaps")[0].rstrip(".")
+        if "unsupported dtype" in reason:  # float64, say: a file from another tool
+            raise ValueError(f"{path} holds tensors of a type MLX cannot load ({reason}); expected float32, float16 or bfloat16.") from None
+        raise ValueError(f"{path} is damaged ({reason}): download or convert it again.") from None
     if not isinstance(tensors, dict):  # a .npy file under this name, say
         raise ValueError(f"{path} is damaged: it is not a safetensors file.")
     for key, value in tensors.items():

@@ -142,6 +142,7 @@ class Tokenizer:
             keep = self.max_length - 1
             if len(ids) > keep:
                 dropped = self.sp.decode(ids[keep:])
+                dropped = dropped if len(dropped) <= 80 else dropped[:80] + "..."
                 warnings.warn(
                     f"Prompt longer than {self.max_length} tokens; "
                     f"these words were dropped: {dropped!r}",
