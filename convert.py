@@ -133,6 +133,9 @@ def main(argv=None):
         convert(args.hf_path, args.mlx_path, args.dtype, quantize, args.force, args.allow_pickle)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: MLX failed ({reason}); nothing was written.")
     except KeyboardInterrupt:
         sys.exit("Interrupted; nothing was written.")
     print(f"[INFO] Wrote {args.mlx_path}")
