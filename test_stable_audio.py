@@ -1007,7 +1007,8 @@ def _refused(result, *phrases):
 
 
 def _hub_env(tmp_path, url, **extra):
-    return dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf home"), HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf home"), HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
+    return {k: v for k, v in {**env, **extra}.items() if v is not None}
 
 
 def test_download_through_a_fake_hub(small_checkpoint, tmp_path):
@@ -1031,6 +1032,7 @@ def test_download_through_a_fake_hub(small_checkpoint, tmp_path):
     [
         ("missing", {}, ["is not on the Hugging Face Hub", "hf auth login", "HF_TOKEN", "--hf-path"]),
         ("gated", {}, ["is gated", "accept its licence on https://huggingface.co/someone/a-model", "hf auth login", "HF_TOKEN", "--hf-path"]),
+        ("gated", {"HF_TOKEN": None}, ["is gated", "accept its licence", "hf auth login", "HF_TOKEN", "--hf-path"]),
         ("token", {}, ["refused access", "HTTP 401", "hf auth login", "--hf-path"]),
         ("forbidden", {}, ["refused access", "HTTP 403", "licence", "--hf-path"]),
         ("down", {}, ["failed to serve", "HTTP 503", "try again later"]),
@@ -1052,6 +1054,7 @@ def test_hub_failures_say_what_to_do(small_checkpoint, tmp_path, mode, env, phra
             hub.close()
     _refused(result, *phrases)
     assert TOKEN not in result.stdout + result.stderr
+    assert set(hub.authorizations) <= {None if "HF_TOKEN" in env else f"Bearer {TOKEN}"}
     assert {p.name for p in tmp_path.iterdir()} <= {"hf home"}  # no output, not even a temporary one
 
 
