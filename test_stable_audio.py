@@ -989,7 +989,10 @@ TOKEN = "hf_NotARealTokenButSecret"
 
 def _cli(script: str, *args, env=None, cwd=None, prelude="pass"):
     """Run one of our scripts as a user would; `prelude` runs first (to hide torch, say)."""
-    code = f"import runpy, sys; {prelude}; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    code = (
+        f"import os, runpy, sys; {prelude}; sys.argv = sys.argv[1:]; "
+        "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     return subprocess.run(
         [sys.executable, "-c", code, str(HERE / script), *args], capture_output=True, text=True, env=env, cwd=cwd
     )
