@@ -10,8 +10,32 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from stable_audio import model_io
+from stable_audio.model_io import first_line
 
 DTYPES = ("float16", "bfloat16", "float32")
+
+
+def read_pickled(path: Path) -> dict:
+    """The tensors of a PyTorch checkpoint (its "state_dict"), read with torch.load's
+    weights_only=True, which refuses any object but tensors and plain containers."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"Reading {path} (a pickled PyTorch checkpoint) needs torch: pip install torch.") from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a refused object, RuntimeError for damage, ...
+        raise ValueError(f"{path} was refused by torch.load(weights_only=True): {first_line(e)}") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state_dict of tensors.")
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"{path}: {key} is not a floating-point tensor.")
+        dtype = {torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}.get(value.dtype, mx.float32)
+        tensors[key] = mx.array(value.float().numpy()).astype(dtype)
+    return tensors
 
 
 def check_output(mlx_path: Path, force: bool):
@@ -50,7 +74,8 @@ def convert(
     check_output(mlx_path, force)
 
     print(f"[INFO] Loading {hf_path}")
-    models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize, allow_pickle=allow_pickle)
+    read_pickle = read_pickled if allow_pickle else None
+    models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize, read_pickle=read_pickle)
     config = {
         "model_type": "stable-audio",
         "dtype": dtype,
@@ -134,8 +159,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: MLX failed ({reason}); nothing was written.")
+        sys.exit(f"error: MLX failed ({first_line(e)}); nothing was written.")
     except KeyboardInterrupt:
         sys.exit("Interrupted; nothing was written.")
     print(f"[INFO] Wrote {args.mlx_path}")

@@ -542,16 +542,19 @@ def test_failed_conversion_leaves_nothing(small_checkpoint, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def _copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
 def _damaged_copy(src: Path, dst: Path, edit):
     from safetensors.numpy import load_file
 
-    tensors = load_file(str(src / "model.safetensors"))
+    folder = _copy_folder(src, dst / "damaged")
+    tensors = load_file(str(folder / "model.safetensors"))
     edit(tensors)
-    folder = dst / "damaged"
-    (folder / "text_encoder").mkdir(parents=True)
-    (folder / "tokenizer").mkdir()
-    for f in ("model_config.json", "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/spiece.model"):
-        (folder / f).write_bytes((src / f).read_bytes())
     save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
@@ -965,9 +968,9 @@ class FakeHub:
                 headers = {"X-Repo-Commit": "a" * 40, "ETag": f'"{hash(data)}"'}
                 self.reply(200, data[: len(data) // 2] if mode == "cut" else data, headers, len(data), body)
 
-            def reply(self, status, data, headers={}, length=None, body=True):
+            def reply(self, status, data, headers=None, length=None, body=True):
                 self.send_response(status)
-                for key, value in headers.items():
+                for key, value in (headers or {}).items():
                     if value:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data) if length is None else length))
@@ -1074,13 +1077,6 @@ def test_an_incomplete_offline_cache_is_named(small_checkpoint, tmp_path):
     result = _cli("txt2audio.py", "piano", "--model", "someone/a-model", "--output", str(tmp_path / "a.wav"), env=env)
     _refused(result, "someone/a-model lacks model.safetensors (and 2 more of its files)", "not in the local cache")
     assert not (tmp_path / "a.wav").exists()
-
-
-def _copy_folder(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _edit_json(path: Path, edit):
@@ -1242,7 +1238,7 @@ def test_a_malicious_pickle_is_refused(small_checkpoint, tmp_path):
     marker.unlink()
     folder = _pickled_checkpoint(small_checkpoint, tmp_path / "model", payload=_Exploit(marker))
     with pytest.raises(ValueError, match=r"model.ckpt was refused by torch.load\(weights_only=True\)"):
-        model_io.load(str(folder), allow_pickle=True)
+        model_io.load(str(folder), read_pickle=convert.read_pickled)
     assert not marker.exists()
 
 

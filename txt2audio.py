@@ -11,7 +11,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, limit_memory, load_config, settings
+from stable_audio.model_io import first_line
 from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
+from stable_audio.t5 import check_prompt
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -121,8 +123,7 @@ def main(argv=None):
         if bool(args.inpaint_audio) != bool(args.inpaint_range):
             raise ValueError("--inpaint-audio and --inpaint-range go together.")
         for text in (args.prompt, args.negative_prompt or ""):
-            if any(0xD800 <= ord(c) <= 0xDFFF for c in text):  # undecodable bytes of the command line
-                raise ValueError(f"The prompt {text!r} is not valid UTF-8 text.")
+            check_prompt(text)
         config = load_config(args.model)
         if args.init_audio:
             args.sigma_max = args.init_noise_level
@@ -151,7 +152,7 @@ def main(argv=None):
                 init_latents = pipe.init_latents(init_audio[1], init_audio[0], seed)
             else:
                 inpaint = pipe.inpaint_source(inpaint_audio[1], inpaint_audio[0], args.inpaint_range)
-            check_finite(init_latents if init_audio else inpaint[0], "audio encoding")
+            check_finite("audio encoding", init_latents if init_audio else inpaint[0])
             del pipe.vae.encoder
             report(args.verbose, "Audio encoding", start)
 
@@ -159,9 +160,7 @@ def main(argv=None):
         conditioning = pipe.condition(
             args.prompt, args.negative_prompt, args.seconds_start, args.seconds_total, args.n_audios
         )
-        for x in (conditioning.cross, conditioning.negative_cross):
-            if x is not None:
-                check_finite(x, "text encoding")
+        check_finite("text encoding", *conditioning)
         del pipe.t5  # not needed any more
         if args.low_memory:
             limit_memory()
@@ -180,7 +179,7 @@ def main(argv=None):
         if args.verbose:
             what = "with compilation" if args.compile else "eager"
             tqdm.write(f"[INFO] First step ({what}): {first_step:.2f} s")
-        check_finite(x, "sampling")
+        check_finite("sampling", x)
         del pipe.dit
         if args.low_memory:
             limit_memory()  # again, now that the DiT is gone
@@ -188,7 +187,7 @@ def main(argv=None):
 
         start = time.perf_counter()
         audio = pipe.decode(x)
-        check_finite(audio, "decoding")
+        check_finite("decoding", audio)
         seconds = pipe.window_seconds if args.seconds_total is None else args.seconds_total
         audio = np.array(audio[..., : round(seconds * pipe.sample_rate)])
         report(args.verbose, "Decoding", start)
@@ -199,8 +198,7 @@ def main(argv=None):
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: MLX failed ({reason}); if memory ran out, try --low-memory, --quantize 8 or fewer --n-audios.")
+        sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, try --low-memory, --quantize 8 or fewer --n-audios.")
     except KeyboardInterrupt:
         sys.exit("Interrupted.")
 

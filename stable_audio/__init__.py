@@ -335,22 +335,18 @@ class StableAudio:
         if inpaint_audio is not None:
             rate, samples = inpaint_audio
             inpaint = self.inpaint_source(samples, rate, inpaint_ranges)
-        for x in (init_latents, None if inpaint is None else inpaint[0]):
-            if x is not None:
-                check_finite(x, "audio encoding")
+        check_finite("audio encoding", init_latents, None if inpaint is None else inpaint[0])
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
-        for x in (conditioning.cross, conditioning.negative_cross):
-            if x is not None:
-                check_finite(x, "text encoding")
+        check_finite("text encoding", *conditioning)
         latents = self.generate_latents(
             conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale=cfg_rescale,
             noise=noise, noise_sampler=noise_sampler, compile=compile, init_latents=init_latents, inpaint=inpaint,
         )
         for latents in latents:
             mx.eval(latents)
-        check_finite(latents, "sampling")
+        check_finite("sampling", latents)
         audio = self.decode(latents)
-        check_finite(audio, "decoding")
+        check_finite("decoding", audio)
         return audio[..., : round(seconds_total * self.sample_rate)]
 
 
@@ -363,9 +359,10 @@ def limit_memory(headroom: float = 0.5) -> int:
     return mx.set_memory_limit(mx.get_active_memory() + int(headroom * 1e9))
 
 
-def check_finite(x: mx.array, stage: str):
-    """Raise FloatingPointError, naming the stage, if `x` holds NaN or Inf."""
-    if not mx.all(mx.isfinite(x)).item():
+def check_finite(stage: str, *arrays):
+    """Raise FloatingPointError, naming the stage, if any of `arrays` (None: skipped) holds
+    NaN or Inf."""
+    if not all(mx.all(mx.isfinite(x)).item() for x in arrays if x is not None):
         raise FloatingPointError(
             f"{stage.capitalize()} produced NaN or Inf values; nothing was written. float16 "
             "can overflow: try --dtype float32 or bfloat16 (or --vae-dtype float32)."

@@ -12,7 +12,7 @@ from .t5 import T5Config, T5Encoder, Tokenizer
 from .vae import VAE, VAEConfig
 
 DEFAULT_REPO = "stabilityai/stable-audio-open-1.0"
-PICKLED = "model.ckpt"  # read only when asked (allow_pickle): unpickling can run code
+PICKLED = "model.ckpt"  # read only when asked (convert.py --allow-pickle): unpickling can run code
 
 # The files of the released Hub repo that we read (it also holds model.ckpt and diffusers folders)
 RELEASED_FILES = {
@@ -102,6 +102,12 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
         model_config=model_config,
         t5_config=t5_config,
     )
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message cut to its first line (its name if it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 LOCAL_COPY = "or download the folder elsewhere and pass its path instead (convert.py --hf-path, txt2audio.py --model)"
@@ -217,30 +223,6 @@ def _read_safetensors(path: Path, dtypes: tuple) -> dict:
     return tensors
 
 
-def _read_pickled(path: Path) -> dict:
-    """The tensors of a PyTorch checkpoint (its "state_dict"), read with torch.load's
-    weights_only=True, which refuses any object but tensors and plain containers."""
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(f"Reading {path} (a pickled PyTorch checkpoint) needs torch: pip install torch.") from None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for a refused object, RuntimeError for damage, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} was refused by torch.load(weights_only=True): {reason}") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state_dict of tensors.")
-    tensors = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise ValueError(f"{path}: {key} is not a floating-point tensor.")
-        dtype = {torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}.get(value.dtype, mx.float32)
-        tensors[key] = mx.array(value.float().numpy()).astype(dtype)
-    return tensors
-
-
 def is_converted(folder: Path) -> bool:
     return (folder / "config.json").is_file() and not (folder / "model_config.json").is_file()
 
@@ -289,13 +271,13 @@ def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 
-def _released_weights(folder: Path, models: dict) -> tuple[dict, dict]:
+def _released_weights(folder: Path, models: dict, read_pickle=None) -> tuple[dict, dict]:
     tensors, files = {}, {}
     weights_file = RELEASED_FILES["weights"]
-    if not (folder / weights_file).is_file():  # _check_layout let it through: allow_pickle
+    if not (folder / weights_file).is_file():  # _check_layout let it through: read_pickle is given
         weights_file = PICKLED
     for file in (weights_file, RELEASED_FILES["t5_weights"]):
-        read = _read_pickled(folder / file) if file == PICKLED else _read_safetensors(folder / file, FLOATS)
+        read = read_pickle(folder / file) if file == PICKLED else _read_safetensors(folder / file, FLOATS)
         for key, value in read.items():
             tensors[key], files[key] = value, file
     weights, origin = sanitize(tensors, models)
@@ -437,18 +419,19 @@ def load(
     dtype=None,
     vae_dtype=mx.float32,
     quantize: dict = None,
-    allow_pickle: bool = False,
+    read_pickle=None,
 ) -> Components:
     """Load a released checkpoint folder, a folder written by convert.py, or a Hub repo.
 
     `dtype` applies to T5 and the DiT (None keeps the stored dtype); the conditioner stays
     in float32 and the autoencoder in `vae_dtype`. `quantize` ({"group_size", "bits"})
     quantizes a floating-point DiT after loading. The VAE encoder, which text-to-audio
-    does not use, is read from disk only when first used. Only safetensors are read unless
-    `allow_pickle` lets a released folder's pickled model.ckpt stand in for model.safetensors
-    (read with torch.load(weights_only=True); torch must be installed).
+    does not use, is read from disk only when first used. Only safetensors are read, unless
+    `read_pickle` (a function of a path returning {name: mx.array}: convert.py's, which
+    needs torch) is given to read a released folder's model.ckpt in place of a missing
+    model.safetensors.
     """
-    folder = resolve(path_or_repo, allow_pickle=allow_pickle)
+    folder = resolve(path_or_repo, allow_pickle=read_pickle is not None)
     config = _read_config(folder)
     if quantize and config.quantization:
         raise ValueError(f"{path_or_repo} is already quantized ({config.quantization['bits']} bits).")
@@ -463,7 +446,7 @@ def load(
         # quantize the skeleton first: the stored weights are packed integers
         _quantize_as_stored(models["dit"], weights, sources)
     else:
-        weights, sources = _released_weights(folder, models)
+        weights, sources = _released_weights(folder, models, read_pickle)
     unknown = sorted(k for k in weights if k.split(".")[0] not in models)
     if unknown:
         raise ValueError(f"Unexpected tensor {sources[unknown[0]]} in the checkpoint.")
@@ -471,18 +454,24 @@ def load(
     dtypes = {"t5": dtype, "conditioner": mx.float32, "dit": dtype, "vae": vae_dtype}
     for component, module in models.items():
         load_strict(component, module, weights, sources)
-        # the VAE's encoder is checked when first used (its output is checked for NaN)
-        loaded = tree_flatten(module.decoder.parameters() if component == "vae" else module.parameters())
-        names, finite = [k for k, _ in loaded], mx.stack([mx.all(mx.isfinite(v)) for _, v in loaded])
-        del loaded  # so the stored tensors are freed once cast
         if dtypes[component] is not None:
             module.set_dtype(dtypes[component])
+        # checked as cast, so that the stored tensors feed only the cast; the VAE's encoder
+        # is read when first used, and its output checked then
+        used = module.decoder if component == "vae" else module
+        names, values = zip(*tree_flatten(used.parameters()))
+        finite = mx.stack([mx.all(mx.isfinite(v)) for v in values])
+        kinds = [str(v.dtype).split(".")[-1] for v in values]
+        del values  # quantizing replaces them
         if component == "dit" and quantize:
             quantize_dit(module, **quantize)
             config.quantization = dict(quantize)
-        mx.eval(finite, module.decoder.parameters() if component == "vae" else module.parameters())
+        mx.eval(finite, used.parameters())
         if not finite.all():
-            name = names[finite.tolist().index(False)]
+            i = finite.tolist().index(False)
             prefix = f"{component}.decoder." if component == "vae" else f"{component}."
-            raise ValueError(f"Tensor {sources[prefix + name]} holds NaN or Inf: the file is damaged; download or convert it again.")
+            raise ValueError(
+                f"Tensor {sources[prefix + names[i]]} holds NaN or Inf as {kinds[i]}: "
+                "the file is damaged (or its values overflow that dtype); download or convert it again."
+            )
     return Components(config, tokenizer, **models)

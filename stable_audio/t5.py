@@ -116,6 +116,15 @@ class T5Encoder(nn.Module):
         return self.final_norm(x).astype(self.embed.weight.dtype)
 
 
+def check_prompt(prompt: str):
+    """Refuse text that SentencePiece cannot take: lone surrogates, which stand for bytes of
+    the command line that are not UTF-8."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"The prompt {prompt!r} is not valid UTF-8 text.") from None
+
+
 class Tokenizer:
     """T5's SentencePiece tokenizer: appends `</s>`, pads to `max_length`, masks the padding."""
 
@@ -134,10 +143,7 @@ class Tokenizer:
         tokens = np.full((len(prompts), self.max_length), self.pad_id, np.int32)
         mask = np.zeros((len(prompts), self.max_length), np.int32)
         for i, prompt in enumerate(prompts):
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates: bytes of the command line that are not UTF-8
-                raise ValueError(f"The prompt {prompt!r} is not valid UTF-8 text.") from None
+            check_prompt(prompt)
             ids = self.sp.encode(prompt)
             keep = self.max_length - 1
             if len(ids) > keep:
