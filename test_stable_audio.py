@@ -31,6 +31,7 @@ import convert
 import stable_audio
 from stable_audio import Conditioning, StableAudio, model_io
 from stable_audio import sampler as sampler_lib
+from stable_audio.audio import prepare_audio
 from stable_audio.dit import DiT
 from stable_audio.t5 import Tokenizer, relative_position_buckets
 
@@ -380,7 +381,8 @@ def test_small_models_shapes_and_dtypes(dtype):
     assert mx.all(cross[0, 5:L] == 0).item()  # padded text positions are zero
     x, t = mx.random.normal((B, T, 8)), mx.array([0.3, 0.9])
     for cfg in (1.0, 7.0):
-        v = models["dit"].guided(x, t, cross, global_cond, cfg_scale=cfg)
+        dit = models["dit"]
+        v = dit.guide(x, t, dit.prepare_conditioning(cross, global_cond), cfg_scale=cfg)
         assert v.shape == (B, T, 8) and v.dtype == mx.float32  # whatever the weights' dtype
     audio = models["vae"].decode(x)
     assert audio.shape == (B, 8 * T, 2) and audio.dtype == mx.float32
@@ -396,11 +398,10 @@ def test_precision_of_the_full_width_dit():
     reference = DiT(config.dit)
     mx.eval(reference.parameters())
     keys = mx.random.split(mx.random.key(0), 3)
-    inputs = (
-        mx.random.normal((1, 32, 64), key=keys[0]), mx.array([0.4]),
-        mx.random.normal((1, 130, 768), key=keys[1]), mx.random.normal((1, 1536), key=keys[2]),
-    )
-    expected = reference(*inputs)
+    x, t = mx.random.normal((1, 32, 64), key=keys[0]), mx.array([0.4])
+    cross, global_cond = mx.random.normal((1, 130, 768), key=keys[1]), mx.random.normal((1, 1536), key=keys[2])
+    predict = lambda dit: dit(x, t, dit.prepare_conditioning(cross, global_cond))
+    expected = predict(reference)
     bounds = {"float16": 1e-2, "bfloat16": 1e-2, 8: 0.02, 4: 0.15}
     for variant, bound in bounds.items():
         dit = DiT(config.dit)
@@ -409,7 +410,7 @@ def test_precision_of_the_full_width_dit():
             dit.set_dtype(getattr(mx, variant))
         else:
             model_io.quantize_dit(dit, 64, variant)
-        err = rel_err(dit(*inputs), expected)
+        err = rel_err(predict(dit), expected)
         print(f"DiT {variant}: rel. error {err:.2e} against float32")
         assert err < bound, variant
         del dit
@@ -502,7 +503,8 @@ def test_quantized_conversion_round_trip(small_checkpoint, tmp_path):
         runtime = model_io.load(str(small_checkpoint), dtype=mx.float16, quantize=quantize)
         x, t = mx.random.normal((1, 16, 8)), mx.array([0.5])
         cross, global_cond = mx.random.normal((1, 130, 768)), mx.random.normal((1, 1536))
-        assert mx.array_equal(dit(x, t, cross, global_cond), runtime.dit(x, t, cross, global_cond)).item()
+        v = dit(x, t, dit.prepare_conditioning(cross, global_cond))
+        assert mx.array_equal(v, runtime.dit(x, t, runtime.dit.prepare_conditioning(cross, global_cond))).item()
     with pytest.raises(ValueError, match="already quantized"):
         model_io.load(str(tmp_path / "q4"), quantize={"group_size": 64, "bits": 8})
     with pytest.raises(ValueError, match="Unsupported quantization"):
@@ -736,20 +738,22 @@ def test_resampler_keeps_tones(rate):
 
 
 def test_prepare_audio_as_the_reference(small_pipe):
-    window = small_pipe.config.sample_size  # 512
+    config = small_pipe.config
+    window = config.sample_size  # 512
+    prepare = lambda audio, rate: prepare_audio(audio, rate, config.sample_rate, window, config.vae.audio_channels)
     rng = np.random.default_rng(0)
     mono = rng.standard_normal(300).astype(np.float32)
-    prepared = np.array(small_pipe.prepare_audio(mono, 44100))
-    assert prepared.shape == (1, window, 2)
-    assert np.array_equal(prepared[0, :300, 0], mono) and np.array_equal(prepared[0, :, 0], prepared[0, :, 1])
-    assert not prepared[0, 300:].any()  # zero-padded at the end
+    prepared = prepare(mono, 44100)
+    assert prepared.shape == (2, window) and prepared.dtype == np.float32
+    assert np.array_equal(prepared[0, :300], mono) and np.array_equal(prepared[0], prepared[1])
+    assert not prepared[:, 300:].any()  # zero-padded at the end
     three = rng.standard_normal((3, 900)).astype(np.float32)
-    assert np.array_equal(np.array(small_pipe.prepare_audio(three, 44100))[0], three[:2, :window].T)
-    assert small_pipe.prepare_audio(three, 48000).shape == (1, window, 2)
+    assert np.array_equal(prepare(three, 44100), three[:2, :window])
+    assert prepare(three, 48000).shape == (2, window)
     for bad, message in [(np.zeros((2, 0)), "samples"), (np.zeros((1, 2, 3)), "channels"),
                          (np.full(10, np.nan), "NaN")]:
         with pytest.raises(ValueError, match=message):
-            small_pipe.prepare_audio(bad, 44100)
+            prepare(bad, 44100)
 
 
 @pytest.mark.parametrize("family", ["small_pipe", "small_flow_pipe"])
@@ -1640,11 +1644,11 @@ def test_dit_matches_reference(sao, cfg_scale, negative, rescale, batch):
     t = torch.rand(batch, generator=gen)
     with torch.no_grad():
         ref = sao.model.model(x, t, **kwargs)
-    ours = sao.ours.dit.guided(
-        mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()),
-        mx.array(cond["cross_attn_cond"].numpy()), mx.array(cond["global_cond"].numpy()),
-        cfg_scale=cfg_scale, negative_cross=negative_cross, cfg_rescale=rescale,
+    dit = sao.ours.dit
+    conditioning = dit.prepare_conditioning(
+        mx.array(cond["cross_attn_cond"].numpy()), mx.array(cond["global_cond"].numpy()), negative_cross
     )
+    ours = dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale, rescale)
     err = rel_err(ours.transpose(0, 2, 1), ref)
     print(f"DiT cfg {cfg_scale} negative {negative} rescale {rescale}: rel. error {err:.2e}")
     assert err < PARITY_RTOL, "on Linux, is OpenBLAS preloaded? (README, Tests)"
@@ -1850,7 +1854,8 @@ def test_sao_small_dit_matches_reference(reference, spiece, tmp_path):
         with torch.no_grad():
             ref = model.model.model(x, t, cross_attn_cond=cond["cross_attn_cond"], cross_attn_mask=cond["cross_attn_mask"],
                                     global_cond=cond["global_cond"], cfg_scale=cfg_scale)
-        v = ours.dit.guided(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), cross, global_cond, cfg_scale)
+        conditioning = ours.dit.prepare_conditioning(cross, global_cond)
+        v = ours.dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale)
         err = rel_err(v.transpose(0, 2, 1), ref)
         print(f"SAO Small DiT cfg {cfg_scale}: rel. error {err:.2e}")
         assert err < PARITY_RTOL

@@ -1,5 +1,4 @@
 import argparse
-import os
 import secrets
 import sys
 import time
@@ -7,10 +6,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import soundfile as sf
 from tqdm import tqdm
 
 from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, limit_memory, load_config, settings
+from stable_audio.audio import FORMATS, peak_normalize, read_audio, write_audio
 from stable_audio.model_io import first_line
 from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
 from stable_audio.t5 import check_prompt
@@ -25,45 +24,17 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
-def check_output(output: str, raw: bool) -> str:
-    """The soundfile format of `output`, refusing paths it cannot write."""
+def check_output(output: str, raw: bool):
+    """Refuse output paths we cannot write."""
     path = Path(output)
-    if path.suffix.lower() not in (".wav", ".flac"):
-        raise ValueError(f"Output {output!r} must end in .wav or .flac.")
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"Output {output!r} must end in {' or '.join(FORMATS)}.")
     if not path.parent.is_dir():
         raise ValueError(f"The folder of {output!r} does not exist.")
     if path.is_dir():
         raise ValueError(f"Output {output!r} is a folder.")
     if raw and path.suffix.lower() == ".flac":
         raise ValueError("--raw writes 32-bit float samples, which FLAC cannot hold: use .wav.")
-    return path.suffix[1:].upper()
-
-
-def write_audio(path: Path, audio: np.ndarray, sample_rate: int, file_format: str, raw: bool):
-    """Write (channels, samples) under a temporary name and rename, so no half file remains."""
-    if raw:
-        samples, subtype = audio.T, "FLOAT"
-    else:
-        # peak-normalize, as the official interfaces do
-        samples, subtype = np.clip(audio.T / max(np.abs(audio).max(), 1e-8), -1, 1), "PCM_16"
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        sf.write(tmp, samples, sample_rate, subtype=subtype, format=file_format)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_audio(path: str, seconds: float) -> tuple:
-    """(sample_rate, samples (channels, n)) of the first `seconds` (and a little more) of a file."""
-    try:
-        rate = sf.info(path).samplerate
-        samples, rate = sf.read(path, frames=int(seconds * rate) + rate, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as e:  # soundfile's errors are RuntimeErrors
-        raise ValueError(f"Cannot read audio from {path!r}: {e}") from None
-    if len(samples) == 0:
-        raise ValueError(f"{path!r} holds no audio.")
-    return rate, samples.T
 
 
 def parse_range(text: str) -> tuple:
@@ -117,7 +88,7 @@ def main(argv=None):
         for dtype in (args.dtype, args.vae_dtype):
             if dtype not in DTYPES:
                 raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-        file_format = check_output(args.output, args.raw)
+        check_output(args.output, args.raw)
         if args.init_audio and args.inpaint_audio:
             raise ValueError("Give --init-audio or --inpaint-audio, not both.")
         if bool(args.inpaint_audio) != bool(args.inpaint_range):
@@ -193,7 +164,10 @@ def main(argv=None):
         report(args.verbose, "Decoding", start)
 
         for path, item in zip(output_paths(args.output, args.n_audios), audio):
-            write_audio(path, item, pipe.sample_rate, file_format, args.raw)
+            if args.raw:
+                write_audio(path, item, pipe.sample_rate, subtype="FLOAT")
+            else:
+                write_audio(path, peak_normalize(item), pipe.sample_rate)
             print(f"[INFO] Wrote {path}")
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

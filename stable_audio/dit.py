@@ -27,53 +27,6 @@ def check_values(section: str, config):
 
 
 @dataclass
-class ConditionerConfig:
-    cond_dim: int = 768
-    text_id: str = "prompt"
-    text_max_length: int = 128
-    numbers: dict = None  # id -> (min_val, max_val)
-    cross_attention_ids: tuple = ()
-    global_ids: tuple = ()
-
-    @classmethod
-    def from_model_config(cls, model: dict):
-        conditioning = model.get("conditioning") or {}
-        diffusion = model.get("diffusion") or {}
-        if "cond_dim" not in conditioning:
-            raise ValueError("model_config.json has no conditioning cond_dim.")
-        cond_dim = conditioning["cond_dim"]
-        text_id, max_length, numbers = None, None, {}
-        for entry in conditioning.get("configs", []):
-            kind, c = entry.get("type"), entry.get("config", {})
-            if kind == "t5":
-                if text_id is not None:
-                    _unsupported("second t5 conditioner", entry["id"], "one")
-                if c.get("project_out", False):
-                    _unsupported("t5 project_out", True, "false")
-                text_id, max_length = entry["id"], c.get("max_length", 128)
-            elif kind == "number":
-                low, high = c.get("min_val", 0), c.get("max_val", 1)
-                if not (type(low) in (int, float) and type(high) in (int, float) and low < high):
-                    _unsupported(f"{entry['id']} min_val, max_val", (low, high), "numbers, min_val < max_val")
-                numbers[entry["id"]] = (low, high)
-            else:
-                _unsupported("conditioner type", kind, "t5, number")
-        if text_id is None:
-            raise ValueError("model_config.json has no t5 text conditioner.")
-        cross_ids = tuple(diffusion.get("cross_attention_cond_ids", []))
-        global_ids = tuple(diffusion.get("global_cond_ids", []))
-        for key in ("input_concat_ids", "prepend_cond_ids"):
-            if diffusion.get(key):
-                _unsupported(key, diffusion[key], "none")
-        for i in cross_ids + global_ids:
-            if i != text_id and i not in numbers:
-                raise ValueError(f"model_config.json uses conditioning id {i!r}, which it does not define.")
-        if text_id in global_ids:
-            _unsupported("global conditioning on", text_id, "number conditioners")
-        return cls(cond_dim, text_id, max_length, numbers, cross_ids, global_ids)
-
-
-@dataclass
 class DiTConfig:
     # stable-audio-tools' defaults for what a model_config.json leaves out
     io_channels: int = 32
@@ -136,50 +89,6 @@ def _sequential(layers, x):
     for layer in layers:
         x = layer(x)
     return x
-
-
-class NumberEmbedder(nn.Module):
-    """Embeds a number in [min_val, max_val] from learned Fourier features [u, sin, cos]."""
-
-    def __init__(self, dim: int, min_val: float, max_val: float, features: int = 256):
-        super().__init__()
-        self.min_val, self.max_val = min_val, max_val
-        self.freqs = mx.zeros((features // 2,))
-        self.proj = nn.Linear(features + 1, dim)
-
-    def __call__(self, values: mx.array) -> mx.array:
-        u = (mx.clip(values, self.min_val, self.max_val) - self.min_val) / (
-            self.max_val - self.min_val
-        )
-        u = u.astype(mx.float32)[:, None]
-        f = u * self.freqs * 2 * math.pi
-        return self.proj(mx.concatenate([u, mx.sin(f), mx.cos(f)], axis=-1))
-
-
-class Conditioner(nn.Module):
-    """Turns T5 output and numbers (seconds_start, seconds_total) into the DiT's conditioning."""
-
-    def __init__(self, config: ConditionerConfig):
-        super().__init__()
-        self.config = config
-        self.numbers = {
-            key: NumberEmbedder(config.cond_dim, lo, hi)
-            for key, (lo, hi) in config.numbers.items()
-        }
-
-    def __call__(self, text: mx.array, text_mask: mx.array, **numbers):
-        """Cross-attention tokens (B, N, cond_dim) and the global vector (B, G).
-
-        `text` is the T5 output (B, L, cond_dim); padded positions are zeroed (the DiT
-        still attends to them, as the reference does). `numbers` maps each number
-        conditioner id to a (B,) array of values.
-        """
-        cond = {self.config.text_id: text * text_mask[..., None].astype(text.dtype)}
-        for key, embedder in self.numbers.items():
-            cond[key] = embedder(mx.array(numbers[key], dtype=mx.float32))[:, None]
-        cross = mx.concatenate([cond[k] for k in self.config.cross_attention_ids], axis=1)
-        global_cond = mx.concatenate([cond[k][:, 0] for k in self.config.global_ids], axis=-1)
-        return cross, global_cond
 
 
 class FourierFeatures(nn.Module):
@@ -305,10 +214,10 @@ class DiT(nn.Module):
         self.project_out = nn.Linear(dim, io, bias=False)
         self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
 
-    def condition(self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None):
-        """What every sampler step reuses: each block's cross-attention keys and values (for
-        the prompt, then the negative prompt's if any, along the batch) and the projected
-        global vector."""
+    def prepare_conditioning(self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None) -> dict:
+        """What every sampler step of a generation reuses, computed once: each block's
+        cross-attention keys and values (for the prompt, then the negative prompt's if any,
+        along the batch) and the projected global vector."""
         dtype = self.project_in.weight.dtype
         tokens = cross if negative_cross is None else mx.concatenate([cross, negative_cross])
         context = _sequential(self.to_cond_embed, tokens.astype(dtype))
@@ -317,8 +226,9 @@ class DiT(nn.Module):
             "global": _sequential(self.to_global_embed, global_cond.astype(dtype)),
         }
 
-    def forward(self, x: mx.array, t: mx.array, conditioning: dict) -> mx.array:
-        """The v prediction (float32) for latents `x` (B, T, C) at diffusion times `t` (B,).
+    def __call__(self, x: mx.array, t: mx.array, conditioning: dict) -> mx.array:
+        """The model's prediction (float32) for latents `x` (B, T, C) at diffusion times `t`
+        (B,), given prepare_conditioning()'s output.
 
         Rows of `x` beyond the batch of the conditioning's keys see all-zero cross-attention
         tokens. The weights may be float16, bfloat16 or quantized; the residual streams and
@@ -336,12 +246,9 @@ class DiT(nn.Module):
         y = self.project_out(h.astype(dtype))[:, 1:]
         return (y + self.postprocess_conv(y)).astype(mx.float32)
 
-    def __call__(self, x: mx.array, t: mx.array, cross: mx.array, global_cond: mx.array):
-        """The v prediction for latents `x` (B, T, C) with conditioning tokens `cross`."""
-        return self.forward(x, t, self.condition(cross, global_cond))
-
     def guide(self, x: mx.array, t: mx.array, conditioning: dict, cfg_scale: float = 1.0, cfg_rescale: float = 0.0):
-        """Classifier-free guidance in one doubled batch, as stable-audio-tools does it.
+        """The guided prediction: classifier-free guidance in one doubled batch, as
+        stable-audio-tools does it.
 
         The unconditional branch sees all-zero cross-attention tokens (or the negative
         prompt's, if `conditioning` holds them) but keeps the global token. `cfg_rescale` is
@@ -349,9 +256,9 @@ class DiT(nn.Module):
         B = x.shape[0]
         if cfg_scale == 1.0:
             keys_values = [(k[:B], v[:B]) for k, v in conditioning["keys_values"]]
-            return self.forward(x, t, {**conditioning, "keys_values": keys_values})
+            return self(x, t, {**conditioning, "keys_values": keys_values})
         double = lambda a: mx.concatenate([a, a], axis=0)
-        cond, uncond = mx.split(self.forward(double(x), double(t), conditioning), 2, axis=0)
+        cond, uncond = mx.split(self(double(x), double(t), conditioning), 2, axis=0)
         guided = uncond + (cond - uncond) * cfg_scale
         if cfg_rescale != 0.0:
             ratio = mx.std(cond, axis=-1, keepdims=True, ddof=1) / mx.std(
@@ -359,16 +266,3 @@ class DiT(nn.Module):
             )
             guided = cfg_rescale * guided * ratio + (1 - cfg_rescale) * guided
         return guided
-
-    def guided(
-        self,
-        x: mx.array,
-        t: mx.array,
-        cross: mx.array,
-        global_cond: mx.array,
-        cfg_scale: float = 1.0,
-        negative_cross: mx.array = None,
-        cfg_rescale: float = 0.0,
-    ):
-        """guide() on conditioning tokens: condition() and guide() in one call."""
-        return self.guide(x, t, self.condition(cross, global_cond, negative_cross), cfg_scale, cfg_rescale)

@@ -7,7 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .dit import DiT, Conditioner, ConditionerConfig, DiTConfig, check_values
+from .conditioners import Conditioner, ConditionerConfig
+from .dit import DiT, DiTConfig, check_values
 from .t5 import T5Config, T5Encoder, Tokenizer
 from .vae import VAE, VAEConfig
 

@@ -1,0 +1,89 @@
+"""Audio in and out, as plain functions of numpy arrays (channels, samples): reading and
+writing files, resampling, and preparing audio for the autoencoder."""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from numpy.lib.stride_tricks import sliding_window_view
+
+# The file types we write, by extension, as soundfile names them
+FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+
+
+def read_audio(path: str, seconds: float = None) -> tuple:
+    """(sample_rate, samples (channels, n)) of a file soundfile reads; with `seconds`, only
+    the first `seconds` (and a little more) are read."""
+    try:
+        rate = sf.info(path).samplerate
+        frames = -1 if seconds is None else int(seconds * rate) + rate
+        samples, rate = sf.read(path, frames=frames, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as e:  # soundfile's errors are RuntimeErrors
+        raise ValueError(f"Cannot read audio from {path!r}: {e}") from None
+    if len(samples) == 0:
+        raise ValueError(f"{path!r} holds no audio.")
+    return rate, samples.T
+
+
+def peak_normalize(audio: np.ndarray) -> np.ndarray:
+    """Scaled so that the loudest sample is at full scale, as the official interfaces do."""
+    return np.clip(audio / max(np.abs(audio).max(), 1e-8), -1, 1)
+
+
+def write_audio(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16"):
+    """Write (channels, samples) in the format of `path`'s extension (see FORMATS) under a
+    temporary name and rename it, so that no half-written file is ever left."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) -> np.ndarray:
+    """(channels, samples) at `rate` Hz to `new_rate` Hz by windowed-sinc interpolation,
+    the design of torchaudio's Resample that stable-audio-tools uses: a Hann window over
+    6 zero crossings, cut off at 0.99 of the lower Nyquist frequency. With `length`, only
+    the first `length` output samples are made (and only the input they need is read)."""
+    if rate == new_rate:
+        return audio[:, :length]
+    g = math.gcd(rate, new_rate)
+    up, down = new_rate // g, rate // g
+    cutoff = min(up, down) * 0.99
+    width = math.ceil(6 * down / cutoff)
+    if up * (2 * width + down) > 2**24:
+        raise ValueError(f"Cannot resample {rate} Hz to {new_rate} Hz (their ratio is too fine); convert the file first.")
+    # kernel[j, i]: the weight of input sample i (of a frame) in output phase j
+    t = (-np.arange(up)[:, None] / up + np.arange(-width, width + down) / down) * cutoff
+    t = np.clip(t, -6, 6)
+    kernel = (np.sinc(t) * np.cos(t * np.pi / 12) ** 2 * cutoff / down).astype(np.float32)
+    n = math.ceil(audio.shape[1] * up / down)
+    n = n if length is None else min(n, length)
+    audio = audio[:, : math.ceil(n * down / up) + width + down]
+    padded = np.pad(audio.astype(np.float32), [(0, 0), (width, width + down)])
+    frames = sliding_window_view(padded, kernel.shape[1], axis=-1)[:, ::down]
+    return (frames @ kernel.T).reshape(len(audio), -1)[:, :n]
+
+
+def prepare_audio(audio, sample_rate: int, model_rate: int, length: int, channels: int) -> np.ndarray:
+    """Audio (channels, samples) or (samples,) at `sample_rate` made ready for the encoder
+    as stable-audio-tools makes init audio ready: resampled to `model_rate`, cut or
+    zero-padded at the end to `length` samples, mono doubled to stereo (or extra channels
+    dropped, or stereo averaged for a mono model). Returns (channels, length) float32."""
+    audio = np.asarray(audio, dtype=np.float32)
+    audio = audio[None] if audio.ndim == 1 else audio
+    if audio.ndim != 2 or audio.size == 0:
+        raise ValueError(f"Audio must be (channels, samples) with some samples; got shape {audio.shape}.")
+    if not np.isfinite(audio).all():
+        raise ValueError("The audio holds NaN or infinite samples.")
+    audio = resample(audio, sample_rate, model_rate, length=length)
+    audio = np.pad(audio, [(0, 0), (0, length - audio.shape[1])])
+    if channels == 1:
+        audio = audio.mean(axis=0, keepdims=True)
+    elif len(audio) == 1:
+        audio = np.repeat(audio, channels, axis=0)
+    return audio[:channels]

@@ -1,0 +1,328 @@
+"""The text-to-audio pipeline: conditioning, sampling with guidance, decoding, and the checks
+of its arguments."""
+
+import math
+import secrets
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+from . import sampler as samplers
+from .audio import prepare_audio
+from .model_io import DEFAULT_REPO, Config, load
+
+
+class Conditioning(NamedTuple):
+    cross: mx.array  # (B, tokens, cond_dim): text, then the seconds tokens
+    global_cond: mx.array  # (B, global_cond_dim): the seconds embeddings side by side
+    negative_cross: mx.array = None  # the negative prompt's tokens, if any
+
+
+# What each objective's released model is run with: SAO 1.0 (v) and SAO Small (rectified
+# flow, post-trained for 8 ping-pong steps without guidance)
+DEFAULTS = {
+    "v": dict(steps=100, cfg_scale=7.0, sampler="dpmpp-3m-sde", sigma_min=0.3, sigma_max=500.0),
+    "rf_denoiser": dict(steps=8, cfg_scale=1.0, sampler="pingpong", sigma_min=0.0, sigma_max=1.0),
+}
+
+
+MAX_STEPS, MAX_BATCH = 10_000, 64
+MAX_SIGMA = 1e6  # beyond it, unit-scale latents vanish below float32 precision in the noise
+
+
+def settings(config: Config, **given) -> dict:
+    """`given`, each None replaced by the model's default."""
+    defaults = DEFAULTS[config.dit.objective]
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+def check_arguments(
+    config: Config,
+    seconds_start: float = 0.0,
+    seconds_total: float = None,
+    steps: int = None,
+    cfg_scale: float = None,
+    sampler: str = None,
+    sigma_min: float = None,
+    sigma_max: float = None,
+    batch_size: int = 1,
+    inpaint_ranges: tuple = (),
+    seed: int = None,
+):
+    """Refuse, with a one-line ValueError, what the model or the samplers cannot do. None
+    stands for the model's default; with init audio, sigma_max is its noise level. Steps
+    and batch size are bounded too, so that absurd values fail here, not out of memory."""
+    s = settings(config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
+    flow = config.dit.objective != "v"
+    names = samplers.FLOW_SAMPLERS if flow else samplers.SAMPLERS
+    window = config.sample_size / config.sample_rate
+    total = window if seconds_total is None else seconds_total
+    start_max = config.conditioner.numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
+    numbers = [seconds_start, total, s["cfg_scale"], s["sigma_min"], s["sigma_max"]]
+    numbers += [t for r in inpaint_ranges for t in r]
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError("Numbers must be finite.")
+    problems = [
+        (not (0 < total <= window + 1e-9 and round(total * config.sample_rate) >= 1), f"seconds_total must be in (0, {window:.2f}], the model's window, and hold a sample"),
+        (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}] for this model"),
+        (not 1 <= s["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
+        (s["sampler"] not in names, f"unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}"),
+        (flow and not 0 < s["sigma_max"] <= 1, "the noise level (sigma_max, init noise level) must be in (0, 1] for this model"),
+        (not flow and not 0 < s["sigma_min"] < s["sigma_max"] <= MAX_SIGMA, f"the noise levels must satisfy 0 < sigma_min < sigma_max <= {MAX_SIGMA:g} (the init noise level is sigma_max)"),
+        (not 1 <= batch_size <= MAX_BATCH, f"the number of audios must be in [1, {MAX_BATCH}]"),
+        (seed is not None and not 0 <= seed < 2**64, "the seed must be in [0, 2**64)"),
+        (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message + ".")
+
+
+class StableAudio:
+    """Text to audio with Stable Audio Open: T5, the DiT with a k-diffusion sampler, the VAE."""
+
+    def __init__(self, components):
+        self.config = components.config
+        self.tokenizer = components.tokenizer
+        self.t5 = components.t5
+        self.conditioner = components.conditioner
+        self.dit = components.dit
+        self.vae = components.vae
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32, quantize: int = None
+    ):
+        """A converted folder, a released-layout folder, or a Hub repo id. `dtype` is for T5
+        and the DiT (None: as stored); `quantize` (4 or 8) quantizes a float DiT's blocks."""
+        q = {"group_size": 64, "bits": quantize} if quantize else None
+        return cls(load(path_or_repo, dtype=dtype, vae_dtype=vae_dtype, quantize=q))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def window_seconds(self) -> float:
+        return self.config.sample_size / self.config.sample_rate
+
+    def condition(
+        self,
+        prompt: str,
+        negative_prompt: str = None,
+        seconds_start: float = 0.0,
+        seconds_total: float = None,
+        batch_size: int = 1,
+    ) -> Conditioning:
+        """Encode the prompt and the timing; afterwards T5 may be deleted (`del pipe.t5`)."""
+        seconds_total = self.window_seconds if seconds_total is None else seconds_total
+        seconds = dict(seconds_start=[seconds_start] * batch_size, seconds_total=[seconds_total] * batch_size)
+        seconds = {k: v for k, v in seconds.items() if k in self.conditioner.numbers}
+
+        def encode(text):
+            tokens, mask = self.tokenizer([text] * batch_size)
+            return self.conditioner(self.t5(tokens, mask), mask, **seconds)
+
+        cross, global_cond = encode(prompt)
+        negative_cross = None if negative_prompt is None else encode(negative_prompt)[0]
+        return Conditioning(cross, global_cond, negative_cross)
+
+    def latent_shape(self, batch_size: int = 1) -> tuple:
+        """(B, T, C) of the latents of the model's window."""
+        ratio = self.config.vae.downsampling_ratio
+        return (batch_size, self.config.sample_size // ratio, self.config.dit.io_channels)
+
+    def generate_latents(
+        self,
+        conditioning: Conditioning,
+        steps: int = None,
+        cfg_scale: float = None,
+        sampler: str = None,
+        sigma_min: float = None,
+        sigma_max: float = None,
+        seed: int = None,
+        cfg_rescale: float = 0.0,
+        noise: mx.array = None,
+        noise_sampler=None,
+        compile: bool = False,
+        init_latents: mx.array = None,
+        inpaint: tuple = None,
+    ):
+        """Yield the latents (B, T, C) after each sampler step, on the model's full window.
+
+        None stands for the model's default (DEFAULTS). `noise` (the initial N(0, 1)
+        latents) and `noise_sampler(sigma, sigma_next)` (each SDE step's N(0, 1) noise)
+        default to draws from `seed`. With `compile`, the whole step (DiT, guidance and
+        sampler update) runs as one compiled function.
+
+        `init_latents` (audio to audio) start sampling from those latents noised to
+        `sigma_max`, as stable-audio-tools does. `inpaint` = (source latents, mask (T,),
+        True where to regenerate): after every step the latents outside the mask are
+        replaced by the source noised to the step's level, so they end exactly equal.
+        """
+        s = settings(self.config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
+        objective = self.config.dit.objective
+        shape = self.latent_shape(conditioning.cross.shape[0])
+        seed = secrets.randbits(32) if seed is None else seed
+        init_key, step_key = mx.random.split(mx.random.key(seed))
+        if noise is None:
+            noise = mx.random.normal(shape, key=init_key)
+        if noise_sampler is None:
+            step_keys = iter(mx.random.split(step_key, s["steps"]))
+            noise_sampler = lambda sigma, sigma_next: mx.random.normal(shape, key=next(step_keys))
+
+        sigmas = samplers.schedule(objective, s["steps"], s["sigma_min"], s["sigma_max"])
+        coefficients = samplers.step_coefficients(s["sampler"], sigmas, objective)
+
+        def keep_source(x, sigma):
+            if inpaint is None:
+                return x
+            source, regenerate = inpaint
+            return mx.where(regenerate[:, None], x, samplers.noised(objective, source, noise, sigma))
+
+        # compiled per generation: a cached compiled function would keep the DiT's
+        # weights alive after `del pipe.dit`
+        step = mx.compile(self._step) if compile else self._step
+        dit_conditioning = self.dit.prepare_conditioning(*conditioning)  # the same at every step
+        start = mx.zeros(shape) if init_latents is None else init_latents
+        x = keep_source(samplers.noised(objective, start, noise, sigmas[0]), sigmas[0])
+        zeros = mx.zeros_like(x)
+        d1 = d2 = zeros  # the denoised estimates of the last two steps
+        for (sigma, sigma_next), k in zip(zip(sigmas, sigmas[1:]), coefficients):
+            # draw only where the reference draws, so that a noise_sampler sees the same calls
+            step_noise = noise_sampler(sigma, sigma_next) if k[-1] else zeros
+            x, d1, d2 = step(x, d1, d2, step_noise, mx.array(k), dit_conditioning, s["cfg_scale"], cfg_rescale)
+            yield keep_source(x, sigma_next)
+
+    def _step(self, x, d1, d2, noise, k, dit_conditioning, cfg_scale, cfg_rescale):
+        def model(x, t):
+            return self.dit.guide(x, t, dit_conditioning, cfg_scale, cfg_rescale)
+
+        return samplers.step(model, x, d1, d2, noise, k)
+
+    def encode(self, audio, sample_rate: int, noise: mx.array = None) -> mx.array:
+        """Latents (1, T, C) of `audio` (see audio.prepare_audio): the posterior mean, or with
+        `noise` (N(0, 1), shaped like the latents) a sample of the posterior."""
+        size, channels = self.config.sample_size, self.config.vae.audio_channels
+        prepared = mx.array(prepare_audio(audio, sample_rate, self.sample_rate, size, channels).T[None])
+        latents = self.vae.encode(prepared.astype(self.vae.encoder.layers[0].weight.dtype), noise)
+        return latents.astype(mx.float32)
+
+    def init_latents(self, audio, sample_rate: int, seed: int) -> mx.array:
+        """Init audio's latents as stable-audio-tools makes them: a sample of the posterior
+        (its noise drawn from `seed`)."""
+        key = mx.random.split(mx.random.key(seed), 3)[2]  # unlike generate_latents' two
+        return self.encode(audio, sample_rate, mx.random.normal(self.latent_shape(1), key=key))
+
+    def inpaint_source(self, audio, sample_rate: int, ranges) -> tuple:
+        """generate_latents' `inpaint`: the posterior mean of `audio` (its most faithful
+        latents) and the mask of the latents that overlap the (start, end) `ranges` in
+        seconds, which are regenerated."""
+        T, ratio = self.latent_shape()[1], self.config.vae.downsampling_ratio
+        regenerate = np.zeros(T, dtype=bool)
+        for start, end in ranges:
+            lo = math.floor(start * self.sample_rate / ratio)
+            hi = math.ceil(end * self.sample_rate / ratio)
+            regenerate[lo:hi] = True
+        return self.encode(audio, sample_rate), mx.array(regenerate)
+
+    def decode(self, latents: mx.array, chunk: int = 128) -> mx.array:
+        """Audio (B, channels, samples) from latents (B, T, C), decoded one batch item and
+        `chunk` latents at a time. Each chunk is decoded with as many extra latents on each
+        side as the decoder's receptive field reaches (11 for SAO 1.0), then those are cut
+        off again: the result equals one-shot decoding, and memory does not grow with T."""
+        ratio, overlap = self.config.vae.downsampling_ratio, self.config.vae.decoder_context
+        latents = latents.astype(self.vae.decoder.layers[0].weight.dtype)
+        audios = []
+        for item in latents:
+            pieces = []
+            for start in range(0, item.shape[0], chunk):
+                lo, hi = max(start - overlap, 0), min(start + chunk + overlap, item.shape[0])
+                audio = self.vae.decode(item[None, lo:hi])[0]
+                audio = audio[(start - lo) * ratio : (min(start + chunk, hi) - lo) * ratio]
+                mx.eval(audio)
+                pieces.append(audio)
+            audios.append(mx.concatenate(pieces, axis=0).T)
+        return mx.stack(audios).astype(mx.float32)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = None,
+        seconds_start: float = 0.0,
+        seconds_total: float = None,
+        steps: int = None,
+        cfg_scale: float = None,
+        sampler: str = None,
+        sigma_min: float = None,
+        sigma_max: float = None,
+        seed: int = None,
+        batch_size: int = 1,
+        cfg_rescale: float = 0.0,
+        noise: mx.array = None,
+        noise_sampler=None,
+        compile: bool = False,
+        init_audio: tuple = None,
+        init_noise_level: float = 1.0,
+        inpaint_audio: tuple = None,
+        inpaint_ranges: tuple = (),
+    ) -> mx.array:
+        """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`.
+
+        None stands for the model's default (DEFAULTS). `init_audio` = (sample_rate,
+        samples (channels, n) or (n,)) makes a variation of that audio: sampling starts
+        from its latents noised to `init_noise_level` (which replaces sigma_max).
+        `inpaint_audio` = (sample_rate, samples) regenerates the (start, end) seconds of
+        `inpaint_ranges` and keeps the rest."""
+        seconds_total = self.window_seconds if seconds_total is None else seconds_total
+        if init_audio is not None and inpaint_audio is not None:
+            raise ValueError("Give init audio or inpaint audio, not both.")
+        if inpaint_audio is not None and not inpaint_ranges:
+            raise ValueError("Inpainting needs at least one range to regenerate.")
+        if init_audio is not None:
+            sigma_max = init_noise_level
+        check_arguments(
+            self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max,
+            batch_size, inpaint_ranges, seed,
+        )
+        seed = secrets.randbits(32) if seed is None else seed
+        init_latents = inpaint = None
+        if init_audio is not None:
+            rate, samples = init_audio
+            init_latents = self.init_latents(samples, rate, seed)
+        if inpaint_audio is not None:
+            rate, samples = inpaint_audio
+            inpaint = self.inpaint_source(samples, rate, inpaint_ranges)
+        check_finite("audio encoding", init_latents, None if inpaint is None else inpaint[0])
+        conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
+        check_finite("text encoding", *conditioning)
+        latents = self.generate_latents(
+            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale=cfg_rescale,
+            noise=noise, noise_sampler=noise_sampler, compile=compile, init_latents=init_latents, inpaint=inpaint,
+        )
+        for latents in latents:
+            mx.eval(latents)
+        check_finite("sampling", latents)
+        audio = self.decode(latents)
+        check_finite("decoding", audio)
+        return audio[..., : round(seconds_total * self.sample_rate)]
+
+
+def limit_memory(headroom: float = 0.5) -> int:
+    """Bound MLX's memory to what is in use now plus `headroom` GB; returns the old limit.
+
+    MLX runs ahead of the GPU, and the buffers of freed intermediates stay allocated
+    until the GPU has passed them; at its limit MLX waits for pending work instead. Call
+    this once the weights that generation needs are loaded (and T5 freed)."""
+    return mx.set_memory_limit(mx.get_active_memory() + int(headroom * 1e9))
+
+
+def check_finite(stage: str, *arrays):
+    """Raise FloatingPointError, naming the stage, if any of `arrays` (None: skipped) holds
+    NaN or Inf."""
+    if not all(mx.all(mx.isfinite(x)).item() for x in arrays if x is not None):
+        raise FloatingPointError(
+            f"{stage.capitalize()} produced NaN or Inf values; nothing was written. float16 "
+            "can overflow: try --dtype float32 or bfloat16 (or --vae-dtype float32)."
+        )
