@@ -1490,18 +1490,18 @@ class _Stub(types.ModuleType):
 
 @pytest.fixture(scope="session")
 def reference():
-    """stable-audio-tools and transformers. Their imports of torchaudio (whose wheel does
-    not load with this torch), torchvision, clip, cleanfid and skimage are never used on
-    the text-to-audio path, so import-only stand-ins replace them."""
+    """stable-audio-tools 0.0.20 (k-diffusion vendored in it) and transformers. Its imports
+    of torchaudio (whose wheel does not load with this torch), pytorch_lightning (imported
+    by its LoRA callbacks) and pywt (wavelet pretransforms) are never used on the
+    text-to-audio path, so import-only stand-ins replace them."""
     import torch
     import transformers
 
-    for name in (
-        "torchaudio", "torchaudio.transforms", "torchvision", "torchvision.transforms",
-        "torchvision.transforms.functional", "clip", "cleanfid",
-        "cleanfid.inception_torchscript", "skimage",
-    ):
+    for name in ("torchaudio", "torchaudio.transforms", "pywt", "pytorch_lightning", "pytorch_lightning.callbacks"):
         sys.modules.setdefault(name, _Stub(name))
+    lightning = sys.modules["pytorch_lightning"]  # its callbacks are subclassed at import
+    lightning.callbacks = sys.modules["pytorch_lightning.callbacks"]
+    lightning.Callback = lightning.callbacks.ModelCheckpoint = type("Unavailable", (), {})
     from stable_audio_tools.models.factory import create_model_from_config
 
     torch.set_num_threads(2)
@@ -1524,7 +1524,7 @@ def reference_checkpoint(reference, spiece, folder: Path, model_config, t5_confi
     torch, tf = reference.torch, reference.transformers
     torch.manual_seed(seed)
     t5 = tf.T5EncoderModel(tf.T5Config(**t5_config)).eval()
-    tokenizer = tf.T5Tokenizer(str(spiece), legacy=True)
+    tokenizer = tf.T5Tokenizer.from_pretrained(str(spiece.parent), legacy=True)  # converted from spiece.model
     # the reference downloads t5-base; hand it ours instead
     with _patched(tf.T5EncoderModel, "from_pretrained", lambda *a, **k: t5), _patched(
         tf.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer
@@ -1672,7 +1672,7 @@ def test_vae_matches_reference(sao):
 
 
 def test_sigma_schedule_matches_k_diffusion(reference):
-    from k_diffusion.sampling import get_sigmas_polyexponential
+    from stable_audio_tools.inference.k_diffusion.sampling import get_sigmas_polyexponential
 
     for steps, lo, hi in ((100, 0.3, 500), (8, 0.03, 1000), (1, 0.3, 500)):
         ref = get_sigmas_polyexponential(steps, lo, hi, 1.0).double().numpy()
@@ -1693,7 +1693,7 @@ def test_samplers_match_k_diffusion(small, name):
     """10 steps at cfg 7 with a negative prompt, over the reference model wrapped in
     k-diffusion's VDenoiser, against our sampler over our model, on the same noise."""
     torch = sys.modules["torch"]
-    from k_diffusion import external, sampling
+    from stable_audio_tools.inference.k_diffusion import external, sampling
 
     kd = {"dpmpp-3m-sde": sampling.sample_dpmpp_3m_sde, "dpmpp-2m-sde": sampling.sample_dpmpp_2m_sde,
           "dpmpp-2m": sampling.sample_dpmpp_2m, "euler": sampling.sample_euler}[name]

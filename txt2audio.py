@@ -37,12 +37,16 @@ def check_output(output: str, raw: bool):
         raise ValueError("--raw writes 32-bit float samples, which FLAC cannot hold: use .wav.")
 
 
-def parse_range(text: str) -> tuple:
+def parse_range(text: str, example: str = "START:END in seconds, e.g. 10:15") -> tuple:
     try:
         start, end = (float(t) for t in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END in seconds, e.g. 10:15, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {example}, not {text!r}") from None
     return start, end
+
+
+def parse_interval(text: str) -> tuple:
+    return parse_range(text, "MIN:MAX noise levels, e.g. 0.1:0.9")
 
 
 def report(verbose: bool, phase: str, start: float):
@@ -62,9 +66,14 @@ def main(argv=None):
     parser.add_argument("--seconds-total", type=float, help="Length of the clip (default: the model's whole window, 47.55 s)")
     parser.add_argument("--steps", type=int, help="Sampler steps (default: the model's, 100 for SAO 1.0, 8 for SAO Small)")
     parser.add_argument("--cfg-scale", type=float, help="Classifier-free guidance scale (default: 7 for SAO 1.0, 1 for SAO Small)")
-    parser.add_argument("--sampler", help=f"One of {', '.join(SAMPLERS)} for SAO 1.0 (default: dpmpp-3m-sde); {', '.join(FLOW_SAMPLERS)} for SAO Small")
-    parser.add_argument("--sigma-min", type=float, help="Lowest noise level, SAO 1.0 only (default: 0.3)")
-    parser.add_argument("--sigma-max", type=float, help="Highest noise level (default: 500 for SAO 1.0, 1 for SAO Small)")
+    parser.add_argument("--apg-scale", type=float, default=0.0, help="Adaptive projected guidance, 0 (plain CFG) to 1 (stable-audio-tools 0.0.20's default) (default: %(default)s)")
+    parser.add_argument("--cfg-norm-threshold", type=float, default=0.0, help="Cap on the norm of the guidance difference, 0 for none (default: %(default)s)")
+    parser.add_argument("--cfg-interval", type=parse_interval, default=(0.0, 1.0), metavar="MIN:MAX", help="Guide only at noise levels in [MIN, MAX]: sin(pi t / 2) for SAO 1.0, t for SAO Small (default: 0:1)")
+    parser.add_argument("--cfg-rescale", type=float, default=0.0, help="CFG rescale (scale_phi), 0 to 1 (default: %(default)s)")
+    parser.add_argument("--sampler", help=f"One of {', '.join(SAMPLERS)} for SAO 1.0 (default: dpmpp-3m-sde); {', '.join(FLOW_SAMPLERS)} for SAO Small (default: pingpong)")
+    parser.add_argument("--sigma-min", type=float, help="Lowest noise level of the k-diffusion samplers (default: 0.3)")
+    parser.add_argument("--sigma-max", type=float, help="Highest noise level (default: 500 for SAO 1.0's k-diffusion samplers; 1, a time, for v-ddim, euler and SAO Small)")
+    parser.add_argument("--flow-schedule", help="SAO Small's schedule: 0.0.20 (stable-audio-tools 0.0.20's, the default) or 0.0.19")
     parser.add_argument("--init-audio", metavar="FILE", help="Make a variation of this audio file (any rate; read with soundfile)")
     parser.add_argument("--init-noise-level", type=float, default=1.0, metavar="SIGMA", help="How far --init-audio is noised before sampling; it replaces --sigma-max (default: %(default)s)")
     parser.add_argument("--inpaint-audio", metavar="FILE", help="Keep this audio file except the --inpaint-range parts, which are regenerated")
@@ -101,6 +110,7 @@ def main(argv=None):
         check_arguments(
             config, args.seconds_start, args.seconds_total, args.steps, args.cfg_scale,
             args.sampler, args.sigma_min, args.sigma_max, args.n_audios, args.inpaint_range, args.seed,
+            args.cfg_rescale, args.apg_scale, args.cfg_norm_threshold, args.cfg_interval, args.flow_schedule,
         )
         window = config.sample_size / config.sample_rate
         init_audio = read_audio(args.init_audio, window) if args.init_audio else None
@@ -140,7 +150,9 @@ def main(argv=None):
         start = time.perf_counter()
         latents = pipe.generate_latents(
             conditioning, args.steps, args.cfg_scale, args.sampler, args.sigma_min, args.sigma_max,
-            seed, compile=args.compile, init_latents=init_latents, inpaint=inpaint,
+            seed, compile=args.compile, init_latents=init_latents, inpaint=inpaint, cfg_rescale=args.cfg_rescale,
+            apg_scale=args.apg_scale, cfg_norm_threshold=args.cfg_norm_threshold, cfg_interval=args.cfg_interval,
+            flow_schedule=args.flow_schedule,
         )
         steps = settings(config, steps=args.steps)["steps"]
         for i, x in enumerate(tqdm(latents, total=steps, desc="Sampling")):

@@ -190,6 +190,7 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
+        self.objective = config.objective
         dim, io = config.embed_dim, config.io_channels
         context_dim = dim if config.project_cond_tokens else config.cond_token_dim
         global_dim = dim if config.project_global_cond else config.global_cond_dim
@@ -246,23 +247,65 @@ class DiT(nn.Module):
         y = self.project_out(h.astype(dtype))[:, 1:]
         return (y + self.postprocess_conv(y)).astype(mx.float32)
 
-    def guide(self, x: mx.array, t: mx.array, conditioning: dict, cfg_scale: float = 1.0, cfg_rescale: float = 0.0):
-        """The guided prediction: classifier-free guidance in one doubled batch, as
-        stable-audio-tools does it.
+    def noise_level(self, t: float) -> float:
+        """Diffusion time t in stable-audio-tools 0.0.20's units for guidance and LoRA
+        intervals: the VP noise std sin(pi t / 2) for v models, t itself for flow."""
+        return math.sin(t * math.pi / 2) if self.objective == "v" else t
+
+    def guide(
+        self,
+        x: mx.array,
+        t: mx.array,
+        conditioning: dict,
+        cfg_scale: float = 1.0,
+        cfg_rescale: float = 0.0,
+        apg_scale: float = 0.0,
+        cfg_norm_threshold: float = 0.0,
+    ) -> tuple:
+        """The guided and the unconditional prediction (both float32), guidance computed
+        in one doubled batch as stable-audio-tools 0.0.20's DiT does it (SAT_0_0_20.md §1).
 
         The unconditional branch sees all-zero cross-attention tokens (or the negative
-        prompt's, if `conditioning` holds them) but keeps the global token. `cfg_rescale` is
-        the reference's scale_phi."""
+        prompt's, if `conditioning` holds them) but keeps the global token. Plain CFG is
+        uncond + cfg_scale (cond - uncond). With `apg_scale` a (APG) or
+        `cfg_norm_threshold` tau, guidance works on the denoised estimates x0 instead: their
+        difference d is scaled to norm <= tau, and a of its part parallel to the
+        conditional x0 is removed before x0_cond + (cfg_scale - 1) d; a = 0 and tau = 0
+        give plain CFG. `cfg_rescale` is the reference's scale_phi, applied after."""
         B = x.shape[0]
         if cfg_scale == 1.0:
             keys_values = [(k[:B], v[:B]) for k, v in conditioning["keys_values"]]
-            return self(x, t, {**conditioning, "keys_values": keys_values})
+            v = self(x, t, {**conditioning, "keys_values": keys_values})
+            return v, v
         double = lambda a: mx.concatenate([a, a], axis=0)
         cond, uncond = mx.split(self(double(x), double(t), conditioning), 2, axis=0)
-        guided = uncond + (cond - uncond) * cfg_scale
+        if apg_scale == 0.0 and cfg_norm_threshold == 0.0:
+            guided = uncond + (cond - uncond) * cfg_scale  # what x0 space gives, exactly
+        else:
+            guided = self._projected_guidance(x, t, cond, uncond, cfg_scale, apg_scale, cfg_norm_threshold)
         if cfg_rescale != 0.0:
             ratio = mx.std(cond, axis=-1, keepdims=True, ddof=1) / mx.std(
                 guided, axis=-1, keepdims=True, ddof=1
             )
             guided = cfg_rescale * guided * ratio + (1 - cfg_rescale) * guided
-        return guided
+        return guided, uncond
+
+    def _projected_guidance(self, x, t, cond, uncond, cfg_scale, apg_scale, cfg_norm_threshold):
+        """APG and the norm threshold on x0 = alpha x - sigma v, in float32 (the reference
+        projects in float64, which Metal does not have)."""
+        t = t.astype(mx.float32)[:, None, None]
+        if self.objective == "v":
+            alpha, sigma = mx.cos(t * math.pi / 2), mx.sin(t * math.pi / 2)
+        else:
+            alpha, sigma = 1.0, t
+        x = x.astype(mx.float32)
+        norm = lambda a: mx.sqrt(mx.sum(a * a, axis=(1, 2), keepdims=True))
+        x0_cond = alpha * x - sigma * cond
+        diff = x0_cond - (alpha * x - sigma * uncond)
+        if cfg_norm_threshold > 0:
+            diff = diff * mx.minimum(1.0, cfg_norm_threshold / norm(diff))
+        if apg_scale != 0.0:
+            direction = x0_cond / mx.maximum(norm(x0_cond), 1e-12)
+            parallel = mx.sum(diff * direction, axis=(1, 2), keepdims=True) * direction
+            diff = apg_scale * (diff - parallel) + (1 - apg_scale) * diff
+        return (alpha * x - (x0_cond + (cfg_scale - 1) * diff)) / sigma

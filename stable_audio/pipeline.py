@@ -19,12 +19,16 @@ class Conditioning(NamedTuple):
     negative_cross: mx.array = None  # the negative prompt's tokens, if any
 
 
-# What each objective's released model is run with: SAO 1.0 (v) and SAO Small (rectified
-# flow, post-trained for 8 ping-pong steps without guidance)
+# What each objective's released model is run with: SAO 1.0 (v; its model card's recipe) and
+# SAO Small (rectified flow, post-trained for 8 ping-pong steps without guidance)
 DEFAULTS = {
     "v": dict(steps=100, cfg_scale=7.0, sampler="dpmpp-3m-sde", sigma_min=0.3, sigma_max=500.0),
-    "rf_denoiser": dict(steps=8, cfg_scale=1.0, sampler="pingpong", sigma_min=0.0, sigma_max=1.0),
+    "rf_denoiser": dict(steps=8, cfg_scale=1.0, sampler="pingpong", sigma_min=None, sigma_max=1.0),
 }
+# Samplers that count time (v-DDIM, "euler" on a v model, every flow sampler) start at t = 1
+TIME_DEFAULTS = dict(sigma_min=None, sigma_max=1.0)
+# Guidance as stable-audio-tools 0.0.20 takes it; these defaults are plain CFG
+GUIDANCE = dict(cfg_rescale=0.0, apg_scale=0.0, cfg_norm_threshold=0.0, cfg_interval=(0.0, 1.0))
 
 
 MAX_STEPS, MAX_BATCH = 10_000, 64
@@ -32,8 +36,12 @@ MAX_SIGMA = 1e6  # beyond it, unit-scale latents vanish below float32 precision 
 
 
 def settings(config: Config, **given) -> dict:
-    """`given`, each None replaced by the model's default."""
-    defaults = DEFAULTS[config.dit.objective]
+    """`given`, each None replaced by the model's default (for its sampler)."""
+    objective = config.dit.objective
+    defaults = DEFAULTS[objective]
+    sampler = given.get("sampler") or defaults["sampler"]
+    if sampler in samplers.samplers_for(objective) and not samplers.uses_sigma_min(objective, sampler):
+        defaults = {**defaults, **TIME_DEFAULTS}
     return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
@@ -49,27 +57,44 @@ def check_arguments(
     batch_size: int = 1,
     inpaint_ranges: tuple = (),
     seed: int = None,
+    cfg_rescale: float = 0.0,
+    apg_scale: float = 0.0,
+    cfg_norm_threshold: float = 0.0,
+    cfg_interval: tuple = (0.0, 1.0),
+    flow_schedule: str = None,
 ):
     """Refuse, with a one-line ValueError, what the model or the samplers cannot do. None
     stands for the model's default; with init audio, sigma_max is its noise level. Steps
     and batch size are bounded too, so that absurd values fail here, not out of memory."""
     s = settings(config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
-    flow = config.dit.objective != "v"
-    names = samplers.FLOW_SAMPLERS if flow else samplers.SAMPLERS
+    objective = config.dit.objective
+    names = samplers.samplers_for(objective)
+    if s["sampler"] in samplers.UNSUPPORTED:
+        raise ValueError(f"The {s['sampler']} sampler is not offered (its steps are adaptive); choose one of {', '.join(names)}.")
+    if s["sampler"] not in names:
+        raise ValueError(f"Unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}.")
+    counts_noise = samplers.uses_sigma_min(objective, s["sampler"])
     window = config.sample_size / config.sample_rate
     total = window if seconds_total is None else seconds_total
     start_max = config.conditioner.numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
-    numbers = [seconds_start, total, s["cfg_scale"], s["sigma_min"], s["sigma_max"]]
-    numbers += [t for r in inpaint_ranges for t in r]
+    numbers = [seconds_start, total, s["cfg_scale"], s["sigma_max"], cfg_rescale, apg_scale, cfg_norm_threshold, *cfg_interval]
+    numbers += [t for r in inpaint_ranges for t in r] + ([] if s["sigma_min"] is None else [s["sigma_min"]])
     if not all(math.isfinite(v) for v in numbers):
         raise ValueError("Numbers must be finite.")
+    low, high = cfg_interval
     problems = [
         (not (0 < total <= window + 1e-9 and round(total * config.sample_rate) >= 1), f"seconds_total must be in (0, {window:.2f}], the model's window, and hold a sample"),
         (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}] for this model"),
         (not 1 <= s["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
-        (s["sampler"] not in names, f"unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}"),
-        (flow and not 0 < s["sigma_max"] <= 1, "the noise level (sigma_max, init noise level) must be in (0, 1] for this model"),
-        (not flow and not 0 < s["sigma_min"] < s["sigma_max"] <= MAX_SIGMA, f"the noise levels must satisfy 0 < sigma_min < sigma_max <= {MAX_SIGMA:g} (the init noise level is sigma_max)"),
+        (not counts_noise and s["sigma_min"] is not None, f"sigma_min does not apply to the {s['sampler']} sampler (its schedule runs in time down to 0)"),
+        (not counts_noise and not 0 < s["sigma_max"] <= 1, f"the noise level (sigma_max, init noise level) must be in (0, 1] for the {s['sampler']} sampler"),
+        (counts_noise and not 0 < s["sigma_min"] < s["sigma_max"] <= MAX_SIGMA, f"the noise levels must satisfy 0 < sigma_min < sigma_max <= {MAX_SIGMA:g} (the init noise level is sigma_max)"),
+        (not 0 <= apg_scale <= 1, "apg_scale must be in [0, 1]"),
+        (cfg_norm_threshold < 0, "cfg_norm_threshold must be >= 0 (0: no threshold)"),
+        (not 0 <= cfg_rescale <= 1, "cfg_rescale must be in [0, 1]"),
+        (not 0 <= low <= high <= 1, "the CFG interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi t / 2) for v models, t for flow)"),
+        (flow_schedule is not None and objective == "v", "the flow schedule applies to rectified-flow models only"),
+        (flow_schedule not in (None, *samplers.LOGSNR_SCHEDULES), f"unknown flow schedule {flow_schedule!r}; choose one of {', '.join(samplers.LOGSNR_SCHEDULES)}"),
         (not 1 <= batch_size <= MAX_BATCH, f"the number of audios must be in [1, {MAX_BATCH}]"),
         (seed is not None and not 0 <= seed < 2**64, "the seed must be in [0, 2**64)"),
         (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),
@@ -148,13 +173,23 @@ class StableAudio:
         compile: bool = False,
         init_latents: mx.array = None,
         inpaint: tuple = None,
+        apg_scale: float = 0.0,
+        cfg_norm_threshold: float = 0.0,
+        cfg_interval: tuple = (0.0, 1.0),
+        flow_schedule: str = None,
     ):
         """Yield the latents (B, T, C) after each sampler step, on the model's full window.
 
         None stands for the model's default (DEFAULTS). `noise` (the initial N(0, 1)
-        latents) and `noise_sampler(sigma, sigma_next)` (each SDE step's N(0, 1) noise)
-        default to draws from `seed`. With `compile`, the whole step (DiT, guidance and
-        sampler update) runs as one compiled function.
+        latents) and `noise_sampler(sigma, sigma_next)` (each stochastic step's N(0, 1)
+        noise) default to draws from `seed`. With `compile`, each model evaluation (DiT,
+        guidance and sampler update) runs as one compiled function.
+
+        Guidance is stable-audio-tools 0.0.20's (DiT.guide): `apg_scale`,
+        `cfg_norm_threshold` and `cfg_rescale` as there, and `cfg_interval` = (MIN, MAX),
+        the noise levels (DiT.noise_level) at which guidance runs; at the others the model
+        runs once, unguided. `flow_schedule` names a flow model's schedule ("0.0.20", the
+        default, or "0.0.19").
 
         `init_latents` (audio to audio) start sampling from those latents noised to
         `sigma_max`, as stable-audio-tools does. `inpaint` = (source latents, mask (T,),
@@ -172,34 +207,44 @@ class StableAudio:
             step_keys = iter(mx.random.split(step_key, s["steps"]))
             noise_sampler = lambda sigma, sigma_next: mx.random.normal(shape, key=next(step_keys))
 
-        sigmas = samplers.schedule(objective, s["steps"], s["sigma_min"], s["sigma_max"])
-        coefficients = samplers.step_coefficients(s["sampler"], sigmas, objective)
+        space, sigmas = samplers.schedule(
+            objective, s["sampler"], s["steps"], s["sigma_min"], s["sigma_max"], flow_schedule or "0.0.20"
+        )
+        plan = samplers.plan(objective, s["sampler"], sigmas)
+        guidance = (cfg_rescale, apg_scale, cfg_norm_threshold)
+        low, high = cfg_interval
 
         def keep_source(x, sigma):
             if inpaint is None:
                 return x
             source, regenerate = inpaint
-            return mx.where(regenerate[:, None], x, samplers.noised(objective, source, noise, sigma))
+            alpha, sigma = samplers.noising(space, sigma)
+            return mx.where(regenerate[:, None], x, alpha * source + sigma * noise)
 
         # compiled per generation: a cached compiled function would keep the DiT's
-        # weights alive after `del pipe.dit`
-        step = mx.compile(self._step) if compile else self._step
+        # weights alive after `del pipe.dit`. It is traced once, or twice where a CFG
+        # interval leaves some evaluations unguided.
+        evaluate = mx.compile(self._evaluate) if compile else self._evaluate
         dit_conditioning = self.dit.prepare_conditioning(*conditioning)  # the same at every step
         start = mx.zeros(shape) if init_latents is None else init_latents
-        x = keep_source(samplers.noised(objective, start, noise, sigmas[0]), sigmas[0])
+        alpha, sigma = samplers.noising(space, sigmas[0])
+        x = keep_source(alpha * start + sigma * noise, sigmas[0])
         zeros = mx.zeros_like(x)
-        d1 = d2 = zeros  # the denoised estimates of the last two steps
-        for (sigma, sigma_next), k in zip(zip(sigmas, sigmas[1:]), coefficients):
-            # draw only where the reference draws, so that a noise_sampler sees the same calls
-            step_noise = noise_sampler(sigma, sigma_next) if k[-1] else zeros
-            x, d1, d2 = step(x, d1, d2, step_noise, mx.array(k), dit_conditioning, s["cfg_scale"], cfg_rescale)
-            yield keep_source(x, sigma_next)
+        state = (x, zeros, zeros, zeros)
+        for (sigma, sigma_next), evaluations in zip(zip(sigmas, sigmas[1:]), plan):
+            for k, t, draws_noise in evaluations:
+                # draw only where the reference draws, so that a noise_sampler sees the same calls
+                step_noise = noise_sampler(sigma, sigma_next) if draws_noise else zeros
+                w = s["cfg_scale"] if low <= self.dit.noise_level(t) <= high else 1.0
+                state = evaluate(state, step_noise, mx.array(k), dit_conditioning, w, *guidance)
+            state = (keep_source(state[0], sigma_next), *state[1:])
+            yield state[0]
 
-    def _step(self, x, d1, d2, noise, k, dit_conditioning, cfg_scale, cfg_rescale):
+    def _evaluate(self, state, noise, k, dit_conditioning, cfg_scale, cfg_rescale, apg_scale, cfg_norm_threshold):
         def model(x, t):
-            return self.dit.guide(x, t, dit_conditioning, cfg_scale, cfg_rescale)
+            return self.dit.guide(x, t, dit_conditioning, cfg_scale, cfg_rescale, apg_scale, cfg_norm_threshold)
 
-        return samplers.step(model, x, d1, d2, noise, k)
+        return samplers.evaluate(model, state, noise, k)
 
     def encode(self, audio, sample_rate: int, noise: mx.array = None) -> mx.array:
         """Latents (1, T, C) of `audio` (see audio.prepare_audio): the posterior mean, or with
@@ -267,10 +312,15 @@ class StableAudio:
         init_noise_level: float = 1.0,
         inpaint_audio: tuple = None,
         inpaint_ranges: tuple = (),
+        apg_scale: float = 0.0,
+        cfg_norm_threshold: float = 0.0,
+        cfg_interval: tuple = (0.0, 1.0),
+        flow_schedule: str = None,
     ) -> mx.array:
         """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`.
 
-        None stands for the model's default (DEFAULTS). `init_audio` = (sample_rate,
+        None stands for the model's default (DEFAULTS); guidance and `flow_schedule` are
+        as in generate_latents. `init_audio` = (sample_rate,
         samples (channels, n) or (n,)) makes a variation of that audio: sampling starts
         from its latents noised to `init_noise_level` (which replaces sigma_max).
         `inpaint_audio` = (sample_rate, samples) regenerates the (start, end) seconds of
@@ -284,7 +334,7 @@ class StableAudio:
             sigma_max = init_noise_level
         check_arguments(
             self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max,
-            batch_size, inpaint_ranges, seed,
+            batch_size, inpaint_ranges, seed, cfg_rescale, apg_scale, cfg_norm_threshold, cfg_interval, flow_schedule,
         )
         seed = secrets.randbits(32) if seed is None else seed
         init_latents = inpaint = None
@@ -300,6 +350,7 @@ class StableAudio:
         latents = self.generate_latents(
             conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale=cfg_rescale,
             noise=noise, noise_sampler=noise_sampler, compile=compile, init_latents=init_latents, inpaint=inpaint,
+            apg_scale=apg_scale, cfg_norm_threshold=cfg_norm_threshold, cfg_interval=cfg_interval, flow_schedule=flow_schedule,
         )
         for latents in latents:
             mx.eval(latents)
