@@ -114,9 +114,23 @@ def first_line(error: Exception) -> str:
 LOCAL_COPY = "or download the folder elsewhere and pass its path instead (convert.py --hf-path, txt2audio.py --model)"
 
 
+def _transport_errors() -> tuple:
+    """The HTTP library's own failures (a dropped connection, say): requests' are OSErrors
+    (huggingface_hub 0.x); httpx's, under huggingface_hub 1.x and 2.x, are not."""
+    errors = [OSError]
+    for module in ("httpx", "httpx2"):
+        try:
+            errors.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def _download(repo: str, patterns: list) -> Path:
     """snapshot_download, its failures turned into one sentence that says what to do (the
-    messages are ours: huggingface_hub's span several lines)."""
+    messages are ours: huggingface_hub's span several lines). Written for huggingface_hub
+    0.36 to 2.x, whose errors differ: LocalEntryNotFoundError (nothing cached, and the
+    Hub not reached or failing) is an HfHubHTTPError in 0.x and only an OSError since."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -127,9 +141,11 @@ def _download(repo: str, patterns: list) -> Path:
         message = f"{repo} is gated: accept its licence on https://huggingface.co/{repo}, {login}, {LOCAL_COPY}."
     except RepositoryNotFoundError:
         message = f"{repo} is not on the Hugging Face Hub, or it is private and you are not logged in ({login}); check the name, {LOCAL_COPY}."
-    except HfHubHTTPError as e:  # LocalEntryNotFoundError among them: nothing cached, and ...
-        response = getattr(e.__cause__, "response", None) if isinstance(e, LocalEntryNotFoundError) else e.response
-        status = getattr(response, "status_code", None)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        # LocalEntryNotFoundError: nothing cached, and the Hub answered with an error (its
+        # cause), could not be reached, or downloads are off
+        response = e.__cause__ if isinstance(e, LocalEntryNotFoundError) else e
+        status = getattr(getattr(response, "response", None), "status_code", None)
         if status in (401, 403):
             message = f"The Hugging Face Hub refused access to {repo} (HTTP {status}): accept its licence on https://huggingface.co/{repo}, {login} with a token that may read it, {LOCAL_COPY}."
         elif status is not None:
@@ -138,7 +154,7 @@ def _download(repo: str, patterns: list) -> Path:
             message = f"{repo} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE is set): unset it, {LOCAL_COPY}."
         else:
             message = f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached: check the connection, {LOCAL_COPY}."
-    except OSError as e:  # the connection dropped mid-download, the disk is full, ...
+    except _transport_errors() as e:  # the connection dropped mid-download, the disk is full, ...
         message = f"Downloading {repo} failed ({type(e).__name__}); run again to resume, {LOCAL_COPY}."
     raise ValueError(message)
 
