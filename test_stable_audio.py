@@ -382,7 +382,7 @@ def test_small_models_shapes_and_dtypes(dtype):
     x, t = mx.random.normal((B, T, 8)), mx.array([0.3, 0.9])
     for cfg in (1.0, 7.0):
         dit = models["dit"]
-        v = dit.guide(x, t, dit.prepare_conditioning(cross, global_cond), cfg_scale=cfg)
+        v, _ = dit.guide(x, t, dit.prepare_conditioning(cross, global_cond), cfg_scale=cfg)
         assert v.shape == (B, T, 8) and v.dtype == mx.float32  # whatever the weights' dtype
     audio = models["vae"].decode(x)
     assert audio.shape == (B, 8 * T, 2) and audio.dtype == mx.float32
@@ -1627,16 +1627,25 @@ def test_conditioning_matches_reference(sao):
 
 
 @pytest.mark.parametrize(
-    "cfg_scale, negative, rescale, batch",
-    [(1.0, False, 0.0, 2), (7.0, False, 0.0, 2), (7.0, True, 0.0, 1), (7.0, False, 0.7, 1)],
+    "cfg_scale, negative, rescale, batch, apg, threshold",
+    [
+        (1.0, False, 0.0, 2, 0.0, 0.0), (7.0, False, 0.0, 2, 0.0, 0.0), (7.0, True, 0.0, 1, 0.0, 0.0),
+        (7.0, False, 0.7, 1, 0.0, 0.0),
+        # 0.0.20's guidance: APG, the norm threshold, rescale after APG, a negative prompt
+        (7.0, False, 0.0, 2, 1.0, 0.0), (7.0, True, 0.0, 1, 0.5, 0.0), (7.0, False, 0.7, 1, 1.0, 1.0),
+        (7.0, True, 0.0, 1, 0.0, 1.0),
+    ],
 )
-def test_dit_matches_reference(sao, cfg_scale, negative, rescale, batch):
+def test_dit_matches_reference(sao, cfg_scale, negative, rescale, batch, apg, threshold):
+    """The guided output of the full-width DiT against stable-audio-tools 0.0.20's
+    DiT.forward, whose APG projects in float64 (ours: float32)."""
     torch = sys.modules["torch"]
     T = 32
-    prompts, starts, totals = PROMPTS[:batch], [0, 5][:batch], [47, 20][:batch]
-    cond = _reference_conditioning(sao, prompts, starts, totals)
+    starts, totals = [0, 12.5][:batch], [47, 30][:batch]
+    cond = _reference_conditioning(sao, PROMPTS[:batch], starts, totals)
     kwargs = dict(cross_attn_cond=cond["cross_attn_cond"], cross_attn_mask=cond["cross_attn_mask"],
-                  global_cond=cond["global_cond"], cfg_scale=cfg_scale, scale_phi=rescale)
+                  global_cond=cond["global_cond"], cfg_scale=cfg_scale, scale_phi=rescale,
+                  apg_scale=apg, cfg_norm_threshold=threshold)
     negative_cross = None
     if negative:
         neg = _reference_conditioning(sao, NEGATIVE[:batch], starts, totals, negative=True)
@@ -1648,13 +1657,19 @@ def test_dit_matches_reference(sao, cfg_scale, negative, rescale, batch):
     t = torch.rand(batch, generator=gen)
     with torch.no_grad():
         ref = sao.model.model(x, t, **kwargs)
+    assert ref.dtype == torch.float32
     dit = sao.ours.dit
     conditioning = dit.prepare_conditioning(
         mx.array(cond["cross_attn_cond"].numpy()), mx.array(cond["global_cond"].numpy()), negative_cross
     )
-    ours = dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale, rescale)
+    ours, _ = dit.guide(
+        mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale, rescale, apg, threshold
+    )
+    if threshold:  # the threshold must bind, or this case would test nothing
+        diff = (ours - dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale, rescale, apg)[0])
+        assert mx.abs(diff).max().item() > 1e-2
     err = rel_err(ours.transpose(0, 2, 1), ref)
-    print(f"DiT cfg {cfg_scale} negative {negative} rescale {rescale}: rel. error {err:.2e}")
+    print(f"DiT cfg {cfg_scale} negative {negative} rescale {rescale} apg {apg} threshold {threshold}: rel. error {err:.2e}")
     assert err < PARITY_RTOL, "on Linux, is OpenBLAS preloaded? (README, Tests)"
 
 
@@ -1859,7 +1874,7 @@ def test_sao_small_dit_matches_reference(reference, spiece, tmp_path):
             ref = model.model.model(x, t, cross_attn_cond=cond["cross_attn_cond"], cross_attn_mask=cond["cross_attn_mask"],
                                     global_cond=cond["global_cond"], cfg_scale=cfg_scale)
         conditioning = ours.dit.prepare_conditioning(cross, global_cond)
-        v = ours.dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale)
+        v, _ = ours.dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), conditioning, cfg_scale)
         err = rel_err(v.transpose(0, 2, 1), ref)
         print(f"SAO Small DiT cfg {cfg_scale}: rel. error {err:.2e}")
         assert err < PARITY_RTOL
