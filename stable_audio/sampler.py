@@ -74,22 +74,14 @@ def logsnr_times(steps: int, t_max: float = 1.0, schedule: str = "0.0.20"):
 
     Below 1 (init audio) the grid starts at t_max's own log-SNR, as 0.0.19 did, so that
     the noise only falls; 0.0.20 maps its shortened u grid through the same curve, which
-    re-noises above t_max at the second step. A t_max whose log-SNR is above 2 keeps it."""
-    if t_max >= 1:
-        start = LOGSNR_SCHEDULES[schedule]
-    else:
-        start = min(math.log((1 - t_max) / t_max + 1e-6), LOGSNR_END)
-    t = 1 / (1 + np.exp(np.linspace(start, LOGSNR_END, steps + 1)))
+    re-noises above t_max at the second step. A t_max whose log-SNR is above 2 (t_max <
+    0.12) stays there until the last step."""
+    start = LOGSNR_SCHEDULES[schedule] if t_max >= 1 else math.log((1 - t_max) / t_max + 1e-6)
+    t = 1 / (1 + np.exp(np.linspace(start, max(start, LOGSNR_END), steps + 1)))
     return [t_max] + [float(v) for v in t[1:-1]] + [0.0]
 
 
 # ---------------------------------------------------------------- k-diffusion, v models
-
-
-def k_euler(sigmas):
-    """k-diffusion's Euler: x + (sigma_next - sigma) (x - D) / sigma."""
-    for sigma, sigma_next in _pairs(sigmas):
-        yield [_eval(sigma, {"x": sigma_next / sigma, "D": 1 - sigma_next / sigma})]
 
 
 def dpmpp_2m(sigmas):
@@ -289,7 +281,8 @@ def flow_dpmpp(times):
 # ---------------------------------------------------------------- by name
 
 # name: (space, schedule, steps); the official names (SAT_0_0_20.md §2). On a v model
-# "euler" is 0.0.20's default DDIM path on the log-SNR grid; k-diffusion's Euler is k-euler.
+# "euler" is 0.0.20's default DDIM path on the log-SNR grid (k-diffusion's Euler, 0.0.19's
+# "euler", is gone from 0.0.20, and from here).
 SAMPLERS = {
     "dpmpp-3m-sde": ("k", "polyexponential", dpmpp_3m_sde),
     "dpmpp-2m-sde": ("k", "polyexponential", dpmpp_2m_sde),
@@ -298,7 +291,6 @@ SAMPLERS = {
     "k-heun": ("k", "polyexponential", k_heun),
     "k-dpm-2": ("k", "polyexponential", k_dpm_2),
     "k-dpmpp-2s-ancestral": ("k", "polyexponential", k_dpmpp_2s_ancestral),
-    "k-euler": ("k", "polyexponential", k_euler),
     "v-ddim": ("vp", "linear", v_ddim),
     "v-ddim-cfgpp": ("vp", "linear", v_ddim_cfgpp),
     "euler": ("vp", "logsnr", v_ddim),
