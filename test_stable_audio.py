@@ -607,6 +607,32 @@ def test_resolve_refuses_what_is_neither_folder_nor_repo(tmp_path):
         model_io.load(str(tmp_path))
 
 
+RUNTIME_PACKAGES = ("mlx", "mlx-cpu", "numpy", "huggingface-hub", "soundfile", "sentencepiece")
+
+
+def test_runtime_packages_are_what_users_get(tmp_path):
+    """The runtime packages under test are the versions that `pip install -r
+    requirements.txt` alone resolves here (asked of pip afresh, ignoring what is
+    installed): test-only requirements must not pin them elsewhere."""
+    import importlib.metadata
+
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+         "-r", str(HERE / "requirements.txt")],
+        check=True, capture_output=True,
+    )
+    canonical = lambda name: name.lower().replace("_", "-")
+    resolved = {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    tested = {}
+    for name in RUNTIME_PACKAGES:
+        if name in resolved:  # mlx-cpu only on Linux
+            tested[name] = importlib.metadata.version(name)
+    print("runtime packages under test:", ", ".join(f"{k} {v}" for k, v in tested.items()))
+    assert {"mlx", "numpy", "huggingface-hub", "soundfile", "sentencepiece"} <= tested.keys()
+    assert tested == {k: resolved[k] for k in tested}
+
+
 def test_sigma_schedule():
     sigmas = sampler_lib.polyexponential_sigmas(6, 0.3, 500)
     assert len(sigmas) == 7 and sigmas[-1] == 0
