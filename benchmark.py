@@ -59,7 +59,7 @@ def condition(pipe, batch_size) -> Conditioning:
     return Conditioning(cross, global_cond)
 
 
-def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=False):
+def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=False, sampling=None):
     """One full generation, recording each phase's time in `times`. With `peaks`, each
     phase's peak memory is recorded there, and T5 and the DiT are deleted when done, as
     txt2audio.py does."""
@@ -78,7 +78,7 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     default_limit = limit_memory() if low_memory else None
 
     start = time.perf_counter()
-    for latents in pipe.generate_latents(conditioning, steps=steps, seed=0, compile=compile):
+    for latents in pipe.generate_latents(conditioning, steps=steps, seed=0, compile=compile, **(sampling or {})):
         mx.eval(latents)
     phase_end("sampling", start)
     if peaks is not None:
@@ -94,18 +94,18 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     times["end to end"].append(sum(times[k][-1] for k in ("text", "sampling", "decode")))
 
 
-def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False, vae_dtype=mx.float32):
+def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False, vae_dtype=mx.float32, sampling=None):
     """Times are medians of `runs` generations with everything loaded; the peaks come
     from one more generation run as txt2audio.py runs it."""
     pipe = random_pipeline(variant, config, vae_dtype)
     times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
-    generate(pipe, 2, batch_size, compile, {k: [] for k in times})  # warm-up
+    generate(pipe, 2, batch_size, compile, {k: [] for k in times}, sampling=sampling)  # warm-up
     for _ in range(runs):
-        generate(pipe, steps, batch_size, compile, times, low_memory=low_memory)
+        generate(pipe, steps, batch_size, compile, times, low_memory=low_memory, sampling=sampling)
     mx.clear_cache()
     mx.reset_peak_memory()
     peaks = {}
-    generate(pipe, steps, batch_size, compile, {k: [] for k in times}, peaks, low_memory)
+    generate(pipe, steps, batch_size, compile, {k: [] for k in times}, peaks, low_memory, sampling)
     result = {k: statistics.median(v) for k, v in times.items()}
     result["peak"] = max(peaks.values())
     result["peaks"] = peaks
@@ -123,12 +123,14 @@ if __name__ == "__main__":
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="audios per generation")
     parser.add_argument("--low-memory", action="store_true", help="as txt2audio.py --low-memory")
     parser.add_argument("--vae-dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="the decoder's dtype (default: float32)")
+    parser.add_argument("--sampler", help="the sampler (default: the model's, dpmpp-3m-sde)")
+    parser.add_argument("--apg-scale", type=float, default=0.0, help="adaptive projected guidance (default: 0, plain CFG)")
     args = parser.parse_args()
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     print(
         f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents, "
-        f"VAE {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command buffers of "
+        f"sampler {args.sampler or 'dpmpp-3m-sde'}, APG {args.apg_scale}, VAE {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command buffers of "
         f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB"
     )
     print("| DiT | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
@@ -139,6 +141,7 @@ if __name__ == "__main__":
                 r = measure(
                     variant, compile, args.steps, args.runs, batch_size,
                     low_memory=args.low_memory, vae_dtype=getattr(mx, args.vae_dtype),
+                    sampling=dict(sampler=args.sampler, apg_scale=args.apg_scale),
                 )
                 print(
                     f"| {variant} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "

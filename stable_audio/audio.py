@@ -66,7 +66,9 @@ def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) ->
     audio = audio[:, : math.ceil(n * down / up) + width + down]
     padded = np.pad(audio.astype(np.float32), [(0, 0), (width, width + down)])
     frames = sliding_window_view(padded, kernel.shape[1], axis=-1)[:, ::down]
-    return (frames @ kernel.T).reshape(len(audio), -1)[:, :n]
+    # einsum sums each output in one fixed order, so that `length` gives exactly the first
+    # samples of the whole (a BLAS matmul's order may change with the number of rows)
+    return np.einsum("cfk,pk->cfp", frames, kernel).reshape(len(audio), -1)[:, :n]
 
 
 def prepare_audio(audio, sample_rate: int, model_rate: int, length: int, channels: int) -> np.ndarray:

@@ -211,6 +211,7 @@ class StableAudio:
             objective, s["sampler"], s["steps"], s["sigma_min"], s["sigma_max"], flow_schedule or "0.0.20"
         )
         plan = samplers.plan(objective, s["sampler"], sigmas)
+        used = samplers.used_terms(plan)
         guidance = (cfg_rescale, apg_scale, cfg_norm_threshold)
         low, high = cfg_interval
 
@@ -236,15 +237,15 @@ class StableAudio:
                 # draw only where the reference draws, so that a noise_sampler sees the same calls
                 step_noise = noise_sampler(sigma, sigma_next) if draws_noise else zeros
                 w = s["cfg_scale"] if low <= self.dit.noise_level(t) <= high else 1.0
-                state = evaluate(state, step_noise, mx.array(k), dit_conditioning, w, *guidance)
+                state = evaluate(state, step_noise, mx.array(k), used, dit_conditioning, w, *guidance)
             state = (keep_source(state[0], sigma_next), *state[1:])
             yield state[0]
 
-    def _evaluate(self, state, noise, k, dit_conditioning, cfg_scale, cfg_rescale, apg_scale, cfg_norm_threshold):
+    def _evaluate(self, state, noise, k, used, dit_conditioning, cfg_scale, cfg_rescale, apg_scale, cfg_norm_threshold):
         def model(x, t):
             return self.dit.guide(x, t, dit_conditioning, cfg_scale, cfg_rescale, apg_scale, cfg_norm_threshold)
 
-        return samplers.evaluate(model, state, noise, k)
+        return samplers.evaluate(model, state, noise, k, used)
 
     def encode(self, audio, sample_rate: int, noise: mx.array = None) -> mx.array:
         """Latents (1, T, C) of `audio` (see audio.prepare_audio): the posterior mean, or with

@@ -368,13 +368,24 @@ def plan(objective: str, sampler: str, sigmas: list) -> list:
     return plans
 
 
-def evaluate(model, state: tuple, noise: mx.array, k: mx.array) -> tuple:
+def used_terms(plan: list) -> tuple:
+    """Which of P and Q's entries are non-zero at some evaluation of `plan`: evaluate()
+    skips the others (a compiled evaluation is traced with this, a constant)."""
+    nonzero = np.zeros(4 + len(STATE) * len(TERMS), dtype=bool)
+    for evaluations in plan:
+        for coefficients, _, _ in evaluations:
+            nonzero |= np.array(coefficients[4:]) != 0
+    return tuple(bool(b) for b in nonzero)
+
+
+def evaluate(model, state: tuple, noise: mx.array, k: mx.array, used: tuple) -> tuple:
     """One model evaluation. `model(x, t)` returns the (guided, unconditional) predictions
     for latents x at times t; `state` is (x, h1, h2, h3); `k` holds plan()'s coefficients
-    for this evaluation. Returns the new state."""
+    for this evaluation and `used` used_terms(). Returns the new state."""
     c_in, c_skip, c_out, t = (k[i] for i in range(4))
-    y = sum(k[4 + j] * s for j, s in enumerate(state))
+    y = sum(k[4 + j] * s for j, s in enumerate(state) if used[j])
     v, v_uncond = model(y * c_in, mx.broadcast_to(t, (y.shape[0],)))
     terms = (*state, c_skip * y + c_out * v, v, v_uncond, noise)
     Q = k[8:].reshape(len(STATE), len(TERMS))
-    return tuple(sum(Q[i, j] * term for j, term in enumerate(terms)) for i in range(len(STATE)))
+    row = lambda i: [Q[i, j] * term for j, term in enumerate(terms) if used[4 + i * len(TERMS) + j]]
+    return tuple(sum(row(i)) if row(i) else mx.zeros_like(state[0]) for i in range(len(STATE)))
