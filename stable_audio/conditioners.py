@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _unsupported(what: str, value, supported):
+def unsupported(what: str, value, supported):
     raise ValueError(f"Unsupported {what} {value!r} in model_config.json (supported: {supported}).")
 
 
@@ -33,29 +33,29 @@ class ConditionerConfig:
             kind, c = entry.get("type"), entry.get("config", {})
             if kind == "t5":
                 if text_id is not None:
-                    _unsupported("second t5 conditioner", entry["id"], "one")
+                    unsupported("second t5 conditioner", entry["id"], "one")
                 if c.get("project_out", False):
-                    _unsupported("t5 project_out", True, "false")
+                    unsupported("t5 project_out", True, "false")
                 text_id, max_length = entry["id"], c.get("max_length", 128)
             elif kind == "number":
                 low, high = c.get("min_val", 0), c.get("max_val", 1)
                 if not (type(low) in (int, float) and type(high) in (int, float) and low < high):
-                    _unsupported(f"{entry['id']} min_val, max_val", (low, high), "numbers, min_val < max_val")
+                    unsupported(f"{entry['id']} min_val, max_val", (low, high), "numbers, min_val < max_val")
                 numbers[entry["id"]] = (low, high)
             else:
-                _unsupported("conditioner type", kind, "t5, number")
+                unsupported("conditioner type", kind, "t5, number")
         if text_id is None:
             raise ValueError("model_config.json has no t5 text conditioner.")
         cross_ids = tuple(diffusion.get("cross_attention_cond_ids", []))
         global_ids = tuple(diffusion.get("global_cond_ids", []))
         for key in ("input_concat_ids", "prepend_cond_ids"):
             if diffusion.get(key):
-                _unsupported(key, diffusion[key], "none")
+                unsupported(key, diffusion[key], "none")
         for i in cross_ids + global_ids:
             if i != text_id and i not in numbers:
                 raise ValueError(f"model_config.json uses conditioning id {i!r}, which it does not define.")
         if text_id in global_ids:
-            _unsupported("global conditioning on", text_id, "number conditioners")
+            unsupported("global conditioning on", text_id, "number conditioners")
         return cls(cond_dim, text_id, max_length, numbers, cross_ids, global_ids)
 
 

@@ -4,9 +4,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-
-def _unsupported(what: str, value, supported):
-    raise ValueError(f"Unsupported {what} {value!r} in model_config.json (supported: {supported}).")
+from .conditioners import unsupported
 
 
 def check_values(section: str, config):
@@ -54,27 +52,27 @@ class DiTConfig:
     def from_model_config(cls, model: dict):
         diffusion = model.get("diffusion") or {}
         if diffusion.get("type") != "dit":
-            _unsupported("diffusion type", diffusion.get("type"), "dit")
+            unsupported("diffusion type", diffusion.get("type"), "dit")
         objective = diffusion.get("diffusion_objective", "v")
         if objective not in ("v", "rf_denoiser"):
-            _unsupported("diffusion_objective", objective, "v, rf_denoiser")
+            unsupported("diffusion_objective", objective, "v, rf_denoiser")
         config = dict(diffusion.get("config", {}))
         attn_kwargs = dict(config.pop("attn_kwargs", None) or {})
         qk_norm = attn_kwargs.pop("qk_norm", "none")
         if qk_norm not in ("none", "ln") or attn_kwargs:
-            _unsupported("DiT attn_kwargs", diffusion["config"]["attn_kwargs"], "qk_norm none or ln")
+            unsupported("DiT attn_kwargs", diffusion["config"]["attn_kwargs"], "qk_norm none or ln")
         for key, default in cls._FIXED.items():
             if config.pop(key, default) != default:
-                _unsupported(f"DiT {key}", diffusion["config"][key], default)
+                unsupported(f"DiT {key}", diffusion["config"][key], default)
         names = set(cls.__dataclass_fields__) - {"qk_norm", "objective"}  # set from elsewhere
         unknown = sorted(set(config) - names)
         if unknown:
-            _unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
+            unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
         c = cls(**config, qk_norm=qk_norm, objective=objective)
         check_values("DiT", c)
         for key in ("cond_token_dim", "global_cond_dim"):
             if getattr(c, key) <= 0:
-                _unsupported(f"DiT {key}", getattr(c, key), "> 0")
+                unsupported(f"DiT {key}", getattr(c, key), "> 0")
         head_dim, rest = divmod(c.embed_dim, c.num_heads)
         context_dim = c.embed_dim if c.project_cond_tokens else c.cond_token_dim
         if rest or head_dim < 32 or context_dim % head_dim or c.num_heads % (context_dim // head_dim):

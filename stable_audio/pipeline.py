@@ -219,8 +219,7 @@ class StableAudio:
             if inpaint is None:
                 return x
             source, regenerate = inpaint
-            alpha, sigma = samplers.noising(space, sigma)
-            return mx.where(regenerate[:, None], x, alpha * source + sigma * noise)
+            return mx.where(regenerate[:, None], x, samplers.noised(space, source, noise, sigma))
 
         # compiled per generation: a cached compiled function would keep the DiT's
         # weights alive after `del pipe.dit`. It is traced once, or twice where a CFG
@@ -228,8 +227,7 @@ class StableAudio:
         evaluate = mx.compile(self._evaluate) if compile else self._evaluate
         dit_conditioning = self.dit.prepare_conditioning(*conditioning)  # the same at every step
         start = mx.zeros(shape) if init_latents is None else init_latents
-        alpha, sigma = samplers.noising(space, sigmas[0])
-        x = keep_source(alpha * start + sigma * noise, sigmas[0])
+        x = keep_source(samplers.noised(space, start, noise, sigmas[0]), sigmas[0])
         zeros = mx.zeros_like(x)
         state = (x, zeros, zeros, zeros)
         for (sigma, sigma_next), evaluations in zip(zip(sigmas, sigmas[1:]), plan):

@@ -223,9 +223,7 @@ def v_ddim(sigmas, cfg_pp=False):
     with `cfg_pp` (CFG++), eps is taken from the unconditional prediction. The last step
     (to t = 0) returns D."""
     for t, t_next in _pairs(sigmas):
-        (alpha, sigma), (alpha_next, sigma_next) = _alpha_sigma(t), _alpha_sigma(t_next)
-        if t_next == 0:
-            alpha_next, sigma_next = 1.0, 0.0
+        (alpha, sigma), (alpha_next, sigma_next) = _alpha_sigma(t), _alpha_sigma(t_next)  # (1, 0) at t = 0
         update = {"D": alpha_next, "x": sigma_next * sigma, "vu" if cfg_pp else "v": sigma_next * alpha}
         yield [_eval(t, update)]
 
@@ -325,13 +323,16 @@ def schedule(objective: str, sampler: str, steps: int, sigma_min: float, sigma_m
     return space, logsnr_times(steps, sigma_max, flow_schedule if space == "flow" else "0.0.20")
 
 
-def noising(space: str, sigma: float) -> tuple:
-    """(alpha, sigma) of the space at a noise level: noised latents are alpha x0 + sigma eps."""
+def noised(space: str, latents, noise, sigma: float):
+    """Clean latents brought to noise level `sigma` of the space, as its sampler sees
+    them: alpha x0 + sigma eps."""
     if space == "k":
-        return 1.0, sigma
-    if space == "vp":
-        return (1.0, 0.0) if sigma == 0 else _alpha_sigma(sigma)
-    return 1 - sigma, sigma
+        alpha, scale = 1.0, sigma
+    elif space == "vp":
+        alpha, scale = _alpha_sigma(sigma)
+    else:
+        alpha, scale = 1 - sigma, sigma
+    return alpha * latents + scale * noise
 
 
 def denoiser(space: str, sigma: float) -> tuple:
@@ -387,5 +388,5 @@ def evaluate(model, state: tuple, noise: mx.array, k: mx.array, used: tuple) -> 
     v, v_uncond = model(y * c_in, mx.broadcast_to(t, (y.shape[0],)))
     terms = (*state, c_skip * y + c_out * v, v, v_uncond, noise)
     Q = k[8:].reshape(len(STATE), len(TERMS))
-    row = lambda i: [Q[i, j] * term for j, term in enumerate(terms) if used[4 + i * len(TERMS) + j]]
-    return tuple(sum(row(i)) if row(i) else mx.zeros_like(state[0]) for i in range(len(STATE)))
+    rows = [[Q[i, j] * term for j, term in enumerate(terms) if used[4 + i * len(TERMS) + j]] for i in range(len(STATE))]
+    return tuple(sum(row) if row else mx.zeros_like(state[0]) for row in rows)
