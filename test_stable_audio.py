@@ -1995,3 +1995,148 @@ def test_sao_small_dit_matches_reference(reference, spiece, tmp_path):
         err = rel_err(v.transpose(0, 2, 1), ref)
         print(f"SAO Small DiT cfg {cfg_scale} (APG): rel. error {err:.2e}")
         assert err < PARITY_RTOL
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+
+def _reference_layers(model) -> dict:
+    """{name: (weight as an (out, in) matrix)} of every layer stable-audio-tools 0.0.20
+    adapts (each Linear and Conv1d of the DiT wrapper and of the conditioner), named as
+    its adapter files name them. Read from the reference model, not from our code."""
+    nn = sys.modules["torch"].nn
+    layers = {}
+    for root in (model.model, model.conditioner):
+        for name, module in root.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                w = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+                layers[name] = w.detach().reshape(w.shape[0], -1).numpy()
+    return layers
+
+
+def _random_adapter(model, kind: str, rank: int, seed: int, include=None, exclude=None) -> dict:
+    """Random tensors of an adapter on the reference's layers, B non-zero (0.0.20 starts it
+    at zero) and of a size that changes each weight by about 30%; DoRA magnitudes of 0.5
+    to 1.5 times the rows' norms."""
+    from stable_audio.lora import matches
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, w in _reference_layers(model).items():
+        if (include is not None and not matches(name, include)) or (exclude is not None and matches(name, exclude)):
+            continue
+        out_dim, in_dim = w.shape
+        b_std = 0.3 * w.std() * math.sqrt(3 * in_dim / rank)
+        layer = {
+            "lora_A": rng.uniform(-1, 1, (rank, in_dim)) / math.sqrt(in_dim),
+            "lora_B": rng.standard_normal((out_dim, rank)) * b_std,
+        }
+        if kind == "dora-rows":
+            layer["magnitude"] = np.linalg.norm(w, axis=1) * rng.uniform(0.5, 1.5, out_dim)
+        tensors[name] = {k: v.astype(np.float32) for k, v in layer.items()}
+    return tensors
+
+
+def _write_adapter(model, path: Path, kind, rank, alpha, seed, writer="official", include=None, exclude=None) -> Path:
+    """An adapter file written by 0.0.20's save_lora_safetensors or by ours."""
+    tensors = _random_adapter(model, kind, rank, seed, include, exclude)
+    lora_config = {"rank": rank, "alpha": alpha, "adapter_type": kind}
+    lora_config.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v is not None})
+    if writer == "official":
+        from stable_audio_tools.models.lora import save_lora_safetensors
+
+        torch = sys.modules["torch"]
+        flat = {f"{layer}.parametrizations.weight.0.{k}": torch.from_numpy(v) for layer, named in tensors.items() for k, v in named.items()}
+        save_lora_safetensors(flat, lora_config, path)
+    else:
+        from stable_audio import lora
+
+        lora.save_adapter(path, {layer: {k: mx.array(v) for k, v in named.items()} for layer, named in tensors.items()}, lora_config)
+    return path
+
+
+@contextmanager
+def _with_adapters(ref, entries):
+    """The reference (load_and_apply_loras, strengths as its gradio sets them) and our
+    model (lora.apply_adapter) with the adapters `entries` = [(file, strength, interval,
+    layer_filter)], both restored afterwards."""
+    from stable_audio import lora
+    from stable_audio_tools.models.lora import load_and_apply_loras, set_lora_strength
+    from torch.nn.utils import parametrize
+
+    ours = ref.ours
+    saved = ours.dit.leaf_modules(), ours.dit.parameters(), ours.conditioner.parameters()
+    try:
+        load_and_apply_loras(ref.model, [str(e[0]) for e in entries], "diffusion_cond")
+        for i, (_, strength, *_) in enumerate(entries):
+            set_lora_strength(ref.model.model, strength, i)
+            set_lora_strength(ref.model.conditioner, strength, i)
+        for path, strength, interval, layer_filter in entries:
+            adapter = lora.read_adapter(path, ours.dit, ours.conditioner)
+            lora.apply_adapter(ours.dit, ours.conditioner, adapter, strength, interval, layer_filter)
+        yield [
+            {"lora_index": i, "interval": interval or (0, 1), "layer_filter": layer_filter}
+            for i, (_, _, interval, layer_filter) in enumerate(entries)
+        ]
+    finally:
+        for root in (ref.model.model, ref.model.conditioner):  # 0.0.20's remove_lora fails on its own dict
+            for module in root.modules():
+                if parametrize.is_parametrized(module, "weight"):
+                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        ours.dit.update_modules(saved[0])
+        ours.dit.update(saved[1])
+        ours.conditioner.update(saved[2])
+        ours.dit.lora_noise_level = None
+
+
+def _adapted_dit_error(ref, cfg_scale, lora_configs=None) -> tuple:
+    """Our DiT against the reference's on the same inputs, each side conditioned by its
+    own (adapted) conditioner: the relative error, and the reference's output."""
+    torch = sys.modules["torch"]
+    starts, totals = [0, 12.5], [47, 30]
+    cond = _reference_conditioning(ref, PROMPTS[:2], starts, totals)
+    cross, global_cond = _our_conditioning(ref, PROMPTS[:2], starts, totals)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 64, 32, generator=gen)
+    t = torch.rand(2, generator=gen)
+    with torch.no_grad():
+        expected = ref.model.model(x, t, cross_attn_cond=cond["cross_attn_cond"], cross_attn_mask=cond["cross_attn_mask"],
+                                   global_cond=cond["global_cond"], cfg_scale=cfg_scale, apg_scale=0.0, lora_configs=lora_configs)
+    dit = ref.ours.dit
+    v, _ = dit.guide(mx.array(x.numpy()).transpose(0, 2, 1), mx.array(t.numpy()), dit.prepare_conditioning(cross, global_cond), cfg_scale)
+    return rel_err(v.transpose(0, 2, 1), expected), expected
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora-rows"])
+def test_adapters_match_reference(sao, tmp_path, kind):
+    """Each adapter type on all 180 layers of the full-width SAO 1.0 DiT and conditioner
+    (178 + the 2 seconds embedders), rank 8, alpha 16, strength 0.7, file written by
+    0.0.20: the DiT's output at cfg 1 and 7 against stable-audio-tools 0.0.20's."""
+    path = _write_adapter(sao.model, tmp_path / "a.safetensors", kind, 8, 16, seed=5)
+    with _with_adapters(sao, [(path, 0.7, None, "")]):
+        assert len(_reference_layers(sao.model)) == 180
+        for cfg_scale in (1.0, 7.0):
+            err, adapted = _adapted_dit_error(sao, cfg_scale)
+            print(f"{kind} adapter, DiT cfg {cfg_scale}: rel. error {err:.2e}")
+            assert err < PARITY_RTOL
+    # the reference did take the adapter (its loader drops what it cannot place, silently)
+    assert rel_err(adapted, _adapted_dit_error(sao, 7.0)[1]) > 0.1
+
+
+def test_stacked_adapters_match_reference(sao, tmp_path):
+    """Two adapters stacked at strengths 0.7 and 1.3 (a DoRA over a LoRA, on the layers
+    its include/exclude pick), one file written by 0.0.20 and one by us, both read by
+    both: the DiT's output at cfg 1 and 7. (The second's layers are among the first's:
+    0.0.20 loses a later adapter's tensors on layers an earlier one leaves out.)"""
+    first = _write_adapter(sao.model, tmp_path / "first.safetensors", "lora", 8, 8, seed=6)
+    second = _write_adapter(sao.model, tmp_path / "second.safetensors", "dora-rows", 4, 8, seed=7, writer="ours",
+                            include=["layers.[8-23].", "to_timestep_embed", "preprocess_conv", "project_out", "seconds_total"],
+                            exclude=["cross_attn.to_q"])
+    with _with_adapters(sao, [(first, 0.7, None, "")]):
+        first_only = _adapted_dit_error(sao, 7.0)[1]
+    with _with_adapters(sao, [(first, 0.7, None, ""), (second, 1.3, None, "")]):
+        for cfg_scale in (1.0, 7.0):
+            err, adapted = _adapted_dit_error(sao, cfg_scale)
+            print(f"stacked adapters, DiT cfg {cfg_scale}: rel. error {err:.2e}")
+            assert err < PARITY_RTOL
+    assert rel_err(adapted, first_only) > 0.1  # the second one counts

@@ -212,18 +212,29 @@ class DiT(nn.Module):
         ]
         self.project_out = nn.Linear(dim, io, bias=False)
         self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
+        self.lora_noise_level = None  # set by lora.apply_adapter for interval-gated adapters
 
     def prepare_conditioning(self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None) -> dict:
         """What every sampler step of a generation reuses, computed once: each block's
         cross-attention keys and values (for the prompt, then the negative prompt's if any,
         along the batch) and the projected global vector."""
-        dtype = self.project_in.weight.dtype
+        dtype = self.dtype
         tokens = cross if negative_cross is None else mx.concatenate([cross, negative_cross])
-        context = _sequential(self.to_cond_embed, tokens.astype(dtype))
+        conditioning = {"tokens": tokens.astype(dtype), "global_cond": global_cond.astype(dtype)}
+        # adapters gated by the noise level change these projections from call to call
+        return conditioning if self.lora_noise_level is not None else self._project_conditioning(conditioning)
+
+    def _project_conditioning(self, conditioning: dict) -> dict:
+        context = _sequential(self.to_cond_embed, conditioning["tokens"])
         return {
             "keys_values": [layer.cross_attn.keys_values(context) for layer in self.layers],
-            "global": _sequential(self.to_global_embed, global_cond.astype(dtype)),
+            "global": _sequential(self.to_global_embed, conditioning["global_cond"]),
         }
+
+    @property
+    def dtype(self):
+        """The dtype the DiT computes in: its weights' (of the scales, if quantized)."""
+        return self.timestep_features.weight.dtype
 
     def __call__(self, x: mx.array, t: mx.array, conditioning: dict) -> mx.array:
         """The model's prediction (float32) for latents `x` (B, T, C) at diffusion times `t`
@@ -232,7 +243,11 @@ class DiT(nn.Module):
         Rows of `x` beyond the batch of the conditioning's keys see all-zero cross-attention
         tokens. The weights may be float16, bfloat16 or quantized; the residual streams and
         the norms stay in float32, and each matmul runs in the weights' dtype."""
-        dtype = self.project_in.weight.dtype
+        dtype = self.dtype
+        if self.lora_noise_level is not None:
+            self.lora_noise_level.value = self.noise_level(t[0].astype(mx.float32))
+        if "keys_values" not in conditioning:
+            conditioning = self._project_conditioning(conditioning)
         x = x.astype(dtype)
         timestep = _sequential(self.to_timestep_embed, self.timestep_features(t).astype(dtype))
         global_embed = conditioning["global"]
@@ -245,10 +260,13 @@ class DiT(nn.Module):
         y = self.project_out(h.astype(dtype))[:, 1:]
         return (y + self.postprocess_conv(y)).astype(mx.float32)
 
-    def noise_level(self, t: float) -> float:
-        """Diffusion time t in stable-audio-tools 0.0.20's units for guidance and LoRA
-        intervals: the VP noise std sin(pi t / 2) for v models, t itself for flow."""
-        return math.sin(t * math.pi / 2) if self.objective == "v" else t
+    def noise_level(self, t):
+        """Diffusion time t (a float, or an array) in stable-audio-tools 0.0.20's units for
+        guidance and LoRA intervals: the VP noise std sin(pi t / 2) for v models, t itself
+        for flow."""
+        if self.objective != "v":
+            return t
+        return mx.sin(t * math.pi / 2) if isinstance(t, mx.array) else math.sin(t * math.pi / 2)
 
     def guide(
         self,
@@ -271,9 +289,12 @@ class DiT(nn.Module):
         conditional x0 is removed before x0_cond + (cfg_scale - 1) d; a = 0 and tau = 0
         give plain CFG. `cfg_rescale` is the reference's scale_phi, applied after."""
         B = x.shape[0]
-        if cfg_scale == 1.0:
-            keys_values = [(k[:B], v[:B]) for k, v in conditioning["keys_values"]]
-            v = self(x, t, {**conditioning, "keys_values": keys_values})
+        if cfg_scale == 1.0:  # the prompt's conditioning alone
+            if "keys_values" in conditioning:
+                conditioning = {**conditioning, "keys_values": [(k[:B], v[:B]) for k, v in conditioning["keys_values"]]}
+            else:
+                conditioning = {**conditioning, "tokens": conditioning["tokens"][:B]}
+            v = self(x, t, conditioning)
             return v, v
         double = lambda a: mx.concatenate([a, a], axis=0)
         cond, uncond = mx.split(self(double(x), double(t), conditioning), 2, axis=0)

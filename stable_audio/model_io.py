@@ -220,12 +220,12 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def _read_safetensors(path: Path, dtypes: tuple) -> dict:
-    """The tensors of a safetensors file, refused if it is cut short, damaged, or holds a
-    dtype other than `dtypes`. mx.load checks the header and every tensor's extent against
-    the file's size without reading the data."""
+def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
+    """The tensors of a safetensors file (and with `metadata`, its metadata too), refused
+    if it is cut short, damaged, or holds a dtype other than `dtypes`. mx.load checks the
+    header and every tensor's extent against the file's size without reading the data."""
     try:
-        tensors = mx.load(str(path))
+        tensors, stored = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         reason = str(e).split("] ", 1)[-1].split(". Perhaps")[0].rstrip(".")
         if "unsupported dtype" in reason:  # float64, say: a file from another tool
@@ -237,7 +237,7 @@ def _read_safetensors(path: Path, dtypes: tuple) -> dict:
         if value.dtype not in dtypes:
             allowed = ", ".join(str(d).split(".")[-1] for d in dtypes)
             raise ValueError(f"Tensor {path.name}: {key} has dtype {str(value.dtype).split('.')[-1]}; expected {allowed}.")
-    return tensors
+    return (tensors, stored) if metadata else tensors
 
 
 def is_converted(folder: Path) -> bool:
@@ -294,7 +294,7 @@ def _released_weights(folder: Path, models: dict, read_pickle=None) -> tuple[dic
     if not (folder / weights_file).is_file():  # _check_layout let it through: read_pickle is given
         weights_file = PICKLED
     for file in (weights_file, RELEASED_FILES["t5_weights"]):
-        read = read_pickle(folder / file) if file == PICKLED else _read_safetensors(folder / file, FLOATS)
+        read = read_pickle(folder / file) if file == PICKLED else read_safetensors(folder / file, FLOATS)
         for key, value in read.items():
             tensors[key], files[key] = value, file
     weights, origin = sanitize(tensors, models)
@@ -306,7 +306,7 @@ def _converted_weights(folder: Path) -> tuple[dict, dict]:
     for component in COMPONENTS:
         file = f"{component}.safetensors"
         # uint32: the packed weights of a quantized DiT
-        for key, value in _read_safetensors(folder / file, FLOATS + (mx.uint32,)).items():
+        for key, value in read_safetensors(folder / file, FLOATS + (mx.uint32,)).items():
             weights[f"{component}.{key}"] = value
             sources[f"{component}.{key}"] = f"{file}: {key}"
     return weights, sources

@@ -3,14 +3,16 @@ of its arguments."""
 
 import math
 import secrets
+from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
+from . import lora
 from . import sampler as samplers
 from .audio import prepare_audio
-from .model_io import DEFAULT_REPO, Config, load
+from .model_io import DEFAULT_REPO, Config, load, quantize_dit
 
 
 class Conditioning(NamedTuple):
@@ -104,6 +106,16 @@ def check_arguments(
             raise ValueError(message + ".")
 
 
+def check_lora(strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
+    """Refuse, with a one-line ValueError, an adapter setting that cannot apply."""
+    if not (type(strength) in (int, float) and math.isfinite(strength)):
+        raise ValueError(f"The LoRA strength must be a finite number, not {strength!r}.")
+    if interval is not None and not (len(interval) == 2 and all(math.isfinite(v) for v in interval) and 0 <= interval[0] <= interval[1] <= 1):
+        raise ValueError("The LoRA interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi t / 2) for v models, t for flow).")
+    if not isinstance(layer_filter, str):
+        raise ValueError("The LoRA layer filter must be a string of comma-separated patterns.")
+
+
 class StableAudio:
     """Text to audio with Stable Audio Open: T5, the DiT with a k-diffusion sampler, the VAE."""
 
@@ -114,15 +126,45 @@ class StableAudio:
         self.conditioner = components.conditioner
         self.dit = components.dit
         self.vae = components.vae
+        self.adapters = []  # what load_lora applied, in order
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32, quantize: int = None
+        cls, path_or_repo: str = DEFAULT_REPO, dtype=None, vae_dtype=mx.float32, quantize: int = None, loras=()
     ):
         """A converted folder, a released-layout folder, or a Hub repo id. `dtype` is for T5
-        and the DiT (None: as stored); `quantize` (4 or 8) quantizes a float DiT's blocks."""
+        and the DiT (None: as stored); `quantize` (4 or 8) quantizes a float DiT's blocks.
+        `loras`: adapter files, each a path or a tuple of load_lora's arguments (path,
+        strength, interval, layer_filter), applied in order; with `quantize`, before the
+        DiT is quantized, so that the always-on ones are merged into its float weights."""
         q = {"group_size": 64, "bits": quantize} if quantize else None
-        return cls(load(path_or_repo, dtype=dtype, vae_dtype=vae_dtype, quantize=q))
+        pipe = cls(load(path_or_repo, dtype=dtype, vae_dtype=vae_dtype, quantize=None if loras else q))
+        if loras and q and pipe.config.quantization:
+            raise ValueError(f"{path_or_repo} is already quantized ({pipe.config.quantization['bits']} bits).")
+        for entry in loras:
+            pipe.load_lora(*((entry,) if isinstance(entry, (str, Path)) else entry))
+        if loras and q:
+            quantize_dit(pipe.dit, **q)
+            pipe.config.quantization = q
+            mx.eval(pipe.dit.parameters())
+        return pipe
+
+    def load_lora(self, path, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
+        """Apply a LoRA or DoRA adapter file of stable-audio-tools 0.0.20 at `strength`, on
+        top of those applied before (as 0.0.20 stacks them). With `interval` = (MIN, MAX)
+        it is active only in the model evaluations whose noise level (DiT.noise_level, as
+        for cfg_interval) is within it; `layer_filter` (comma-separated patterns, e.g.
+        "transformer.layers.[0-11].", "to_global_embed") leaves the DiT layers whose
+        stable-audio-tools names contain one alone. An adapter without an interval is
+        merged into floating-point weights (no cost per step; load the model again to be
+        rid of it); over a quantized DiT, or gated, it runs beside its layers."""
+        check_lora(strength, interval, layer_filter)
+        adapter = lora.read_adapter(path, self.dit, self.conditioner)
+        lora.apply_adapter(self.dit, self.conditioner, adapter, strength, interval, layer_filter)
+        self.adapters.append(
+            {"file": Path(path).name, "adapter_type": adapter.adapter_type, "rank": adapter.rank,
+             "alpha": adapter.alpha, "strength": strength, "interval": interval, "layer_filter": layer_filter}
+        )
 
     @property
     def sample_rate(self) -> int:

@@ -1,0 +1,326 @@
+"""LoRA and DoRA adapters on the DiT and the seconds conditioners, read and written in
+stable-audio-tools 0.0.20's file format (SAT_0_0_20.md §4).
+
+An adapter turns a layer's weight W (out, in) into
+    lora:       W + s B A
+    dora-rows:  m * V / ||V||, V = W + s B A, the norm taken over each row (eps 1e-12)
+with s = alpha / rank * strength. Adapters stack in the order they are applied, each on
+the weight the ones before it made. One that is always on is merged into a floating-point
+weight once; the others (over a quantized weight, or active only within a noise
+interval) wrap their layer in a LoRALinear."""
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .model_io import FLOATS, RENAMES, read_safetensors
+
+ADAPTER_TYPES = ("lora", "dora-rows")
+NOT_IMPLEMENTED = ("dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
+TENSORS = {"lora": ("lora_A", "lora_B"), "dora-rows": ("lora_A", "lora_B", "magnitude")}
+KEY = ".parametrizations.weight.0."  # between a layer's name and its tensor's, in the files
+EPS = 1e-12
+BLOCK_LAYERS = (
+    "self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.to_out",
+    "ff.ff.0.proj", "ff.ff.2",
+)
+
+
+def official_layers(depth: int, numbers) -> dict:
+    """{name: (component, our module path)} of every layer an adapter may change: each
+    Linear and Conv1d of stable-audio-tools' DiT (named as in adapter files and
+    include/exclude: relative to its DiTWrapper) and of its conditioner (the seconds
+    embedders; T5 gets none), for a DiT of `depth` blocks and the number conditioners
+    `numbers`. Our paths come from the checkpoint rename table."""
+    dit = [f"{e}.{i}" for e in ("to_timestep_embed", "to_cond_embed", "to_global_embed") for i in (0, 2)]
+    dit += ["preprocess_conv", "postprocess_conv", "transformer.project_in", "transformer.project_out"]
+    dit += [f"transformer.layers.{i}.{p}" for i in range(depth) for p in BLOCK_LAYERS]
+    keys = {f"model.{n}": f"model.model.{n}.weight" for n in dit}
+    for number in numbers:
+        name = f"conditioners.{number}.embedder.embedding.1"
+        keys[name] = f"conditioner.{name}.weight"
+    layers = {}
+    for name, key in keys.items():
+        for old, new in RENAMES:
+            key = key.replace(old, new)
+        component, path = key[: -len(".weight")].split(".", 1)
+        layers[name] = (component, path)
+    return layers
+
+
+def expand(pattern: str) -> list:
+    """0.0.20's bracket expansion: "layers.[0-2]." stands for layers.0., layers.1., layers.2."""
+    parts = re.split(r"\[(\d+)-(\d+)\]", pattern)
+    pools = []
+    for a, b in zip(map(int, parts[1::3]), map(int, parts[2::3])):
+        step = 1 if b >= a else -1
+        pools.append([str(n) for n in range(a, b + step, step)])
+    return ["".join(p + n for p, n in zip(parts[0::3], combo + ("",))) for combo in product(*pools)]
+
+
+def matches(name: str, patterns) -> bool:
+    """Whether `name` contains any of `patterns` (substrings, brackets expanded)."""
+    return any(e in name for p in patterns for e in expand(p.strip()))
+
+
+def filter_patterns(layer_filter: str) -> list:
+    """A layer filter as 0.0.20 reads it: comma-separated, lower-cased patterns."""
+    return [p.strip().lower() for p in (layer_filter or "").split(",") if p.strip()]
+
+
+@dataclass
+class AdapterFile:
+    path: Path
+    adapter_type: str
+    rank: int
+    alpha: float
+    lora_config: dict  # the file's metadata, as written
+    layers: dict  # official layer name -> {tensor name: float32 array}
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _dense_shape(layer) -> tuple:
+    """(out, in) of a layer's weight viewed as a matrix (a 1x1 conv's too)."""
+    if isinstance(layer, LoRALinear):
+        return _dense_shape(layer.base)
+    if isinstance(layer, nn.QuantizedLinear):
+        return layer.weight.shape[0], layer.weight.shape[1] * 32 // layer.bits
+    return layer.weight.shape[0], math.prod(layer.weight.shape[1:])
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = root[int(part)] if isinstance(root, list) else root[part]
+    return root
+
+
+def _positive_number(value) -> bool:
+    return type(value) in (int, float) and 0 < value < math.inf
+
+
+def read_adapter(path, dit, conditioner) -> AdapterFile:
+    """An adapter file of stable-audio-tools 0.0.20 (or ours), checked strictly against the
+    model: every tensor must belong to a layer of it that the file's include/exclude
+    claim, with the shape its rank implies, and every claimed layer must have all of its
+    tensors. Each refusal is one line naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"The adapter file {path} does not exist.")
+    if path.suffix == ".ckpt":
+        raise ValueError(
+            f"{path} is a pickled checkpoint, which is not read (unpickling can run code): convert it "
+            "to .safetensors with stable-audio-tools' convert_lora_ckpt_to_safetensors."
+        )
+    tensors, metadata = read_safetensors(path, FLOATS, metadata=True)
+    try:
+        settings = json.loads((metadata or {}).get("lora_config", "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: its lora_config metadata is not valid JSON.") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: its lora_config metadata is not a JSON object.")
+
+    kind = settings.get("adapter_type", "lora")
+    if kind == "dora":  # 0.0.20's legacy name: the magnitudes' shape tells which
+        magnitudes = [v for k, v in tensors.items() if k.endswith(".magnitude")]
+        kind = "dora-cols" if magnitudes and magnitudes[0].ndim == 2 and magnitudes[0].shape[0] == 1 else "dora-rows"
+    if kind in NOT_IMPLEMENTED:
+        raise ValueError(f"{path} holds {kind} adapters, which are not implemented here (supported: {', '.join(ADAPTER_TYPES)}).")
+    if kind not in ADAPTER_TYPES:
+        raise ValueError(f"{path}: unknown adapter_type {kind!r} in its lora_config (supported: {', '.join(ADAPTER_TYPES)}).")
+    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")]
+    rank = settings.get("rank", ranks[0] if ranks else None)  # as 0.0.20 infers it
+    alpha = settings.get("alpha", rank)
+    if type(rank) is not int or rank <= 0:
+        raise ValueError(f"{path} holds no adapter tensors." if rank is None else f"{path}: its lora_config rank {rank!r} is not a positive integer.")
+    if not _positive_number(alpha):
+        raise ValueError(f"{path}: its lora_config alpha {alpha!r} is not a positive number.")
+    include, exclude = settings.get("include"), settings.get("exclude")
+    for what, patterns in (("include", include), ("exclude", exclude)):
+        if patterns is not None and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+            raise ValueError(f"{path}: its lora_config {what} is not a list of strings.")
+
+    layers = official_layers(len(dit.layers), conditioner.numbers)
+    claimed = [
+        name for name in layers
+        if (include is None or matches(name, include)) and not (exclude is not None and matches(name, exclude))
+    ]
+    modules = {"dit": dit, "conditioner": conditioner}
+    found = {}
+    for key, value in tensors.items():
+        layer, sep, name = key.rpartition(KEY)
+        if not sep or layer not in layers:
+            raise ValueError(f"{path}: unexpected tensor {key} (this model has no such layer: is the file for another model?).")
+        if name not in TENSORS[kind]:
+            raise ValueError(f"{path}: unexpected tensor {key} (a {kind} adapter has {', '.join(TENSORS[kind])}).")
+        if layer not in claimed:
+            raise ValueError(f"{path}: tensor {key} is for a layer that its lora_config's include/exclude leave out.")
+        out_dim, in_dim = _dense_shape(_module(modules[layers[layer][0]], layers[layer][1]))
+        expected = {"lora_A": (rank, in_dim), "lora_B": (out_dim, rank), "magnitude": (out_dim,)}[name]
+        if name == "magnitude" and value.shape == (out_dim, 1):  # 0.0.20 squeezes 2-D magnitudes
+            value = value.reshape(out_dim)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"{path}: tensor {key} has shape {tuple(value.shape)}; this model, at the file's rank "
+                f"{rank}, expects {expected} (is the file for another model?)."
+            )
+        value = value.astype(mx.float32)
+        if not mx.all(mx.isfinite(value)).item():
+            raise ValueError(f"{path}: tensor {key} holds NaN or Inf: the file is damaged.")
+        found.setdefault(layer, {})[name] = value
+    if not found:
+        raise ValueError(f"{path} holds no adapter tensors.")
+    for layer in claimed:
+        missing = [n for n in TENSORS[kind] if n not in found.get(layer, {})]
+        if missing:
+            raise ValueError(f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its lora_config claims.")
+    return AdapterFile(path, kind, rank, alpha, settings, {name: found[name] for name in claimed})
+
+
+def save_adapter(path, layers: dict, lora_config: dict):
+    """Write an adapter file as stable-audio-tools 0.0.20's save_lora_safetensors does:
+    {official layer name: {tensor name: array}} as float16 tensors under the official keys,
+    with `lora_config` (rank, alpha, adapter_type, include, exclude) as JSON metadata. The
+    file appears only when complete (written under a temporary name, then renamed)."""
+    path = Path(path)
+    tensors = {f"{layer}{KEY}{name}": value.astype(mx.float16) for layer, named in layers.items() for name, value in named.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, tensors, metadata={"lora_config": json.dumps(lora_config)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapted_weight(weight: mx.array, lora_a: mx.array, lora_b: mx.array, scale: float, magnitude: mx.array = None) -> mx.array:
+    """The weight (out, in) an adapter makes of `weight` (SAT_0_0_20.md §4.1)."""
+    v = weight + scale * (lora_b @ lora_a)
+    if magnitude is None:
+        return v
+    return v * (magnitude / (mx.linalg.norm(v, axis=1) + EPS))[:, None]
+
+
+def _chain(layer) -> tuple:
+    """The adapters wrapped around a layer, innermost first, and the layer itself."""
+    adapters = []
+    while isinstance(layer, LoRALinear):
+        adapters.append(layer)
+        layer = layer.base
+    return adapters[::-1], layer
+
+
+def _dense_weight(layer) -> mx.array:
+    """A plain or quantized layer's weight as a float32 (out, in) matrix."""
+    if isinstance(layer, nn.QuantizedLinear):
+        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits)
+    else:
+        w = layer.weight
+    return w.astype(mx.float32).reshape(w.shape[0], -1)
+
+
+class NoiseLevel:
+    """The noise level (DiT.noise_level) of the DiT evaluation being computed: the DiT sets
+    it at the start of each call, and interval-gated adapters read it."""
+
+    value = None
+
+
+class LoRALinear(nn.Module):
+    """A layer with an adapter that stays beside its weight: over a quantized weight (which
+    it cannot be merged into), or active only while the noise level is in `interval` (then
+    switched inside the compiled step, by the level the DiT sets in `noise_level`).
+
+    It computes base(x) + s (x A^T) B^T, and for DoRA scales each output row by
+    m / ||V|| (V as in adapted_weight). That factor depends on which gated adapters under
+    this one are active, so it is precomputed for each of their combinations."""
+
+    def __init__(self, base, lora_a, lora_b, scale, magnitude=None, interval=None, noise_level=None):
+        super().__init__()
+        self.base = base
+        self.lora_a = lora_a
+        self.lora_b = scale * lora_b
+        self.gated = interval is not None
+        self.low, self.high = interval or (0.0, 1.0)
+        self.noise_level = noise_level
+        if magnitude is not None:
+            inner, layer = _chain(base)
+            gated = [a for a in inner if a.gated]
+            scales = []
+            for active in product((False, True), repeat=len(gated)):  # bit j: gated[j] is on
+                on = dict(zip(map(id, gated), reversed(active)))
+                w = _dense_weight(layer)
+                for a in inner:
+                    if on.get(id(a), True):
+                        w = adapted_weight(w, a.lora_a, a.lora_b, 1.0, a.get("magnitude"))
+                v_norm = mx.linalg.norm(w + self.lora_b @ lora_a, axis=1)
+                scales.append(magnitude / (v_norm + EPS))
+            self.magnitude = magnitude
+            self.row_scales = mx.stack(scales)
+            mx.eval(self.row_scales)
+
+    def active(self) -> mx.array:
+        level = self.noise_level.value
+        return (self.low <= level) & (level <= self.high)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        update = (x @ self.lora_a.astype(x.dtype).T) @ self.lora_b.astype(x.dtype).T
+        if "row_scales" in self:
+            inner, layer = _chain(self.base)
+            gated = [a for a in inner if a.gated]
+            row = sum((a.active().astype(mx.int32) * (1 << j) for j, a in enumerate(gated)), mx.array(0))
+            bias = layer.get("bias")
+            plain = y if bias is None else y - bias  # DoRA changes the weight, not the bias
+            out = (plain + update) * mx.take(self.row_scales, row, axis=0).astype(x.dtype)
+            out = out if bias is None else out + bias
+        else:
+            out = y + update
+        return mx.where(self.active(), out, y) if self.gated else out
+
+
+def apply_adapter(dit, conditioner, adapter: AdapterFile, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
+    """Apply `adapter` at `strength` on top of what is applied already. `interval` (MIN,
+    MAX) limits it to the DiT evaluations whose noise level is within it (the
+    conditioner's adapters, as in 0.0.20, are never gated); `layer_filter` (0.0.20's
+    comma-separated patterns of DiT layer names, e.g. "transformer.layers.[0-5].") leaves
+    the matching DiT layers alone. Always-on adapters are merged into floating-point
+    weights; the others wrap their layers."""
+    if strength == 0:  # 0.0.20: LoRA adds zero, DoRA returns W unchanged
+        return
+    if interval is not None and dit.lora_noise_level is None:
+        dit.lora_noise_level = NoiseLevel()
+    layers = official_layers(len(dit.layers), conditioner.numbers)
+    patterns = filter_patterns(layer_filter)
+    modules = {"dit": dit, "conditioner": conditioner}
+    wrapped = {"dit": [], "conditioner": []}
+    scale = adapter.scale * strength
+    for name, tensors in adapter.layers.items():
+        component, path = layers[name]
+        if component == "dit" and matches(name[len("model.") :], patterns):  # named as under DiffusionTransformer
+            continue
+        layer = _module(modules[component], path)
+        gated = interval if component == "dit" else None
+        a, b, m = tensors["lora_A"], tensors["lora_B"], tensors.get("magnitude")
+        if gated is None and type(layer) in (nn.Linear, nn.Conv1d):
+            w = adapted_weight(_dense_weight(layer), a, b, scale, m)
+            layer.weight = w.reshape(layer.weight.shape).astype(layer.weight.dtype)
+            mx.eval(layer.weight)  # one layer at a time: the old weight is freed now
+        else:
+            wrapped[component].append((path, LoRALinear(layer, a, b, scale, m, gated, dit.lora_noise_level)))
+    for component, items in wrapped.items():
+        if items:
+            modules[component].update_modules(tree_unflatten(items))
+
