@@ -9,8 +9,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from stable_audio import model_io
+from stable_audio import lora, model_io
 from stable_audio.model_io import first_line
+from stable_audio.pipeline import check_lora
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -59,11 +60,14 @@ def convert(
     quantize: dict = None,
     force: bool = False,
     allow_pickle: bool = False,
+    loras: list = (),
 ):
     """Write `hf_path` (released layout, local or on the Hub) as MLX safetensors in `mlx_path`.
 
     T5 and the DiT are stored in `dtype`; the conditioner and the autoencoder stay in
-    float32. `quantize` ({"group_size", "bits"}) quantizes the DiT's transformer blocks.
+    float32. `loras` [(adapter file, strength), ...] are merged into the float32 weights,
+    in order, before the cast; then `quantize` ({"group_size", "bits"}) quantizes the
+    DiT's transformer blocks. config.json records the adapters merged.
     The folder appears only when complete: it is written under a temporary name beside
     `mlx_path` and renamed at the end; `force` then replaces an earlier conversion.
     `allow_pickle` reads a released folder's model.ckpt when it has no model.safetensors.
@@ -72,10 +76,29 @@ def convert(
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     mlx_path = Path(mlx_path)
     check_output(mlx_path, force)
+    for path, strength in loras:
+        check_lora(path, strength)
 
     print(f"[INFO] Loading {hf_path}")
     read_pickle = read_pickled if allow_pickle else None
-    models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize, read_pickle=read_pickle)
+    if not loras:
+        models = model_io.load(hf_path, dtype=getattr(mx, dtype), quantize=quantize, read_pickle=read_pickle)
+    else:
+        models = model_io.load(hf_path, dtype=mx.float32, read_pickle=read_pickle)
+        if quantize and models.config.quantization:
+            raise ValueError(f"{hf_path} is already quantized ({models.config.quantization['bits']} bits).")
+        merged = []
+        for path, strength in loras:
+            print(f"[INFO] Merging {path} at strength {strength:g}")
+            adapter = lora.read_adapter(path, models.dit, models.conditioner)
+            lora.apply_adapter(models.dit, models.conditioner, adapter, strength)
+            merged.append({"file": Path(path).name, "adapter_type": adapter.adapter_type, "rank": adapter.rank,
+                           "alpha": adapter.alpha, "strength": strength})
+        for module in (models.t5, models.dit):
+            module.set_dtype(getattr(mx, dtype))
+        if quantize:
+            model_io.quantize_dit(models.dit, **quantize)
+            models.config.quantization = dict(quantize)
     config = {
         "model_type": "stable-audio",
         "dtype": dtype,
@@ -83,6 +106,8 @@ def convert(
         "model_config": models.config.model_config,
         "text_encoder": models.config.t5_config,
     }
+    if loras:
+        config["loras_merged"] = merged
     print(f"[INFO] Writing {mlx_path}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
     try:
@@ -152,10 +177,19 @@ def main(argv=None):
         help="Read the pickled model.ckpt when the checkpoint has no model.safetensors "
         "(needs torch; loaded with weights_only=True; only for a file you trust).",
     )
+    parser.add_argument(
+        "--lora",
+        type=lora.parse_file_strength,
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="Merge this LoRA or DoRA adapter (stable-audio-tools' .safetensors) into the weights "
+        "at STRENGTH (default 1), before --quantize; repeat to merge several, in order.",
+    )
     args = parser.parse_args(argv)
     quantize = {"group_size": args.q_group_size, "bits": args.q_bits} if args.quantize else None
     try:
-        convert(args.hf_path, args.mlx_path, args.dtype, quantize, args.force, args.allow_pickle)
+        convert(args.hf_path, args.mlx_path, args.dtype, quantize, args.force, args.allow_pickle, args.lora)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely

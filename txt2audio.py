@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, limit_memory, load_config, settings
+from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, check_lora, limit_memory, load_config, settings
+from stable_audio import lora
 from stable_audio.audio import FORMATS, peak_normalize, read_audio, write_audio
 from stable_audio.model_io import first_line
 from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
@@ -49,6 +50,23 @@ def parse_interval(text: str) -> tuple:
     return parse_range(text, "MIN:MAX noise levels, e.g. 0.1:0.9")
 
 
+def lora_settings(args) -> list:
+    """(file, strength, interval, layer_filter) per --lora; an interval or a filter given
+    once applies to every adapter, or is given once per --lora, in order."""
+    n = len(args.lora)
+    per_adapter = []
+    for flag, values, default in (("--lora-interval", args.lora_interval, None), ("--lora-layer-filter", args.lora_layer_filter, "")):
+        if values and not n:
+            raise ValueError(f"{flag} needs a --lora.")
+        if len(values) not in (0, 1, n):
+            raise ValueError(f"Give {flag} once (for every adapter) or once per --lora ({n} times), not {len(values)} times.")
+        per_adapter.append(values * n if len(values) == 1 else values or [default] * n)
+    entries = [(path, strength, interval, layer_filter) for (path, strength), interval, layer_filter in zip(args.lora, *per_adapter)]
+    for entry in entries:
+        check_lora(*entry)
+    return entries
+
+
 def report(verbose: bool, phase: str, start: float):
     if verbose:
         peak = mx.get_peak_memory() / 1024**3
@@ -78,6 +96,9 @@ def main(argv=None):
     parser.add_argument("--init-noise-level", type=float, default=1.0, metavar="SIGMA", help="How far --init-audio is noised before sampling; it replaces --sigma-max (default: %(default)s)")
     parser.add_argument("--inpaint-audio", metavar="FILE", help="Keep this audio file except the --inpaint-range parts, which are regenerated")
     parser.add_argument("--inpaint-range", type=parse_range, action="append", default=[], metavar="START:END", help="Seconds of --inpaint-audio to regenerate; repeat for several ranges")
+    parser.add_argument("--lora", type=lora.parse_file_strength, action="append", default=[], metavar="FILE[:STRENGTH]", help="A LoRA or DoRA adapter file (stable-audio-tools' .safetensors) and its strength (default 1); repeat to stack several, applied in order")
+    parser.add_argument("--lora-interval", type=parse_interval, action="append", default=[], metavar="MIN:MAX", help="Use the adapter only at noise levels in [MIN, MAX], as --cfg-interval; give it once for every adapter, or once per --lora (default: always)")
+    parser.add_argument("--lora-layer-filter", action="append", default=[], metavar="PATTERNS", help="Comma-separated patterns of the DiT layers the adapter leaves alone, in stable-audio-tools' names, e.g. 'transformer.layers.[0-5].,to_global_embed'; once for every adapter, or once per --lora")
     parser.add_argument("--seed", type=int, help="Random seed (default: a random one, printed)")
     parser.add_argument("--n-audios", type=int, default=1, help="How many audios to make (default: %(default)s)")
     parser.add_argument("--output", default="output.wav", help="A .wav or .flac file; several are numbered (default: %(default)s)")
@@ -104,6 +125,7 @@ def main(argv=None):
             raise ValueError("--inpaint-audio and --inpaint-range go together.")
         for text in (args.prompt, args.negative_prompt or ""):
             check_prompt(text)
+        loras = lora_settings(args)
         config = load_config(args.model)
         if args.init_audio:
             args.sigma_max = args.init_noise_level
@@ -122,8 +144,10 @@ def main(argv=None):
         if args.quantize and config.quantization:
             raise ValueError(f"{args.model} is already quantized; leave out --quantize.")
         pipe = StableAudio.from_pretrained(
-            args.model, getattr(mx, args.dtype), getattr(mx, args.vae_dtype), args.quantize
+            args.model, getattr(mx, args.dtype), getattr(mx, args.vae_dtype), args.quantize, loras
         )
+        for a in pipe.adapters:
+            print(f"[INFO] Adapter {a['file']} ({a['adapter_type']}, rank {a['rank']}) at strength {a['strength']:g}")
         report(args.verbose, "Loading", start)
 
         init_latents = inpaint = None

@@ -77,6 +77,18 @@ def filter_patterns(layer_filter: str) -> list:
     return [p.strip().lower() for p in (layer_filter or "").split(",") if p.strip()]
 
 
+def parse_file_strength(text: str) -> tuple:
+    """The scripts' FILE[:STRENGTH]: what follows the last colon is the strength if it
+    reads as a number (default 1)."""
+    path, sep, strength = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 @dataclass
 class AdapterFile:
     path: Path

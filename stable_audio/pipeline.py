@@ -106,8 +106,11 @@ def check_arguments(
             raise ValueError(message + ".")
 
 
-def check_lora(strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
-    """Refuse, with a one-line ValueError, an adapter setting that cannot apply."""
+def check_lora(path, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
+    """Refuse, with a one-line ValueError, an adapter file that is not there or a setting
+    that cannot apply (the file itself is checked when read, against the model)."""
+    if not Path(path).is_file():
+        raise ValueError(f"The adapter file {path} does not exist." if not Path(path).exists() else f"The adapter {path} is not a file.")
     if not (type(strength) in (int, float) and math.isfinite(strength)):
         raise ValueError(f"The LoRA strength must be a finite number, not {strength!r}.")
     if interval is not None and not (len(interval) == 2 and all(math.isfinite(v) for v in interval) and 0 <= interval[0] <= interval[1] <= 1):
@@ -158,7 +161,7 @@ class StableAudio:
         stable-audio-tools names contain one alone. An adapter without an interval is
         merged into floating-point weights (no cost per step; load the model again to be
         rid of it); over a quantized DiT, or gated, it runs beside its layers."""
-        check_lora(strength, interval, layer_filter)
+        check_lora(path, strength, interval, layer_filter)
         adapter = lora.read_adapter(path, self.dit, self.conditioner)
         lora.apply_adapter(self.dit, self.conditioner, adapter, strength, interval, layer_filter)
         self.adapters.append(
