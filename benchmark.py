@@ -8,9 +8,11 @@ a markdown table.
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "50")
 
 import mlx.core as mx  # noqa: E402
 
-from stable_audio import Conditioning, StableAudio, limit_memory
+from stable_audio import Conditioning, StableAudio, limit_memory, lora
 from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
@@ -46,6 +48,19 @@ def random_pipeline(variant: str, config=None, vae_dtype=mx.float32) -> StableAu
     del models["vae"].encoder  # text-to-audio never reads it
     mx.eval([m.parameters() for m in models.values()])
     return StableAudio(Components(config, None, **models))
+
+
+def add_adapter(pipe, mode: str, folder: Path, rank: int = 8):
+    """A random rank-8 LoRA on every layer 0.0.20 adapts: "static" (merged into float
+    weights, beside quantized ones) or "gated" (active at noise levels in [0.5, 1], beside
+    every layer)."""
+    layers = lora.initial_tensors(pipe.dit, pipe.conditioner, rank)
+    for i, tensors in enumerate(layers.values()):
+        tensors["lora_B"] = 0.01 * mx.random.normal(tensors["lora_B"].shape, key=mx.random.key(i))
+    path = folder / f"{mode}.safetensors"
+    lora.save_adapter(path, layers, {"rank": rank, "alpha": rank, "adapter_type": "lora"})
+    pipe.load_lora(path, 1.0, (0.5, 1.0) if mode == "gated" else None)
+    mx.eval(pipe.dit.parameters(), pipe.conditioner.parameters())
 
 
 def condition(pipe, batch_size) -> Conditioning:
@@ -94,10 +109,13 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     times["end to end"].append(sum(times[k][-1] for k in ("text", "sampling", "decode")))
 
 
-def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False, vae_dtype=mx.float32, sampling=None):
+def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False, vae_dtype=mx.float32, sampling=None, adapter="none"):
     """Times are medians of `runs` generations with everything loaded; the peaks come
     from one more generation run as txt2audio.py runs it."""
     pipe = random_pipeline(variant, config, vae_dtype)
+    if adapter != "none":
+        with tempfile.TemporaryDirectory() as folder:
+            add_adapter(pipe, adapter, Path(folder))
     times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
     generate(pipe, 2, batch_size, compile, {k: [] for k in times}, sampling=sampling)  # warm-up
     for _ in range(runs):
@@ -125,6 +143,7 @@ if __name__ == "__main__":
     parser.add_argument("--vae-dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="the decoder's dtype (default: float32)")
     parser.add_argument("--sampler", help="the sampler (default: the model's, dpmpp-3m-sde)")
     parser.add_argument("--apg-scale", type=float, default=0.0, help="adaptive projected guidance (default: 0, plain CFG)")
+    parser.add_argument("--adapters", nargs="+", default=["none"], choices=("none", "static", "gated"), help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)")
     args = parser.parse_args()
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -133,20 +152,18 @@ if __name__ == "__main__":
         f"sampler {args.sampler or 'dpmpp-3m-sde'}, APG {args.apg_scale}, VAE {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command buffers of "
         f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB"
     )
-    print("| DiT | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for variant in args.variants:
-        for compile in compiles:
-            for batch_size in args.batch_sizes:
-                r = measure(
-                    variant, compile, args.steps, args.runs, batch_size,
-                    low_memory=args.low_memory, vae_dtype=getattr(mx, args.vae_dtype),
-                    sampling=dict(sampler=args.sampler, apg_scale=args.apg_scale),
-                )
-                print(
-                    f"| {variant} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
-                    f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
-                    f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} "
-                    f"({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
-                    flush=True,
-                )
+    print("| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for variant, adapter, compile, batch_size in itertools.product(args.variants, args.adapters, compiles, args.batch_sizes):
+        r = measure(
+            variant, compile, args.steps, args.runs, batch_size,
+            low_memory=args.low_memory, vae_dtype=getattr(mx, args.vae_dtype),
+            sampling=dict(sampler=args.sampler, apg_scale=args.apg_scale), adapter=adapter,
+        )
+        print(
+            f"| {variant} | {adapter} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
+            f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
+            f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} "
+            f"({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
+            flush=True,
+        )

@@ -200,6 +200,26 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
     return AdapterFile(path, kind, rank, alpha, settings, {name: found[name] for name in claimed})
 
 
+def initial_tensors(dit, conditioner, rank: int, adapter_type: str = "lora", include=None, exclude=None, key=None) -> dict:
+    """A new adapter's tensors, {official layer name: {tensor name: array}}, on the layers
+    `include`/`exclude` pick, initialised as 0.0.20 does: A ~ U(+-1/sqrt(fan_in))
+    (kaiming_uniform with a = sqrt 5), B = 0, DoRA magnitudes the norms of W's rows."""
+    modules = {"dit": dit, "conditioner": conditioner}
+    keys = iter(mx.random.split(mx.random.key(0) if key is None else key, 10_000))
+    layers = {}
+    for name, (component, path) in official_layers(len(dit.layers), conditioner.numbers).items():
+        if (include is not None and not matches(name, include)) or (exclude is not None and matches(name, exclude)):
+            continue
+        layer = _module(modules[component], path)
+        out_dim, in_dim = _dense_shape(layer)
+        bound = 1 / math.sqrt(in_dim)
+        tensors = {"lora_A": mx.random.uniform(-bound, bound, (rank, in_dim), key=next(keys)), "lora_B": mx.zeros((out_dim, rank))}
+        if adapter_type == "dora-rows":
+            tensors["magnitude"] = mx.linalg.norm(_dense_weight(_chain(layer)[1]), axis=1)
+        layers[name] = tensors
+    return layers
+
+
 def save_adapter(path, layers: dict, lora_config: dict):
     """Write an adapter file as stable-audio-tools 0.0.20's save_lora_safetensors does:
     {official layer name: {tensor name: array}} as float16 tensors under the official keys,

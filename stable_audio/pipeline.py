@@ -156,14 +156,15 @@ class StableAudio:
         """Apply a LoRA or DoRA adapter file of stable-audio-tools 0.0.20 at `strength`, on
         top of those applied before (as 0.0.20 stacks them). With `interval` = (MIN, MAX)
         it is active only in the model evaluations whose noise level (DiT.noise_level, as
-        for cfg_interval) is within it; `layer_filter` (comma-separated patterns, e.g.
+        for cfg_interval, in [0, 1]) is within it; `layer_filter` (comma-separated patterns, e.g.
         "transformer.layers.[0-11].", "to_global_embed") leaves the DiT layers whose
         stable-audio-tools names contain one alone. An adapter without an interval is
         merged into floating-point weights (no cost per step; load the model again to be
         rid of it); over a quantized DiT, or gated, it runs beside its layers."""
         check_lora(path, strength, interval, layer_filter)
         adapter = lora.read_adapter(path, self.dit, self.conditioner)
-        lora.apply_adapter(self.dit, self.conditioner, adapter, strength, interval, layer_filter)
+        always = interval is None or tuple(interval) == (0, 1)  # every noise level is in [0, 1]
+        lora.apply_adapter(self.dit, self.conditioner, adapter, strength, None if always else tuple(interval), layer_filter)
         self.adapters.append(
             {"file": Path(path).name, "adapter_type": adapter.adapter_type, "rank": adapter.rank,
              "alpha": adapter.alpha, "strength": strength, "interval": interval, "layer_filter": layer_filter}
