@@ -1585,6 +1585,13 @@ def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path):
     print(f"LoRA + DoRA merged vs beside the weights: rel. error {err:.2e}")
     assert err < PARITY_RTOL
     assert rel_err(merged, _guided(plain)) > 0.1  # the adapters matter
+    off = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
+    for path, strength in loras:  # outside its interval an adapter is absent (the conditioner's stays)
+        off.load_lora(path, strength, interval=(0.6, 1.0))
+    with_conditioner = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
+    for path, strength in loras:
+        with_conditioner.load_lora(path, strength, layer_filter="transformer, to_,conv")  # every DiT layer filtered out
+    assert rel_err(_guided(off), _guided(with_conditioner)) < PARITY_RTOL
 
     q8 = {"group_size": 64, "bits": 8}
     convert.convert(str(small_checkpoint), str(tmp_path / "plain_q8"), "float32", q8)

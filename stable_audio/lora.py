@@ -309,18 +309,22 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        update = (x @ self.lora_a.astype(x.dtype).T) @ self.lora_b.astype(x.dtype).T
-        if "row_scales" in self:
-            inner, layer = _chain(self.base)
-            gated = [a for a in inner if a.gated]
-            row = sum((a.active().astype(mx.int32) * (1 << j) for j, a in enumerate(gated)), mx.array(0))
-            bias = layer.get("bias")
-            plain = y if bias is None else y - bias  # DoRA changes the weight, not the bias
-            out = (plain + update) * mx.take(self.row_scales, row, axis=0).astype(x.dtype)
-            out = out if bias is None else out + bias
-        else:
-            out = y + update
-        return mx.where(self.active(), out, y) if self.gated else out
+        h = x @ self.lora_a.astype(x.dtype).T
+        if self.gated:  # off: a zero update (and for DoRA a unit row scale)
+            on = self.active()
+            h = h * on.astype(h.dtype)
+        b = self.lora_b.astype(x.dtype).T
+        if "row_scales" not in self:
+            return mx.addmm(y, h, b)  # the update added in the matmul's epilogue
+        inner, layer = _chain(self.base)
+        gated = [a for a in inner if a.gated]
+        row = sum((a.active().astype(mx.int32) * (1 << j) for j, a in enumerate(gated)), mx.array(0))
+        scale = mx.take(self.row_scales, row, axis=0).astype(x.dtype)
+        if self.gated:
+            scale = mx.where(on, scale, 1)
+        bias = layer.get("bias")  # DoRA changes the weight, not the bias
+        out = mx.addmm(y if bias is None else y - bias, h, b) * scale
+        return out if bias is None else out + bias
 
 
 def apply_adapter(dit, conditioner, adapter: AdapterFile, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
