@@ -2,8 +2,8 @@
 
 Tier 1 (no PyTorch): configs, shapes and dtypes on small models, the loader against the
 released key manifest, conversion, the tokenizer's conventions and the loader's errors.
-Tier 2 (parity): T5, tokenizer, conditioning, DiT and VAE against the official code
-(stable-audio-tools 0.0.19, transformers' T5) on identical random weights, in float32,
+Tier 2 (parity): T5, tokenizer, conditioning, DiT, VAE and LoRA adapters against the official code
+(stable-audio-tools 0.0.20, transformers' T5) on identical random weights, in float32,
 at the full Stable Audio Open 1.0 config.
 """
 
@@ -2391,3 +2391,21 @@ def test_gated_adapters_match_reference(sao, tmp_path):
     print(f"gated LoRA under a DoRA, 8 steps: final latents rel. error {err:.2e}, {len(traces)} trace(s)")
     assert err < 1e-4
     assert len(traces) == 1
+
+
+def test_layer_patterns_match_reference(reference):
+    """include/exclude and layer-filter patterns pick the layers 0.0.20's _matches_any and
+    filter_lora_layers pick (brackets, reversed ranges, layers.1 matching layers.10, case
+    and spaces in filters), on SAO 1.0's layer names."""
+    from stable_audio import lora
+    from stable_audio_tools.models.lora.model import _expand, _matches_any
+
+    names = list(lora.official_layers(24, {"seconds_start": None, "seconds_total": None}))
+    patterns = [["layers.[0-5]."], ["layers[0-5]"], ["layers.1"], ["layers.[3-1].ff"], ["to_kv", "conditioners"],
+                ["a[1-2]b[3-4]"], [" to_q "], []]
+    for p in patterns:
+        assert [n for n in names if lora.matches(n, p)] == [n for n in names if _matches_any(n, p)], p
+    for text in ["transformer.layers.[0-5].,  TO_GLOBAL_EMBED", "Self_Attn", "", "ff.ff.2,preprocess"]:
+        official = [x.lower().strip() for x in text.split(",") if len(x)]
+        expected = [n for n in names if any(e in n[len("model."):] for f in official for e in _expand(f))]
+        assert [n for n in names if lora.matches(n[len("model."):], lora.filter_patterns(text))] == expected, text
