@@ -276,18 +276,22 @@ class LoRALinear(nn.Module):
     switched inside the compiled step, by the level the DiT sets in `noise_level`).
 
     It computes base(x) + s (x A^T) B^T, and for DoRA scales each output row by
-    m / ||V|| (V as in adapted_weight). That factor depends on which gated adapters under
-    this one are active, so it is precomputed for each of their combinations."""
+    m / ||V|| (V as in adapted_weight). For a frozen adapter that factor is precomputed,
+    for each combination of the gated adapters under it; for one being trained
+    (`frozen=False`, a single adapter over its layer) it is computed from A, B and m."""
 
-    def __init__(self, base, lora_a, lora_b, scale, magnitude=None, interval=None, noise_level=None):
+    def __init__(self, base, lora_a, lora_b, scale, magnitude=None, interval=None, noise_level=None, frozen=True):
         super().__init__()
         self.base = base
         self.lora_a = lora_a
-        self.lora_b = scale * lora_b
+        self.lora_b = lora_b
+        self.scale = scale
         self.gated = interval is not None
         self.low, self.high = interval or (0.0, 1.0)
         self.noise_level = noise_level
         if magnitude is not None:
+            self.magnitude = magnitude
+        if magnitude is not None and frozen:
             inner, layer = _chain(base)
             gated = [a for a in inner if a.gated]
             scales = []
@@ -296,10 +300,9 @@ class LoRALinear(nn.Module):
                 w = _dense_weight(layer)
                 for a in inner:
                     if on.get(id(a), True):
-                        w = adapted_weight(w, a.lora_a, a.lora_b, 1.0, a.get("magnitude"))
-                v_norm = mx.linalg.norm(w + self.lora_b @ lora_a, axis=1)
+                        w = adapted_weight(w, a.lora_a, a.lora_b, a.scale, a.get("magnitude"))
+                v_norm = mx.linalg.norm(w + scale * (lora_b @ lora_a), axis=1)
                 scales.append(magnitude / (v_norm + EPS))
-            self.magnitude = magnitude
             self.row_scales = mx.stack(scales)
             mx.eval(self.row_scales)
 
@@ -314,16 +317,21 @@ class LoRALinear(nn.Module):
             on = self.active()
             h = h * on.astype(h.dtype)
         b = self.lora_b.astype(x.dtype).T
-        if "row_scales" not in self:
-            return mx.addmm(y, h, b)  # the update added in the matmul's epilogue
+        if "magnitude" not in self:
+            return mx.addmm(y, h, b, alpha=self.scale)  # the update added in the matmul's epilogue
         inner, layer = _chain(self.base)
-        gated = [a for a in inner if a.gated]
-        row = sum((a.active().astype(mx.int32) * (1 << j) for j, a in enumerate(gated)), mx.array(0))
-        scale = mx.take(self.row_scales, row, axis=0).astype(x.dtype)
+        if "row_scales" in self:
+            gated = [a for a in inner if a.gated]
+            row = sum((a.active().astype(mx.int32) * (1 << j) for j, a in enumerate(gated)), mx.array(0))
+            scale = mx.take(self.row_scales, row, axis=0)
+        else:  # being trained: the norm follows A, B and m
+            v = _dense_weight(layer) + self.scale * (self.lora_b @ self.lora_a)
+            scale = self.magnitude / (mx.linalg.norm(v, axis=1) + EPS)
+        scale = scale.astype(x.dtype)
         if self.gated:
             scale = mx.where(on, scale, 1)
         bias = layer.get("bias")  # DoRA changes the weight, not the bias
-        out = mx.addmm(y if bias is None else y - bias, h, b) * scale
+        out = mx.addmm(y if bias is None else y - bias, h, b, alpha=self.scale) * scale
         return out if bias is None else out + bias
 
 
