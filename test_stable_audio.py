@@ -2409,3 +2409,101 @@ def test_layer_patterns_match_reference(reference):
         official = [x.lower().strip() for x in text.split(",") if len(x)]
         expected = [n for n in names if any(e in n[len("model."):] for f in official for e in _expand(f))]
         assert [n for n in names if lora.matches(n[len("model."):], lora.filter_patterns(text))] == expected, text
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="session")
+def reference_training(reference):
+    """0.0.20's training loss helpers; their module imports logging and plotting packages
+    (lightning's loggers, wandb, matplotlib, PIL) that the loss never uses: stand-ins."""
+    for name in ("pytorch_lightning.loggers", "wandb", "matplotlib", "matplotlib.backends", "matplotlib.backends.backend_agg",
+                 "matplotlib.cm", "matplotlib.colors", "matplotlib.figure", "matplotlib.ticker", "PIL", "PIL.Image"):
+        sys.modules.setdefault(name, _Stub(name))
+    from stable_audio_tools.training import utils
+
+    return utils
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora-rows"])
+def test_training_loss_and_gradients_match_reference(sao, reference_training, tmp_path, kind):
+    """The training loss of our FineTuned against 0.0.20's (its DiT forward at cfg 1 with
+    adapters from load_and_apply_loras, compute_normalized_mse and compute_masked_loss at
+    their defaults) on the full-width SAO 1.0 model, 16 latents, batch 2 with one sample
+    padded after 11 latents and one cfg-dropped, the same t, noise and adapter values (B
+    non-zero); then the gradient of every adapter tensor of the 180 layers against torch
+    autograd's."""
+    torch = sys.modules["torch"]
+    from stable_audio import lora, trainer
+    from stable_audio_tools.models.lora import load_and_apply_loras
+    from torch.nn.utils import parametrize
+
+    ours = sao.ours
+    saved = [(m, m.leaf_modules(), m.parameters()) for m in (ours.dit, ours.conditioner)]
+    try:
+        model = trainer.FineTuned(ours.dit, ours.conditioner, "v", rank=4, alpha=8, adapter_type=kind, key=mx.random.key(1))
+        rng = np.random.default_rng(2)
+        for path, name in model._layer_names.items():  # B non-zero, magnitudes moved; float16 values, as files hold
+            adapter = lora._module(model, path)
+            adapter.lora_b = mx.array(rng.standard_normal(adapter.lora_b.shape) * 0.02, dtype=mx.float16).astype(mx.float32)
+            adapter.lora_a = adapter.lora_a.astype(mx.float16).astype(mx.float32)
+            if "magnitude" in adapter:
+                adapter.magnitude = (adapter.magnitude * mx.array(rng.uniform(0.8, 1.2, adapter.magnitude.shape))).astype(mx.float16).astype(mx.float32)
+        path = tmp_path / "adapter.safetensors"
+        lora.save_adapter(path, model.adapter_tensors(), model.lora_config)
+        for p in sao.model.parameters():
+            p.requires_grad_(False)
+        load_and_apply_loras(sao.model, [str(path)], "diffusion_cond")
+        theirs = {}
+        for name in model._layer_names.values():
+            root = sao.model.conditioner if name.startswith("conditioners.") else sao.model.model
+            theirs[name] = root.get_submodule(name).parametrizations.weight[0]
+            for tensor in theirs[name].parameters():
+                tensor.requires_grad_(True)
+
+        B, T = 2, 16
+        gen = torch.Generator().manual_seed(5)
+        x0, noise = torch.randn(B, 64, T, generator=gen), torch.randn(B, 64, T, generator=gen)
+        t = torch.rand(B, generator=gen)
+        loss_mask = torch.arange(T)[None] < torch.tensor([T, 11])[:, None]
+        dropped = torch.tensor([False, True])
+        prompts, starts, totals = PROMPTS[:2], [3, 0], [40, 12]
+        meta = [{"prompt": p, "seconds_start": s, "seconds_total": tt} for p, s, tt in zip(prompts, starts, totals)]
+        inputs = sao.model.get_conditioning_inputs(sao.model.conditioner(meta, "cpu"))
+        cross = torch.where(dropped[:, None, None], torch.zeros_like(inputs["cross_attn_cond"]), inputs["cross_attn_cond"])
+        alpha, sigma = torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
+        out = sao.model.model(x0 * alpha + noise * sigma, t, cross_attn_cond=cross, cross_attn_mask=inputs["cross_attn_mask"],
+                              global_cond=inputs["global_cond"], cfg_dropout_prob=0.0)
+        mse = reference_training.compute_normalized_mse(out, noise * alpha - x0 * sigma, loss_mask, "none")
+        expected = reference_training.compute_masked_loss(mse, loss_mask, False, 0.0)[0]
+        expected.backward()
+
+        tokens, mask = ours.tokenizer(prompts)
+        text = ours.t5(tokens, mask)
+        to_mlx = lambda a: mx.array(a.numpy()).transpose(0, 2, 1)
+        args = (to_mlx(x0), mx.array(t.numpy()), to_mlx(noise), text, mask, {"seconds_start": starts, "seconds_total": totals},
+                mx.array(loss_mask.numpy()), mx.array(dropped.numpy()))
+        loss, grads = nn.value_and_grad(model, model.loss)(*args)
+        err = abs(loss.item() - expected.item()) / expected.item()
+        grads = dict(tree_flatten(grads))
+        errors = {}
+        for path, name in model._layer_names.items():
+            for ours_name, their_name in trainer.ADAPTER_TENSORS.items():
+                if f"{path}.{ours_name}" in grads:
+                    g = grads[f"{path}.{ours_name}"]
+                    errors[f"{name}.{their_name}"] = rel_err(g, getattr(theirs[name], their_name).grad)
+        worst = max(errors, key=errors.get)
+        print(f"{kind} training loss rel. error {err:.2e}; gradients of {len(errors)} tensors: worst {errors[worst]:.2e} ({worst}), "
+              f"median {np.median(list(errors.values())):.2e}")
+        assert len(errors) == 180 * (3 if kind == "dora-rows" else 2)
+        assert err < PARITY_RTOL and errors[worst] < 1e-4
+    finally:
+        for m, leaves, params in saved:
+            m.update_modules(leaves)
+            m.update(params)
+            m.unfreeze()
+        for root in (sao.model.model, sao.model.conditioner):
+            for module in root.modules():
+                if parametrize.is_parametrized(module, "weight"):
+                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

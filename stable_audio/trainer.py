@@ -1,0 +1,85 @@
+"""LoRA fine-tuning: trainable adapters on the DiT and the seconds conditioners, and the
+training objective of stable-audio-tools 0.0.20's DiffusionCondTrainingWrapper
+(SAT_0_0_20.md §5) with its defaults: cfg dropout of the cross-attention tokens, and
+the MSE over the valid (unpadded) latent frames."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from . import lora
+
+ADAPTER_TENSORS = {"lora_a": "lora_A", "lora_b": "lora_B", "magnitude": "magnitude"}  # ours -> the files'
+
+
+class FineTuned(nn.Module):
+    """The DiT and the conditioner with trainable adapters on the layers that
+    `include`/`exclude` (0.0.20's patterns) pick, everything else frozen. The adapters
+    start as 0.0.20's do (A ~ U(+-1/sqrt(fan_in)), B = 0, DoRA magnitudes the row norms),
+    so the model starts as the base model."""
+
+    def __init__(self, dit, conditioner, objective: str, rank: int = 8, alpha: float = None,
+                 adapter_type: str = "lora", include=None, exclude=None, key=None):
+        super().__init__()
+        self.dit, self.conditioner = dit, conditioner
+        self.objective = objective
+        # "_" keeps these out of the parameter tree
+        self._lora_config = {"rank": rank, "alpha": rank if alpha is None else alpha, "adapter_type": adapter_type}
+        self._lora_config.update({k: v for k, v in (("include", include), ("exclude", exclude)) if v is not None})
+        names = lora.official_layers(len(dit.layers), conditioner.numbers)
+        tensors = lora.initial_tensors(dit, conditioner, rank, adapter_type, include, exclude, key)
+        if not tensors:
+            raise ValueError("The include/exclude patterns leave no layer to adapt.")
+        self.freeze()
+        modules = {"dit": dit, "conditioner": conditioner}
+        wrapped = {"dit": [], "conditioner": []}
+        self._layer_names = {}  # our path ("dit.layers.0.ff.proj") -> official layer name
+        for name, t in tensors.items():
+            component, path = names[name]
+            layer = lora._module(modules[component], path)
+            adapter = lora.LoRALinear(layer, t["lora_A"], t["lora_B"], self._lora_config["alpha"] / rank,
+                                      t.get("magnitude"), frozen=False)
+            adapter.unfreeze(keys=list(ADAPTER_TENSORS), recurse=False, strict=False)
+            wrapped[component].append((path, adapter))
+            self._layer_names[f"{component}.{path}"] = name
+        for component, items in wrapped.items():
+            if items:
+                modules[component].update_modules(tree_unflatten(items))
+
+    @property
+    def lora_config(self) -> dict:
+        """The adapter file's metadata, as 0.0.20's trainer writes it."""
+        return dict(self._lora_config)
+
+    def adapter_tensors(self) -> dict:
+        """{official layer name: {tensor name: array}}, as lora.save_adapter writes them."""
+        layers = {}
+        for path, name in self._layer_names.items():
+            adapter = lora._module(self, path)
+            layers[name] = {theirs: adapter[ours] for ours, theirs in ADAPTER_TENSORS.items() if ours in adapter}
+        return layers
+
+    def loss(self, latents, t, noise, text, text_mask, seconds: dict, loss_mask, dropped) -> mx.array:
+        """0.0.20's training loss for latents x0 (B, T, C) at times t (B,) with noise eps:
+        x_t = alpha x0 + sigma eps and the target alpha eps - sigma x0 (v: alpha, sigma =
+        cos, sin of pi t / 2), or x_t = (1 - t) x0 + t eps and the target eps - x0 (flow).
+        `text`/`text_mask` are T5's output and mask, `seconds` the number conditions; where
+        `dropped` (B,) the cross-attention tokens are all zeros (cfg dropout; the global
+        token is kept). Each sample's squared error is averaged over its valid latents
+        (`loss_mask` (B, T)) and channels, then over the batch."""
+        cross, global_cond = self.conditioner(text, text_mask, **seconds)
+        cross = mx.where(dropped[:, None, None], mx.zeros_like(cross), cross)
+        t = t.astype(mx.float32)
+        if self.objective == "v":
+            alpha, sigma = mx.cos(t * math.pi / 2), mx.sin(t * math.pi / 2)
+        else:
+            alpha, sigma = 1 - t, t
+        alpha, sigma = alpha[:, None, None], sigma[:, None, None]
+        noised = latents * alpha + noise * sigma
+        target = noise * alpha - latents * sigma if self.objective == "v" else noise - latents
+        output = self.dit(noised, t, self.dit.prepare_conditioning(cross, global_cond))
+        squared = mx.where(loss_mask[:, :, None], (output - target) ** 2, 0.0)
+        count = loss_mask.sum(axis=1) * latents.shape[-1]
+        return mx.mean(squared.sum(axis=(1, 2)) / (count + 1e-8))
