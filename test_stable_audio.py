@@ -2507,3 +2507,61 @@ def test_training_loss_and_gradients_match_reference(sao, reference_training, tm
             for module in root.modules():
                 if parametrize.is_parametrized(module, "weight"):
                     parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def test_data_preparation_matches_reference(reference_training):
+    """Crops, masks and seconds of 0.0.20's PadCrop_Normalized_T (its offset drawn by
+    Python's random, replayed for ours), and latent masks of its resize_padding_mask."""
+    import random
+
+    torch = sys.modules["torch"]
+    from stable_audio import datasets
+    from stable_audio_tools.data.utils import PadCrop_Normalized_T
+
+    rng = np.random.default_rng(0)
+    rate = 100
+    for n, window in [(1050, 300), (250, 1000), (1000, 1000), (4321, 999)]:
+        audio = rng.standard_normal((2, n)).astype(np.float32)
+        crop = PadCrop_Normalized_T(window, rate, randomize=True)
+        for seed in range(4):
+            random.seed(seed)
+            chunk, _, _, seconds_start, seconds_total, mask = crop(torch.from_numpy(audio))
+            random.seed(seed)
+            offset = random.randint(0, n - window) if n > window else 0
+            ours = datasets.pad_crop(audio, window, rate, offset)
+            assert np.array_equal(ours[0], chunk.numpy()) and np.array_equal(ours[1], mask.numpy().astype(bool))
+            assert (ours[2], ours[3]) == (seconds_start, seconds_total), (n, window, offset)
+    for valid, n, length in [(300, 1000, 16), (1000, 1000, 16), (1, 1000, 7), (999, 1000, 7), (0, 64, 4)]:
+        mask = np.arange(n)[None] < valid
+        expected = reference_training.resize_padding_mask(torch.from_numpy(mask), length).numpy()
+        assert np.array_equal(datasets.latent_mask(mask, length), expected), (valid, n, length)
+
+
+def test_data_folders_and_their_captions(tmp_path):
+    import soundfile as sf
+    from stable_audio import datasets
+
+    tone = (0.5 * np.sin(np.arange(4410) / 10)).astype(np.float32)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sf.write(folder / "b.wav", tone, 22050)
+    sf.write(folder / "a.flac", np.stack([tone, -tone], 1), 44100)
+    (folder / "a.txt").write_text("low tone\n")
+    (folder / "notes.md").write_text("not audio")
+    with pytest.raises(ValueError, match=r"b.wav has no caption: add b.txt"):
+        datasets.find_clips(folder)
+    (folder / "metadata.jsonl").write_text('{"file": "b.wav", "prompt": "high tone"}\n')
+    assert [(p.name, c) for p, c in datasets.find_clips(folder)] == [("a.flac", "low tone"), ("b.wav", "high tone")]
+    clip = datasets.load_clip(folder / "b.wav", 44100, 2)
+    assert clip.shape == (2, 8820) and np.array_equal(clip[0], clip[1])  # resampled, mono doubled
+    assert datasets.load_clip(folder / "a.flac", 44100, 1).shape == (1, 4410)
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file,prompt\nb.wav,\"high, clear tone\"\n")
+    assert datasets.find_clips(folder)[1][1] == "high, clear tone"
+    (folder / "metadata.csv").write_text("name,caption\nb.wav,x\n")
+    with pytest.raises(ValueError, match="row 1, lacks a \"file\" and a \"prompt\""):
+        datasets.find_clips(folder)
+    for missing in (tmp_path / "nowhere", tmp_path):
+        with pytest.raises(ValueError, match="does not exist|holds no audio files"):
+            datasets.find_clips(missing)
+    assert datasets.is_silent(np.full((2, 10), 1e-4)) and not datasets.is_silent(np.full((2, 10), 1e-2))
