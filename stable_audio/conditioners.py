@@ -97,7 +97,9 @@ class Conditioner(nn.Module):
         """
         cond = {self.config.text_id: text * text_mask[..., None].astype(text.dtype)}
         for key, embedder in self.numbers.items():
-            cond[key] = embedder(mx.array(numbers[key], dtype=mx.float32))[:, None]
+            values = numbers[key]  # a list, or an array (inside a compiled training step)
+            values = values.astype(mx.float32) if isinstance(values, mx.array) else mx.array(values, dtype=mx.float32)
+            cond[key] = embedder(values)[:, None]
         cross = mx.concatenate([cond[k] for k in self.config.cross_attention_ids], axis=1)
         global_cond = mx.concatenate([cond[k][:, 0] for k in self.config.global_ids], axis=-1)
         return cross, global_cond

@@ -170,13 +170,19 @@ class VAE(nn.Module):
         self.encoder = encoder(config)
         self.decoder = decoder(config)
 
+    def posterior(self, audio: mx.array) -> tuple:
+        """The mean and the standard deviation of the latents' posterior, each (B, N /
+        ratio, latent_dim)."""
+        mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
+        return mean, nn.softplus(scale) + 1e-4
+
     def encode(self, audio: mx.array, noise: mx.array = None) -> mx.array:
         """Latents (B, N / ratio, latent_dim): the posterior mean, or with `noise` (N(0, 1)
         of the latents' shape) a sample of the posterior."""
-        mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
         if noise is None:
-            return mean
-        return mean + (nn.softplus(scale) + 1e-4) * noise.astype(mean.dtype)
+            return mx.split(self.encoder(audio), 2, axis=-1)[0]
+        mean, std = self.posterior(audio)
+        return mean + std * noise.astype(mean.dtype)
 
     def decode(self, latents: mx.array) -> mx.array:
         return self.decoder(latents)
