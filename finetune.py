@@ -2,8 +2,11 @@
 captioned audio files, written in stable-audio-tools 0.0.20's adapter format."""
 
 import argparse
+import json
 import math
+import os
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -12,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from stable_audio import datasets, lora, model_io, trainer
@@ -81,6 +85,57 @@ def batch_at(examples: list, step: int, seed: int, batch_size: int, shape: tuple
     )
 
 
+def checkpoint_path(output: str) -> Path:
+    """Where a run keeps what --resume needs, beside its adapter file."""
+    path = Path(output)
+    return path.with_name(path.stem + ".checkpoint.safetensors")
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, settings: dict):
+    """The adapters, the optimizer's state, the step and the run's settings in one file,
+    written atomically. The random draws are a function of (seed, step), so nothing else
+    is needed to go on exactly where the run stopped."""
+    tensors = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+    tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)})
+    metadata = {"step": str(step), "settings": json.dumps(settings)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, tensors, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
+    """Restore save_checkpoint's file into a fresh model and optimizer (whose state has
+    been initialised); returns the step it was written at."""
+    tensors, metadata = model_io.read_safetensors(path, model_io.FLOATS + (mx.uint32, mx.int32, mx.uint64, mx.int64), metadata=True)
+    try:
+        stored, step = json.loads(metadata["settings"]), int(metadata["step"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path} is not a checkpoint written by finetune.py.") from None
+    changed = [k for k in settings if stored.get(k) != settings[k]]
+    if changed:
+        raise ValueError(f"{path} is of another run: its {changed[0]} is {stored.get(changed[0])!r}, not {settings[changed[0]]!r}.")
+    adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    if adapters.keys() != expected.keys() or any(adapters[k].shape != expected[k].shape for k in expected):
+        raise ValueError(f"{path} holds other adapters than this run trains.")
+    model.update(tree_unflatten(list(adapters.items())))
+    saved = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    current = dict(tree_flatten(optimizer.state))
+    if saved.keys() != {k for k, v in current.items() if isinstance(v, mx.array)}:
+        raise ValueError(f"{path} holds another optimizer state than this run's.")
+    for key, value in saved.items():  # into the state's own nesting (lists where the model has lists)
+        node, *_, last = [optimizer.state, *key.split(".")]
+        for part in key.split(".")[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+    return step
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, no usage
@@ -100,14 +155,18 @@ def main(argv=None):
     parser.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW's weight decay (default: %(default)s, SAO 1.0's)")
     parser.add_argument("--crop-seconds", type=float, help="Train on windows of this length (default: the model's whole window)")
     parser.add_argument("--seed", type=int, default=0, help="Random seed (default: %(default)s)")
-    parser.add_argument("--save-every", type=int, default=0, help="Also write the adapter every N steps (default: only at the end)")
+    parser.add_argument("--save-every", type=int, default=0, help="Also write the adapter, and a checkpoint for --resume beside it, every N steps (default: only at the end)")
+    parser.add_argument("--resume", action="store_true", help="Go on from the checkpoint beside --output (same data, model and settings)")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="Recompute each DiT block in the backward pass: less memory, more time")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize the frozen DiT to 4 or 8 bits (QLoRA)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show the data preparation's progress")
     args = parser.parse_args(argv)
 
     try:
-        check_output(args.output, args.force)
+        check_output(args.output, args.force or args.resume)
+        if args.resume and not checkpoint_path(args.output).is_file():
+            raise ValueError(f"There is no checkpoint {checkpoint_path(args.output)} to resume from.")
         problems = [
             (args.rank < 1, "--rank must be >= 1"), (args.steps < 1, "--steps must be >= 1"),
             (args.batch_size < 1, "--batch-size must be >= 1"), (not args.learning_rate > 0, "--learning-rate must be > 0"),
@@ -147,6 +206,15 @@ def main(argv=None):
             [optim.linear_schedule(args.learning_rate / warmup, args.learning_rate, warmup), lambda _: args.learning_rate], [warmup]
         )
         optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+        models.dit.checkpoint_blocks = args.grad_checkpoint
+        settings = {k: getattr(args, k) for k in ("model", "data", "rank", "alpha", "adapter_type", "include", "exclude",
+                                                  "batch_size", "learning_rate", "warmup", "weight_decay", "crop_seconds",
+                                                  "seed", "quantize", "dtype")}
+        optimizer.init(model.trainable_parameters())
+        first = 1
+        if args.resume:
+            first = load_checkpoint(checkpoint_path(args.output), model, optimizer, settings) + 1
+            print(f"[INFO] Resuming at step {first}")
         state = [model.state, optimizer.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -160,18 +228,20 @@ def main(argv=None):
 
         shape = examples[0]["mean"].shape
         start, losses = time.perf_counter(), []
-        progress = tqdm(range(1, args.steps + 1), desc="Training")
+        progress = tqdm(range(first, args.steps + 1), desc="Training", initial=first - 1, total=args.steps)
         for i in progress:
             loss = step(*batch_at(examples, i, args.seed, args.batch_size, shape))
             mx.eval(loss, state)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"The loss became {losses[-1]} at step {i}: lower --learning-rate, or use --dtype float32.")
-            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{i / (time.perf_counter() - start):.2f}",
+            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{len(losses) / (time.perf_counter() - start):.2f}",
                                  peak=f"{mx.get_peak_memory() / 1e9:.2f} GB")
             if (args.save_every and i % args.save_every == 0) or i == args.steps:
                 lora.save_adapter(args.output, model.adapter_tensors(), model.lora_config)
-        print(f"[INFO] Wrote {args.output} ({len(examples)} examples; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})")
+                save_checkpoint(checkpoint_path(args.output), model, optimizer, i, settings)
+        if losses:
+            print(f"[INFO] Wrote {args.output} ({len(examples)} examples; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})")
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely

@@ -2612,3 +2612,59 @@ def test_finetuning_learns(small_converted, tone_data, tmp_path):
     before, after = held_out_loss(), held_out_loss(out)
     print(f"fine-tuning, 200 steps: held-out loss {before:.4f} -> {after:.4f} ({1 - after / before:.0%} lower)")
     assert after < 0.8 * before
+
+
+def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path):
+    """Interrupted after 6 of 12 steps (its checkpoint written at 6) and resumed, a run
+    ends with the adapter file of an uninterrupted run, bit for bit; a checkpoint of other
+    settings is refused. With --grad-checkpoint the same steps give the same adapter."""
+    import finetune
+    from safetensors.numpy import load_file
+
+    common = ["--model", str(small_converted), "--data", str(tone_data), "--rank", "2", "--learning-rate", "1e-3",
+              "--warmup", "3", "--batch-size", "2", "--seed", "4"]
+    whole, cut = tmp_path / "whole.safetensors", tmp_path / "cut.safetensors"
+    assert _main(finetune, [*common, "--output", str(whole), "--steps", "12"]) == ""
+    assert _main(finetune, [*common, "--output", str(cut), "--steps", "6"]) == ""  # as if stopped there
+    assert finetune.checkpoint_path(str(cut)).is_file()
+    other = [a if a != "2" or common[i - 1] != "--rank" else "3" for i, a in enumerate(common)]
+    assert "is of another run: its rank is 2, not 3" in _main(finetune, [*other, "--output", str(cut), "--steps", "12", "--resume"])
+    assert _main(finetune, [*common, "--output", str(cut), "--steps", "12", "--resume"]) == ""
+    a, b = load_file(whole), load_file(cut)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    checkpointed = tmp_path / "checkpointed.safetensors"
+    assert _main(finetune, [*common, "--output", str(checkpointed), "--steps", "12", "--grad-checkpoint"]) == ""
+    c = load_file(checkpointed)
+    assert max(np.abs(a[k].astype(np.float32) - c[k].astype(np.float32)).max() for k in a) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/nowhere"], "does not exist"),
+        (["--data", "{tmp}"], "holds no audio files"),
+        (["--output", "{tmp}/adapter.bin"], "must end in .safetensors"),
+        (["--output", "{tmp}/no/adapter.safetensors"], "does not exist"),
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--crop-seconds", "100"], "--crop-seconds must be in"),
+        (["--resume"], "no checkpoint"),
+        (["--adapter-type", "bora"], "invalid choice"),
+        (["--include", "nothing-matches"], "leave no layer to adapt"),
+        (["--data", "{silent}"], "Every clip is silent"),
+    ],
+)
+def test_finetune_refuses_bad_input(small_converted, tone_data, tmp_path, args, message):
+    import finetune
+    import soundfile as sf
+
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    sf.write(silent / "quiet.wav", np.zeros(4410, dtype=np.float32), 44100)
+    (silent / "quiet.txt").write_text("nothing")
+    out = tmp_path / "adapter.safetensors"
+    base = ["--model", str(small_converted), "--data", str(tone_data), "--output", str(out), "--steps", "2"]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{silent}", str(silent)) for a in args]
+    before = _listing(tmp_path)
+    error = _main(finetune, [*base, *args])
+    assert message in error, error
+    assert _listing(tmp_path) == before  # nothing written

@@ -213,6 +213,7 @@ class DiT(nn.Module):
         self.project_out = nn.Linear(dim, io, bias=False)
         self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
         self.lora_noise_level = None  # set by lora.apply_adapter for interval-gated adapters
+        self.checkpoint_blocks = False  # fine-tuning: recompute each block's activations in the backward pass
 
     def prepare_conditioning(self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None) -> dict:
         """What every sampler step of a generation reuses, computed once: each block's
@@ -256,7 +257,7 @@ class DiT(nn.Module):
         prepend = global_embed + timestep
         h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1).astype(mx.float32)
         for layer, keys_values in zip(self.layers, conditioning["keys_values"]):
-            h = layer(h, keys_values)
+            h = (nn.utils.checkpoint(layer) if self.checkpoint_blocks else layer)(h, keys_values)
         y = self.project_out(h.astype(dtype))[:, 1:]
         return (y + self.postprocess_conv(y)).astype(mx.float32)
 
