@@ -132,6 +132,47 @@ def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=F
     return result
 
 
+PEER_LAYERS = ["self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.to_out"]
+
+
+def measure_training(variant: str, checkpoint: bool, steps: int = 8, config=None, latents: int = 1024) -> dict:
+    """finetune.py's compiled step (rank-8 LoRA on the attention projections, the layers
+    the PEFT peer adapts; batch 1, `latents` latents, AdamW): seconds per step after 3
+    warm-up steps, and the peak memory of those steps (weights included; T5 and the VAE,
+    which fine-tuning frees after preparing its data, excluded)."""
+    from mlx import optimizers as optim
+
+    from stable_audio import trainer
+
+    dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16}.get(variant, mx.float16)
+    pipe = random_pipeline("float32" if variant in ("bfloat16", "float16") else variant, config)
+    if variant in ("bfloat16", "float16"):
+        pipe.dit.set_dtype(dtype)
+    del pipe.t5, pipe.vae
+    model = trainer.FineTuned(pipe.dit, pipe.conditioner, pipe.config.dit.objective, rank=8, include=PEER_LAYERS)
+    pipe.dit.checkpoint_blocks = checkpoint
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    step = trainer.training_step(model, optimizer)
+    key = iter(mx.random.split(mx.random.key(0), 8))
+    C = pipe.config.dit.io_channels
+    normal = lambda *shape: mx.random.normal(shape, key=next(key))
+    inputs = (normal(1, latents, C), mx.ones((1, latents, C)) * 0.1, normal(1, latents, C), mx.array([0.5]), normal(1, latents, C),
+              normal(1, 128, pipe.config.conditioner.cond_dim), mx.ones((1, 128), dtype=mx.int32), mx.array([0.0]),
+              mx.array([47.0]), mx.ones((1, latents), dtype=mx.bool_), mx.array([False]))
+    state = [model.state, optimizer.state]
+    for _ in range(3):
+        mx.eval(step(*inputs), state)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(step(*inputs), state)
+    result = {"step": (time.perf_counter() - start) / steps, "peak": mx.get_peak_memory() / 1e9}
+    del pipe, model, optimizer, step, state
+    mx.clear_cache()
+    return result
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="DiT and T5 precisions (default: all)")
@@ -144,7 +185,17 @@ if __name__ == "__main__":
     parser.add_argument("--sampler", help="the sampler (default: the model's, dpmpp-3m-sde)")
     parser.add_argument("--apg-scale", type=float, default=0.0, help="adaptive projected guidance (default: 0, plain CFG)")
     parser.add_argument("--adapters", nargs="+", default=["none"], choices=("none", "static", "gated"), help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)")
+    parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint")
     args = parser.parse_args()
+    if args.finetune:
+        print(f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, 1024 latents, AdamW, compiled step")
+        print("| frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |")
+        print("| --- | --- | ---: | ---: |")
+        for variant in dict.fromkeys(["bfloat16", *args.variants]):
+            for checkpoint in (False, True):
+                r = measure_training(variant, checkpoint, args.runs * 4)
+                print(f"| {variant} | {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} | {r['peak']:.2f} |", flush=True)
+        raise SystemExit
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     print(

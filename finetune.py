@@ -8,11 +8,9 @@ import os
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
@@ -215,16 +213,8 @@ def main(argv=None):
         if args.resume:
             first = load_checkpoint(checkpoint_path(args.output), model, optimizer, settings) + 1
             print(f"[INFO] Resuming at step {first}")
+        step = trainer.training_step(model, optimizer)
         state = [model.state, optimizer.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(mean, std, posterior_noise, t, noise, text, text_mask, starts, totals, loss_mask, dropped):
-            latents = mean + std * posterior_noise  # a posterior sample, as 0.0.20's encoder draws
-            numbers = {"seconds_start": starts, "seconds_total": totals}
-            numbers = {k: v for k, v in numbers.items() if k in model.conditioner.numbers}
-            loss, grads = nn.value_and_grad(model, model.loss)(latents, t, noise, text, text_mask, numbers, loss_mask, dropped)
-            optimizer.update(model, grads)
-            return loss
 
         shape = examples[0]["mean"].shape
         start, losses = time.perf_counter(), []

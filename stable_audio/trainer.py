@@ -4,6 +4,7 @@ training objective of stable-audio-tools 0.0.20's DiffusionCondTrainingWrapper
 the MSE over the valid (unpadded) latent frames."""
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,3 +84,20 @@ class FineTuned(nn.Module):
         squared = mx.where(loss_mask[:, :, None], (output - target) ** 2, 0.0)
         count = loss_mask.sum(axis=1) * latents.shape[-1]
         return mx.mean(squared.sum(axis=(1, 2)) / (count + 1e-8))
+
+
+def training_step(model: FineTuned, optimizer):
+    """The whole step compiled: a posterior sample of the latents, the loss, its gradients
+    with respect to the adapters, and the optimizer's update. Returns the loss."""
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(mean, std, posterior_noise, t, noise, text, text_mask, starts, totals, loss_mask, dropped):
+        latents = mean + std * posterior_noise  # as 0.0.20's encoder samples its posterior
+        numbers = {"seconds_start": starts, "seconds_total": totals}
+        numbers = {k: v for k, v in numbers.items() if k in model.conditioner.numbers}
+        loss, grads = nn.value_and_grad(model, model.loss)(latents, t, noise, text, text_mask, numbers, loss_mask, dropped)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
