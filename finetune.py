@@ -237,7 +237,7 @@ def main(argv=None):
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
         sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, lower --batch-size or --crop-seconds, or try --quantize 8.")
     except KeyboardInterrupt:
-        sys.exit("Interrupted; the adapter file holds the last --save-every step, if any.")
+        sys.exit("Interrupted; the adapter and checkpoint files hold the last --save-every step, if any (go on with --resume).")
 
 
 if __name__ == "__main__":
