@@ -4,9 +4,7 @@ captioned audio files, written in stable-audio-tools 0.0.20's adapter format."""
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ def prepare_examples(models, clips, window: int, verbose: bool) -> list:
     rate, ratio = config.sample_rate, config.vae.downsampling_ratio
     encoded_text = {}
     examples = []
+    dtype = models.vae.encoder.layers[0].weight.dtype
     for path, caption in tqdm(clips, desc="Preparing", disable=not verbose):
         audio = datasets.load_clip(path, rate, config.vae.audio_channels)
         if caption not in encoded_text:
@@ -53,7 +52,6 @@ def prepare_examples(models, clips, window: int, verbose: bool) -> list:
             chunk, sample_mask, seconds_start, seconds_total = datasets.pad_crop(audio, window, rate, offset)
             if datasets.is_silent(chunk):
                 continue
-            dtype = models.vae.encoder.layers[0].weight.dtype
             mean, std = models.vae.posterior(mx.array(np.clip(chunk, -1, 1).T[None]).astype(dtype))
             mx.eval(mean, std)
             examples.append({
@@ -95,15 +93,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, settings: dict):
     is needed to go on exactly where the run stopped."""
     tensors = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)})
-    metadata = {"step": str(step), "settings": json.dumps(settings)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, tensors, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    model_io.write_safetensors(path, tensors, {"step": str(step), "settings": json.dumps(settings)})
 
 
 def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:

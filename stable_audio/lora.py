@@ -11,9 +11,7 @@ interval) wrap their layer in a LoRALinear."""
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -22,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .model_io import FLOATS, RENAMES, read_safetensors
+from .model_io import FLOATS, RENAMES, read_safetensors, write_safetensors
 
 ADAPTER_TYPES = ("lora", "dora-rows")
 NOT_IMPLEMENTED = ("dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
@@ -70,6 +68,11 @@ def expand(pattern: str) -> list:
 def matches(name: str, patterns) -> bool:
     """Whether `name` contains any of `patterns` (substrings, brackets expanded)."""
     return any(e in name for p in patterns for e in expand(p.strip()))
+
+
+def picked(name: str, include=None, exclude=None) -> bool:
+    """Whether include/exclude (None: no such list) pick a layer, exclude winning."""
+    return (include is None or matches(name, include)) and not (exclude is not None and matches(name, exclude))
 
 
 def filter_patterns(layer_filter: str) -> list:
@@ -164,10 +167,7 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
             raise ValueError(f"{path}: its lora_config {what} is not a list of strings.")
 
     layers = official_layers(len(dit.layers), conditioner.numbers)
-    claimed = [
-        name for name in layers
-        if (include is None or matches(name, include)) and not (exclude is not None and matches(name, exclude))
-    ]
+    claimed = [name for name in layers if picked(name, include, exclude)]
     modules = {"dit": dit, "conditioner": conditioner}
     found = {}
     for key, value in tensors.items():
@@ -208,7 +208,7 @@ def initial_tensors(dit, conditioner, rank: int, adapter_type: str = "lora", inc
     keys = iter(mx.random.split(mx.random.key(0) if key is None else key, 10_000))
     layers = {}
     for name, (component, path) in official_layers(len(dit.layers), conditioner.numbers).items():
-        if (include is not None and not matches(name, include)) or (exclude is not None and matches(name, exclude)):
+        if not picked(name, include, exclude):
             continue
         layer = _module(modules[component], path)
         out_dim, in_dim = _dense_shape(layer)
@@ -225,16 +225,8 @@ def save_adapter(path, layers: dict, lora_config: dict):
     {official layer name: {tensor name: array}} as float16 tensors under the official keys,
     with `lora_config` (rank, alpha, adapter_type, include, exclude) as JSON metadata. The
     file appears only when complete (written under a temporary name, then renamed)."""
-    path = Path(path)
     tensors = {f"{layer}{KEY}{name}": value.astype(mx.float16) for layer, named in layers.items() for name, value in named.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, tensors, metadata={"lora_config": json.dumps(lora_config)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_safetensors(path, tensors, {"lora_config": json.dumps(lora_config)})
 
 
 def adapted_weight(weight: mx.array, lora_a: mx.array, lora_b: mx.array, scale: float, magnitude: mx.array = None) -> mx.array:

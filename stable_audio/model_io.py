@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +240,20 @@ def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
             allowed = ", ".join(str(d).split(".")[-1] for d in dtypes)
             raise ValueError(f"Tensor {path.name}: {key} has dtype {str(value.dtype).split('.')[-1]}; expected {allowed}.")
     return (tensors, stored) if metadata else tensors
+
+
+def write_safetensors(path, tensors: dict, metadata: dict):
+    """mx.save_safetensors, the file appearing only when complete (written under a
+    temporary name beside it, then renamed)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, tensors, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def is_converted(folder: Path) -> bool:
