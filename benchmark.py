@@ -161,12 +161,12 @@ def measure_training(variant: str, checkpoint: bool, steps: int = 8, config=None
               mx.array([47.0]), mx.ones((1, latents), dtype=mx.bool_), mx.array([False]))
     state = [model.state, optimizer.state]
     for _ in range(3):
-        mx.eval(step(*inputs), state)
+        mx.eval(step([inputs]), state)
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
     for _ in range(steps):
-        mx.eval(step(*inputs), state)
+        mx.eval(step([inputs]), state)
     result = {"step": (time.perf_counter() - start) / steps, "peak": mx.get_peak_memory() / 1e9}
     del pipe, model, optimizer, step, state
     mx.clear_cache()
@@ -185,16 +185,20 @@ if __name__ == "__main__":
     parser.add_argument("--sampler", help="the sampler (default: the model's, dpmpp-3m-sde)")
     parser.add_argument("--apg-scale", type=float, default=0.0, help="adaptive projected guidance (default: 0, plain CFG)")
     parser.add_argument("--adapters", nargs="+", default=["none"], choices=("none", "static", "gated"), help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)")
-    parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint")
+    parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)")
     args = parser.parse_args()
     if args.finetune:
-        print(f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, 1024 latents, AdamW, compiled step")
-        print("| frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |")
-        print("| --- | --- | ---: | ---: |")
-        for variant in dict.fromkeys(["bfloat16", *args.variants]):
-            for checkpoint in (False, True):
-                r = measure_training(variant, checkpoint, args.runs * 4)
-                print(f"| {variant} | {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} | {r['peak']:.2f} |", flush=True)
+        print(f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, the model's whole window, AdamW, compiled step")
+        print("| model | frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |")
+        print("| --- | --- | --- | ---: | ---: |")
+        small = parse_config(json.loads((DATA / "saos_model_config.RECONSTRUCTED.json").read_text()), json.loads((DATA / "t5_config.json").read_text()))
+        for name, config in (("SAO 1.0", None), ("SAO Small", small)):
+            latents = (config.sample_size // config.vae.downsampling_ratio) if config else 1024
+            variants = list(dict.fromkeys(["bfloat16", *args.variants]))
+            for variant in variants if config is None else [v for v in variants if v in ("bfloat16", "4-bit")]:
+                for checkpoint in (False, True):
+                    r = measure_training(variant, checkpoint, args.runs * 4, config, latents)
+                    print(f"| {name} ({latents} latents) | {variant} | {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} | {r['peak']:.2f} |", flush=True)
         raise SystemExit
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]

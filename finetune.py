@@ -14,8 +14,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from stable_audio import datasets, lora, model_io, trainer
-from stable_audio.model_io import first_line
+from stable_audio import Conditioning, StableAudio, datasets, lora, model_io, trainer
+from stable_audio.audio import peak_normalize, write_audio
+from stable_audio.model_io import Components, first_line
 
 DTYPES = ("float16", "bfloat16", "float32")
 CFG_DROPOUT = 0.1  # 0.0.20's default
@@ -31,54 +32,107 @@ def check_output(output: str, force: bool):
         raise ValueError(f"{output} already exists; choose another --output, or replace it with --force.")
 
 
-def prepare_examples(models, clips, window: int, verbose: bool) -> list:
-    """Each file cut into consecutive windows of `window` samples (the last zero-padded),
-    each window encoded once to its posterior (mean, std) and kept with its latent mask,
-    its seconds (as 0.0.20's PadCrop_Normalized_T sets them for that offset) and its
-    caption's T5 output; silent windows are left out, as 0.0.20 rejects them."""
-    config = models.config
-    rate, ratio = config.sample_rate, config.vae.downsampling_ratio
-    encoded_text = {}
-    examples = []
-    dtype = models.vae.encoder.layers[0].weight.dtype
-    for path, caption in tqdm(clips, desc="Preparing", disable=not verbose):
-        audio = datasets.load_clip(path, rate, config.vae.audio_channels)
-        if caption not in encoded_text:
+def model_key(model: str) -> str:
+    """What the latent cache keys a model by: its weight files' names, sizes and times."""
+    folder = model_io.resolve(model)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt"))
+    return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+
+
+def prepare_clips(models, clips, window: int, args, cache, key, show: bool) -> list:
+    """Every file encoded once (or read back from the latent cache), those that cannot be
+    read skipped with a count (refused under --strict), those with no window above
+    -60 dBFS left out, as 0.0.20 rejects silent crops."""
+    prepared, everything, unreadable, silent = [], [], [], 0
+    for path, caption in tqdm(clips, desc="Encoding audio", disable=not show):
+        try:
+            clip = datasets.encode_clip(models.vae, path, caption, models.config.sample_rate, window, args.phase_flip, cache, key)
+        except ValueError as e:
+            if args.strict:
+                raise
+            unreadable.append(f"{path.name} ({first_line(e)})")
+            continue
+        everything.append(clip)
+        if clip.starts.size:
+            prepared.append(clip)
+        else:
+            silent += 1
+    if show and unreadable:
+        print(f"[WARN] Skipped {len(unreadable)} file(s) that cannot be read (--strict refuses them), first: {unreadable[0]}")
+    if show and silent:
+        print(f"[INFO] Left out {silent} silent file(s) (below -60 dBFS throughout)")
+    if not prepared:
+        raise ValueError("No file can be read." if not silent else "Every clip is silent (below -60 dBFS): there is nothing to learn from.")
+    problem = datasets.save_to_cache(everything)
+    if show and problem:
+        print(f"[WARN] Cannot write the latent cache ({problem}); the next run encodes again (see --cache)")
+    return prepared
+
+
+def encode_captions(models, captions) -> dict:
+    """{caption: (T5's output, its mask)}, T5 run once per distinct caption."""
+    encoded = {}
+    for caption in captions:
+        if caption not in encoded:
             tokens, mask = models.tokenizer([caption])
             text = models.t5(tokens, mask)
             mx.eval(text)
-            encoded_text[caption] = (text[0], mask[0])
-        for offset in range(0, audio.shape[1], window):
-            chunk, sample_mask, seconds_start, seconds_total = datasets.pad_crop(audio, window, rate, offset)
-            if datasets.is_silent(chunk):
-                continue
-            mean, std = models.vae.posterior(mx.array(np.clip(chunk, -1, 1).T[None]).astype(dtype))
-            mx.eval(mean, std)
-            examples.append({
-                "mean": mean[0].astype(mx.float32), "std": std[0].astype(mx.float32),
-                "loss_mask": mx.array(datasets.latent_mask(sample_mask, window // ratio)),
-                "text": encoded_text[caption][0], "text_mask": encoded_text[caption][1],
-                "seconds_start": float(seconds_start), "seconds_total": float(seconds_total),
-            })
-    if not examples:
-        raise ValueError("Every clip is silent (below -60 dBFS): there is nothing to learn from.")
-    return examples
+            encoded[caption] = (text[0], mask[0])
+    return encoded
 
 
-def batch_at(examples: list, step: int, seed: int, batch_size: int, shape: tuple) -> tuple:
-    """The step's batch and random draws, a function of (seed, step) alone, so that a run
-    is reproducible: the examples, the posterior samples, t ~ U(0, 1), the noise and the
-    cfg-dropout mask."""
-    rng = np.random.default_rng([seed, step])
-    chosen = [examples[i] for i in rng.integers(0, len(examples), batch_size)]
-    stack = lambda key: mx.stack([e[key] for e in chosen])
-    draws = lambda: mx.array(rng.standard_normal((batch_size, *shape)).astype(np.float32))
-    return (
-        stack("mean"), stack("std"), draws(), mx.array(rng.uniform(size=batch_size).astype(np.float32)), draws(),
-        stack("text"), stack("text_mask"), mx.array([e["seconds_start"] for e in chosen]),
-        mx.array([e["seconds_total"] for e in chosen]), stack("loss_mask"),
-        mx.array(rng.uniform(size=batch_size) < CFG_DROPOUT),
-    )
+def batches_at(clips, texts, step: int, args, config, latents: int, world: int = 1, rank: int = 0) -> list:
+    """This process's micro-batches of a step: the whole step's examples and random draws
+    are a function of (seed, step) alone, drawn for all --grad-accumulate x processes x
+    --batch-size of them at once and then shared out, so that a run is reproducible and
+    N processes with batch B make the step one process makes with batch N x B. Each
+    example is a random window of a random clip (its offset, polarity, posterior sample),
+    t from --timestep-sampler, the noise and the cfg-dropout draw."""
+    ratio, rate = config.vae.downsampling_ratio, config.sample_rate
+    size = args.batch_size * args.grad_accumulate * world
+    rng = np.random.default_rng([args.seed, step])
+    chosen = [clips[i] for i in rng.integers(0, len(clips), size)]
+    starts = [int(c.starts[rng.integers(0, c.starts.size)]) for c in chosen]
+    flipped = rng.uniform(size=size) < 0.5 if args.phase_flip else np.zeros(size, dtype=bool)
+    channels = chosen[0].posteriors[0][0].shape[-1]
+    posterior_noise = rng.standard_normal((size, latents, channels), dtype=np.float32)
+    shift = int(np.random.default_rng([args.seed]).integers(2**32))
+    t = trainer.sample_timesteps(args.timestep_sampler, size, rng, (step - 1) * size, shift).astype(np.float32)
+    noise = rng.standard_normal((size, latents, channels), dtype=np.float32)
+    dropped = rng.uniform(size=size) < CFG_DROPOUT
+    micro_batches = []
+    for k in range(args.grad_accumulate):
+        mine = range((k * world + rank) * args.batch_size, (k * world + rank + 1) * args.batch_size)
+        posterior = [chosen[j].posteriors[int(flipped[j])] for j in mine]
+        window_of = lambda array, j: array[starts[j] : starts[j] + latents]
+        micro_batches.append((
+            mx.stack([window_of(p[0], j) for p, j in zip(posterior, mine)]),
+            mx.stack([window_of(p[1], j) for p, j in zip(posterior, mine)]),
+            mx.array(posterior_noise[mine.start : mine.stop]), mx.array(t[mine.start : mine.stop]),
+            mx.array(noise[mine.start : mine.stop]),
+            mx.stack([texts[chosen[j].caption][0] for j in mine]), mx.stack([texts[chosen[j].caption][1] for j in mine]),
+            mx.array([float(math.floor(starts[j] * ratio / rate)) for j in mine]),  # PadCrop_Normalized_T's seconds
+            mx.array([float(math.ceil(chosen[j].samples / rate)) for j in mine]),
+            mx.array(np.arange(latents)[None] < np.array([[chosen[j].latents - starts[j]] for j in mine])),
+            mx.array(dropped[mine.start : mine.stop]),
+        ))
+    return micro_batches
+
+
+def write_preview(models, text, args, step: int) -> Path:
+    """--preview-prompt rendered with the adapters as they are at `step`, with a fixed
+    seed, as flux's dreambooth writes progress images."""
+    config = models.config
+    seconds = {"seconds_start": [0.0], "seconds_total": [args.preview_seconds]}
+    seconds = {k: v for k, v in seconds.items() if k in models.conditioner.numbers}
+    cross, global_cond = models.conditioner(text[0][None], text[1][None], **seconds)
+    pipe = StableAudio(Components(config, None, None, models.conditioner, models.dit, models.vae))
+    for latents in pipe.generate_latents(Conditioning(cross, global_cond), steps=args.preview_steps, seed=args.seed):
+        mx.eval(latents)
+    audio = np.array(pipe.decode(latents)[0, :, : round(args.preview_seconds * config.sample_rate)])
+    path = Path(args.output).with_name(f"{Path(args.output).stem}.preview-{step:06d}.wav")
+    write_audio(path, peak_normalize(audio), config.sample_rate)
+    return path
 
 
 def checkpoint_path(output: str) -> Path:
@@ -127,7 +181,7 @@ def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, no usage
-    parser.add_argument("--model", default=model_io.DEFAULT_REPO, help="Converted folder, released folder or Hub repo (default: %(default)s)")
+    parser.add_argument("--model", default=model_io.DEFAULT_REPO, help="Converted folder, released folder or Hub repo, in floating point (default: %(default)s)")
     parser.add_argument("--data", required=True, help="Folder of audio files, each captioned by a same-named .txt or a row of metadata.jsonl / metadata.csv")
     parser.add_argument("--output", required=True, help="The adapter file to write (.safetensors)")
     parser.add_argument("--force", action="store_true", help="Replace --output if it exists")
@@ -136,20 +190,33 @@ def main(argv=None):
     parser.add_argument("--adapter-type", choices=lora.ADAPTER_TYPES, default="lora", help="lora or dora-rows (default: %(default)s)")
     parser.add_argument("--include", action="append", help="Adapt only layers whose stable-audio-tools name contains this (repeatable; e.g. 'transformer.layers.[0-11].')")
     parser.add_argument("--exclude", action="append", help="Leave out layers whose name contains this (repeatable; wins over --include)")
-    parser.add_argument("--steps", type=int, default=1000, help="Training steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="Examples per step (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1000, help="Training steps (optimizer updates) (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="Examples per micro-batch and process (default: %(default)s)")
+    parser.add_argument("--grad-accumulate", type=int, default=1, help="Micro-batches whose gradients make one step (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW's learning rate after warm-up (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="Steps of linear learning-rate warm-up (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW's weight decay (default: %(default)s, SAO 1.0's)")
+    parser.add_argument("--timestep-sampler", choices=trainer.TIMESTEP_SAMPLERS, default="uniform", help="How t is drawn, as 0.0.20's option of that name (default: %(default)s, 0.0.20's)")
     parser.add_argument("--crop-seconds", type=float, help="Train on windows of this length (default: the model's whole window)")
+    parser.add_argument("--phase-flip", action="store_true", help="Invert the waveform of half the examples, as 0.0.20's PhaseFlipper (encodes each file twice)")
+    parser.add_argument("--cache", help="Folder of the encoded files' latents, reused by later runs (default: .stable-audio-cache in --data)")
+    parser.add_argument("--no-cache", action="store_true", help="Encode the files afresh, keeping nothing on disk")
+    parser.add_argument("--strict", action="store_true", help="Refuse a file that cannot be read, instead of skipping it")
     parser.add_argument("--seed", type=int, default=0, help="Random seed (default: %(default)s)")
     parser.add_argument("--save-every", type=int, default=0, help="Also write the adapter, and a checkpoint for --resume beside it, every N steps (default: only at the end)")
     parser.add_argument("--resume", action="store_true", help="Go on from the checkpoint beside --output (same data, model and settings)")
+    parser.add_argument("--preview-prompt", help="Every --preview-every steps, write this prompt's audio (fixed seed) beside --output")
+    parser.add_argument("--preview-every", type=int, default=250, help="Steps between previews (default: %(default)s)")
+    parser.add_argument("--preview-seconds", type=float, default=10.0, help="Length of a preview (default: %(default)s)")
+    parser.add_argument("--preview-steps", type=int, default=50, help="Sampler steps of a preview (default: %(default)s)")
     parser.add_argument("--grad-checkpoint", action="store_true", help="Recompute each DiT block in the backward pass: less memory, more time")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize the frozen DiT to 4 or 8 bits (QLoRA)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show the data preparation's progress")
     args = parser.parse_args(argv)
+    group = mx.distributed.init()  # under mlx.launch: one of several processes, data parallel
+    world, rank = group.size(), group.rank()
+    leader = rank == 0  # writes the files and shows the progress
 
     try:
         check_output(args.output, args.force or args.resume)
@@ -157,32 +224,39 @@ def main(argv=None):
             raise ValueError(f"There is no checkpoint {checkpoint_path(args.output)} to resume from.")
         problems = [
             (args.rank < 1, "--rank must be >= 1"), (args.steps < 1, "--steps must be >= 1"),
-            (args.batch_size < 1, "--batch-size must be >= 1"), (not args.learning_rate > 0, "--learning-rate must be > 0"),
+            (args.batch_size < 1 or args.grad_accumulate < 1, "--batch-size and --grad-accumulate must be >= 1"),
+            (not args.learning_rate > 0, "--learning-rate must be > 0"),
             (args.warmup < 0 or args.save_every < 0, "--warmup and --save-every must be >= 0"),
             (args.alpha is not None and not args.alpha > 0, "--alpha must be > 0"),
+            (args.preview_every < 1 or args.preview_steps < 1, "--preview-every and --preview-steps must be >= 1"),
         ]
         for failed, message in problems:
             if failed:
                 raise ValueError(message + ".")
         clips = datasets.find_clips(args.data)
         config = model_io.load_config(args.model)
+        if config.quantization:
+            raise ValueError(f"{args.model} is quantized ({config.quantization['bits']} bits); fine-tuning reads the floating-point model (add --quantize {config.quantization['bits']} to train over a quantized copy).")
         window_seconds = config.sample_size / config.sample_rate
         seconds = window_seconds if args.crop_seconds is None else args.crop_seconds
         ratio = config.vae.downsampling_ratio
         window = math.ceil(seconds * config.sample_rate / ratio) * ratio  # whole latents
         if not (0 < seconds <= window_seconds + 1e-9 and window <= config.sample_size):
             raise ValueError(f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window.")
+        if args.preview_prompt is not None and not 0 < args.preview_seconds <= window_seconds + 1e-9:
+            raise ValueError(f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's window.")
+        cache = None if args.no_cache else Path(args.cache or Path(args.data) / ".stable-audio-cache")
         if args.dtype is None:
             args.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
-        dtype = getattr(mx, args.dtype)
-        models = model_io.load(args.model, dtype=dtype)
-        if args.quantize and models.config.quantization:
-            raise ValueError(f"{args.model} is already quantized; leave out --quantize.")
+        models = model_io.load(args.model, dtype=getattr(mx, args.dtype))
+        clips = prepare_clips(models, clips, window, args, cache, model_key(args.model), leader and args.verbose)
+        texts = encode_captions(models, [c.caption for c in clips] + [args.preview_prompt] * (args.preview_prompt is not None))
+        del models.t5, models.vae.encoder  # done with; the decoder stays for previews
+        if args.preview_prompt is None:
+            del models.vae
         if args.quantize:
             model_io.quantize_dit(models.dit, 64, args.quantize)
-        examples = prepare_examples(models, clips, window, args.verbose)
-        del models.t5, models.vae  # T5 and the VAE are done with
 
         model = trainer.FineTuned(
             models.dit, models.conditioner, models.config.dit.objective, args.rank, args.alpha,
@@ -196,36 +270,40 @@ def main(argv=None):
         optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
         models.dit.checkpoint_blocks = args.grad_checkpoint
         settings = {k: getattr(args, k) for k in ("model", "data", "rank", "alpha", "adapter_type", "include", "exclude",
-                                                  "batch_size", "learning_rate", "warmup", "weight_decay", "crop_seconds",
-                                                  "seed", "quantize", "dtype")}
+                                                  "batch_size", "grad_accumulate", "learning_rate", "warmup", "weight_decay",
+                                                  "timestep_sampler", "crop_seconds", "phase_flip", "seed", "quantize", "dtype")}
+        settings["processes"] = world
         optimizer.init(model.trainable_parameters())
         first = 1
         if args.resume:
             first = load_checkpoint(checkpoint_path(args.output), model, optimizer, settings) + 1
-            print(f"[INFO] Resuming at step {first}")
+            if leader:
+                print(f"[INFO] Resuming at step {first}")
         step = trainer.training_step(model, optimizer)
         state = [model.state, optimizer.state]
 
-        shape = examples[0]["mean"].shape
+        latents = window // ratio
         start, losses = time.perf_counter(), []
-        progress = tqdm(range(first, args.steps + 1), desc="Training", initial=first - 1, total=args.steps)
+        progress = tqdm(range(first, args.steps + 1), desc="Training", initial=first - 1, total=args.steps, disable=not leader)
         for i in progress:
-            loss = step(*batch_at(examples, i, args.seed, args.batch_size, shape))
+            loss = step(batches_at(clips, texts, i, args, config, latents, world, rank))
             mx.eval(loss, state)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"The loss became {losses[-1]} at step {i}: lower --learning-rate, or use --dtype float32.")
             progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{len(losses) / (time.perf_counter() - start):.2f}",
                                  peak=f"{mx.get_peak_memory() / 1e9:.2f} GB")
-            if (args.save_every and i % args.save_every == 0) or i == args.steps:
+            if leader and ((args.save_every and i % args.save_every == 0) or i == args.steps):
                 lora.save_adapter(args.output, model.adapter_tensors(), model.lora_config)
                 save_checkpoint(checkpoint_path(args.output), model, optimizer, i, settings)
-        if losses:
-            print(f"[INFO] Wrote {args.output} ({len(examples)} examples; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})")
+            if leader and args.preview_prompt is not None and (i % args.preview_every == 0 or i == args.steps):
+                progress.write(f"[INFO] Preview: {write_preview(models, texts[args.preview_prompt], args, i)}")
+        if losses and leader:
+            print(f"[INFO] Wrote {args.output} ({len(clips)} clips; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})")
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
-        sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, lower --batch-size or --crop-seconds, or try --quantize 8.")
+        sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, lower --batch-size or --crop-seconds, or add --grad-checkpoint or --quantize 8.")
     except KeyboardInterrupt:
         sys.exit("Interrupted; the adapter and checkpoint files hold the last --save-every step, if any (go on with --resume).")
 

@@ -2586,6 +2586,20 @@ def tone_data(tmp_path_factory):
     return folder
 
 
+def _run_settings(**given):
+    """finetune.py's arguments that batches_at and prepare_clips read, at their defaults."""
+    import argparse
+
+    settings = dict(batch_size=1, grad_accumulate=1, seed=0, phase_flip=False, timestep_sampler="uniform", strict=True)
+    return argparse.Namespace(**{**settings, **given})
+
+
+def _prepared(finetune, models, folder, settings, window=None, cache=None):
+    clips = finetune.prepare_clips(models, stable_audio.datasets.find_clips(folder), window or models.config.sample_size,
+                                   settings, cache, "test", False)
+    return clips, finetune.encode_captions(models, [c.caption for c in clips])
+
+
 def test_finetuning_learns(small_converted, tone_data, tmp_path):
     """finetune.py on the small model and the tones: 200 steps of a rank-4 DoRA lower the
     loss on fixed held-out draws (the same examples, t, noise and dropout) by a measured
@@ -2604,12 +2618,13 @@ def test_finetuning_learns(small_converted, tone_data, tmp_path):
         if adapter is not None:
             pipe.load_lora(adapter)
         models = model_io.load(str(small_converted))
-        window = pipe.config.sample_size
-        examples = finetune.prepare_examples(models, sorted(stable_audio.datasets.find_clips(tone_data)), window, False)
+        settings = _run_settings(batch_size=4, seed=1)
+        clips, texts = _prepared(finetune, models, tone_data, settings)
         model = trainer.FineTuned(pipe.dit, pipe.conditioner, "v", rank=4)  # B = 0: the model as loaded
         losses = []
         for step in range(10_000, 10_032):
-            mean, std, eps, t, noise, text, mask, starts, totals, loss_mask, dropped = finetune.batch_at(examples, step, 1, 4, examples[0]["mean"].shape)
+            [(mean, std, eps, t, noise, text, mask, starts, totals, loss_mask, dropped)] = finetune.batches_at(
+                clips, texts, step, settings, models.config, models.config.sample_size // models.config.vae.downsampling_ratio)
             losses.append(model.loss(mean + std * eps, t, noise, text, mask, {"seconds_start": starts, "seconds_total": totals}, loss_mask, dropped).item())
         return float(np.mean(losses))
 

@@ -5,14 +5,46 @@ the MSE over the valid (unpadded) latent frames."""
 
 import math
 from functools import partial
+from statistics import NormalDist
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+import numpy as np
+from mlx.utils import tree_map, tree_unflatten
 
 from . import lora
 
 ADAPTER_TENSORS = {"lora_a": "lora_A", "lora_b": "lora_B", "magnitude": "magnitude"}  # ours -> the files'
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "trunc_logit_normal", "log_snr", "log_snr_uniform")
+
+
+def sample_timesteps(sampler: str, count: int, rng: np.random.Generator, first: int = 0, shift: int = 0) -> np.ndarray:
+    """`count` diffusion times t in [0, 1] as 0.0.20's `timestep_sampler`s draw them
+    (training/diffusion.py:584-600, inference/sampling.py:287-365, their default options).
+    "uniform" is 0.0.20's scrambled Sobol sequence: in one dimension, the base-2 radical
+    inverse of the draw's number, here scrambled by a digital shift (XOR with `shift`, one
+    per run) and numbered from `first` (the draws the run made before), so each 2^k
+    consecutive draws of a run are spread evenly over [0, 1]. The others draw from `rng`."""
+    if sampler == "uniform":
+        index = np.arange(first, first + count, dtype=np.uint64)
+        reversed_bits = np.zeros(count, dtype=np.uint64)
+        for bit in range(32):
+            reversed_bits |= ((index >> np.uint64(bit)) & np.uint64(1)) << np.uint64(31 - bit)
+        return ((reversed_bits ^ np.uint64(shift & 0xFFFFFFFF)).astype(np.float64) + 0.5) / 2**32
+    if sampler == "logit_normal":
+        return 1 / (1 + np.exp(-rng.standard_normal(count)))
+    if sampler == "trunc_logit_normal":
+        # sigmoid(z), z ~ N(0, 1) truncated to its part above logit(0.075), rescaled and flipped
+        left = 0.075
+        normal = NormalDist()
+        lower = normal.cdf(math.log(left / (1 - left)))
+        z = np.array([normal.inv_cdf(lower + (1 - lower) * u) for u in rng.uniform(size=count)])
+        return 1 - (1 / (1 + np.exp(-z)) - left) / (1 - left)
+    if sampler == "log_snr":
+        return np.clip(1 / (1 + np.exp(rng.standard_normal(count) * 2.0 - 1.2)), 1e-4, 1 - 1e-4)
+    if sampler == "log_snr_uniform":
+        return np.clip(1 / (1 + np.exp(rng.uniform(size=count) * 11.0 - 6.0)), 1e-4, 1 - 1e-4)
+    raise ValueError(f"Unknown timestep sampler {sampler!r}; choose from {', '.join(TIMESTEP_SAMPLERS)}.")
 
 
 class FineTuned(nn.Module):
@@ -87,17 +119,42 @@ class FineTuned(nn.Module):
 
 
 def training_step(model: FineTuned, optimizer):
-    """The whole step compiled: a posterior sample of the latents, the loss, its gradients
-    with respect to the adapters, and the optimizer's update. Returns the loss."""
+    """The training step: `step(batches)` takes one tuple of step inputs per micro-batch
+    (see `gradients`), sums their gradients, averages them over the processes under
+    `mlx.launch` (nn.average_gradients: alone, a no-op) and updates the adapters. With one
+    micro-batch the whole step (posterior sample, loss, gradients, update) is one compiled
+    function; with several, each micro-batch's gradients are evaluated before the next, so
+    memory stays that of one. Returns the loss, averaged over micro-batches and processes."""
     state = [model.state, optimizer.state]
+    world = mx.distributed.init().size()
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(mean, std, posterior_noise, t, noise, text, text_mask, starts, totals, loss_mask, dropped):
+    def gradients(mean, std, posterior_noise, t, noise, text, text_mask, starts, totals, loss_mask, dropped):
         latents = mean + std * posterior_noise  # as 0.0.20's encoder samples its posterior
         numbers = {"seconds_start": starts, "seconds_total": totals}
         numbers = {k: v for k, v in numbers.items() if k in model.conditioner.numbers}
-        loss, grads = nn.value_and_grad(model, model.loss)(latents, t, noise, text, text_mask, numbers, loss_mask, dropped)
-        optimizer.update(model, grads)
+        return nn.value_and_grad(model, model.loss)(latents, t, noise, text, text_mask, numbers, loss_mask, dropped)
+
+    def update(loss, grads):
+        if world > 1:
+            loss = mx.distributed.all_sum(loss) / world
+        optimizer.update(model, nn.average_gradients(grads))
         return loss
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def fused(*batch):
+        return update(*gradients(*batch))
+
+    compiled_gradients = mx.compile(gradients, inputs=state)
+    compiled_update = mx.compile(update, inputs=state, outputs=state)
+
+    def step(batches):
+        if len(batches) == 1:
+            return fused(*batches[0])
+        loss, grads = compiled_gradients(*batches[0])
+        for batch in batches[1:]:
+            mx.eval(loss, grads)
+            more_loss, more = compiled_gradients(*batch)
+            loss, grads = loss + more_loss, tree_map(mx.add, grads, more)
+        return compiled_update(loss / len(batches), tree_map(lambda g: g / len(batches), grads))
 
     return step

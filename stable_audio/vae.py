@@ -74,6 +74,17 @@ class VAEConfig:
         return math.prod(self.strides)
 
     @property
+    def encoder_context(self) -> int:
+        """How many latents on each side of a latent the audio that affects it reaches (the
+        encoder's receptive field, rounded up)."""
+        field, rate = 3, 1  # the first conv, k=7
+        for s in self.strides:
+            field += 3 * (1 + 3 + 9) * rate  # residual units: k=7, dilations 1, 3, 9
+            field += 2 * s * rate  # the strided conv, k=2s
+            rate *= s
+        return math.ceil(field / rate) + 2  # the last conv, k=3, and the latent's own width
+
+    @property
     def decoder_context(self) -> int:
         """How many latents on each side can affect a decoded sample (the receptive field)."""
         field, rate = 3, 1  # the first conv, k=7
@@ -170,11 +181,25 @@ class VAE(nn.Module):
         self.encoder = encoder(config)
         self.decoder = decoder(config)
 
-    def posterior(self, audio: mx.array) -> tuple:
+    def posterior(self, audio: mx.array, chunk: int = None) -> tuple:
         """The mean and the standard deviation of the latents' posterior, each (B, N /
-        ratio, latent_dim)."""
-        mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
-        return mean, nn.softplus(scale) + 1e-4
+        ratio, latent_dim). With `chunk`, `chunk` latents are encoded at a time, each with
+        the audio of as many latents on each side as the encoder's receptive field reaches:
+        the result equals one-shot encoding, and memory does not grow with N."""
+        if chunk is None:
+            mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
+            return mean, nn.softplus(scale) + 1e-4
+        ratio, margin = self.config.downsampling_ratio, self.config.encoder_context
+        length = audio.shape[1] // ratio
+        means, stds = [], []
+        for start in range(0, length, chunk):
+            lo, hi = max(start - margin, 0), min(start + chunk + margin, length)
+            mean, std = self.posterior(audio[:, lo * ratio : hi * ratio])
+            keep = slice(start - lo, min(start + chunk, length) - lo)
+            mx.eval(mean[:, keep], std[:, keep])
+            means.append(mean[:, keep])
+            stds.append(std[:, keep])
+        return mx.concatenate(means, axis=1), mx.concatenate(stds, axis=1)
 
     def encode(self, audio: mx.array, noise: mx.array = None) -> mx.array:
         """Latents (B, N / ratio, latent_dim): the posterior mean, or with `noise` (N(0, 1)
