@@ -39,10 +39,11 @@ def model_key(model: str) -> str:
     return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
 
 
-def prepare_clips(models, clips, window: int, args, cache, key, show: bool) -> list:
-    """Every file encoded once (or read back from the latent cache), those that cannot be
-    read skipped with a count (refused under --strict), those with no window above
-    -60 dBFS left out, as 0.0.20 rejects silent crops."""
+def prepare_clips(models, clips, window: int, args, cache, key, show: bool, save: bool = True) -> list:
+    """Every file encoded once (or read back from the latent cache, and with `save` what
+    was encoded written to it), those that cannot be read skipped with a count (refused
+    under --strict), those with no window above -60 dBFS left out, as 0.0.20 rejects
+    silent crops."""
     prepared, everything, unreadable, silent = [], [], [], 0
     for path, caption in tqdm(clips, desc="Encoding audio", disable=not show):
         try:
@@ -63,7 +64,7 @@ def prepare_clips(models, clips, window: int, args, cache, key, show: bool) -> l
         print(f"[INFO] Left out {silent} silent file(s) (below -60 dBFS throughout)")
     if not prepared:
         raise ValueError("No file can be read." if not silent else "Every clip is silent (below -60 dBFS): there is nothing to learn from.")
-    problem = datasets.save_to_cache(everything)
+    problem = datasets.save_to_cache(everything) if save else ""
     if show and problem:
         print(f"[WARN] Cannot write the latent cache ({problem}); the next run encodes again (see --cache)")
     return prepared
@@ -250,7 +251,7 @@ def main(argv=None):
             args.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
         models = model_io.load(args.model, dtype=getattr(mx, args.dtype))
-        clips = prepare_clips(models, clips, window, args, cache, model_key(args.model), leader and args.verbose)
+        clips = prepare_clips(models, clips, window, args, cache, model_key(args.model), leader and args.verbose, save=leader)
         texts = encode_captions(models, [c.caption for c in clips] + [args.preview_prompt] * (args.preview_prompt is not None))
         del models.t5, models.vae.encoder  # done with; the decoder stays for previews
         if args.preview_prompt is None:

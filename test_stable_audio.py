@@ -2571,6 +2571,183 @@ def test_data_folders_and_their_captions(tmp_path):
     assert datasets.is_silent(np.full((2, 10), 1e-4)) and not datasets.is_silent(np.full((2, 10), 1e-2))
 
 
+def test_chunked_encoding_equals_one_shot(small_converted, monkeypatch):
+    """VAE.posterior a few latents at a time (with the encoder's receptive field on each
+    side) equals encoding the whole file at once; with too little context it would not."""
+    vae = model_io.load(str(small_converted)).vae
+    ratio = vae.config.downsampling_ratio
+    audio = mx.random.normal((1, 50 * ratio, vae.config.audio_channels), key=mx.random.key(3)) * 0.3
+    whole = vae.posterior(audio)
+    chunked = vae.posterior(audio, chunk=4)
+    errors = [rel_err(a, b) for a, b in zip(chunked, whole)]
+    print(f"chunked encoding (4 latents a chunk, context {vae.config.encoder_context}): mean {errors[0]:.1e}, std {errors[1]:.1e}")
+    assert max(errors) < 1e-6
+    monkeypatch.setattr(type(vae.config), "encoder_context", property(lambda self: 1))
+    assert rel_err(vae.posterior(audio, chunk=4)[0], whole[0]) > 1e-4
+
+
+def test_random_windows_are_padcrop_on_the_latents(small_converted):
+    """A long file (a silent stretch in it) and a short one: the offsets a window may take
+    are every whole latent up to where the window ends with the file, less the silent
+    windows; at each, batches_at gives the file's cached posterior there and the seconds
+    and loss mask PadCrop_Normalized_T and resize_padding_mask give for that offset."""
+    import finetune
+    from stable_audio import datasets
+
+    models = model_io.load(str(small_converted))
+    config = models.config
+    rate, ratio, window = config.sample_rate, config.vae.downsampling_ratio, config.sample_size
+    latents = window // ratio
+    n = 3 * window + 1000
+    audio = (0.5 * np.sin(np.arange(n) / 7)).astype(np.float32)[None].repeat(2, 0)
+    audio[:, window + 5 * ratio : 2 * window + 9 * ratio] = 0  # the windows wholly inside are silent
+    peaks = datasets.block_peaks(audio, ratio, math.ceil(n / ratio))
+    starts = datasets.crop_starts(peaks, n, ratio, latents)
+    last = (n - window) // ratio
+    silent = set(range(latents + 5, latents + 10))  # latents [k, k + latents) lie wholly in the silence
+    assert list(starts) == [k for k in range(last + 1) if k not in silent] and len(starts) == last + 1 - 5
+    posterior = [(mx.array(np.random.default_rng(0).standard_normal((max(n // ratio + 1, latents), 64)), dtype=mx.float32),) * 2]
+    short = 1500
+    settings = _run_settings(batch_size=1)
+    texts = {"c": (mx.zeros((config.conditioner.text_max_length, config.conditioner.cond_dim)), mx.ones(config.conditioner.text_max_length, dtype=mx.int32))}
+    for samples, start in [(n, 0), (n, 3), (n, int(starts[-1])), (short, 0)]:
+        clip = datasets.Clip("f", "c", posterior, samples, peaks, ratio, window)
+        clip.starts = np.array([start])
+        [(mean, std, _, _, _, _, _, seconds_start, seconds_total, loss_mask, _)] = finetune.batches_at([clip], texts, 1, settings, config, latents)
+        chunk, mask, expected_start, expected_total = datasets.pad_crop(np.zeros((2, samples)), window, rate, start * ratio)
+        assert np.array_equal(np.array(mean[0]), np.array(posterior[0][0][start : start + latents]))
+        assert (seconds_start.item(), seconds_total.item()) == (expected_start, expected_total)
+        assert np.array_equal(np.array(loss_mask[0]), datasets.latent_mask(mask, latents)), (samples, start)
+
+
+def test_latent_cache_is_reused_and_renewed(small_converted, tone_data, tmp_path, monkeypatch):
+    """A second preparation reads the posteriors back from the cache without encoding; a
+    changed file is encoded again; the cache holds both polarities under --phase-flip, the
+    flipped one the encoding of the inverted audio."""
+    import shutil
+
+    import finetune
+    from stable_audio.vae import VAE
+
+    data = _copy_folder(tone_data, tmp_path / "data")
+    shutil.rmtree(data / ".stable-audio-cache", ignore_errors=True)
+    models = model_io.load(str(small_converted))
+    settings = _run_settings(phase_flip=True)
+    cache = tmp_path / "cache"
+    first, _ = _prepared(finetune, models, data, settings, cache=cache)
+    assert len(list(cache.iterdir())) == 4
+    encodings = []
+    original = VAE.posterior
+    monkeypatch.setattr(VAE, "posterior", lambda self, audio, chunk=None: encodings.append(chunk) or original(self, audio, chunk))
+    again, _ = _prepared(finetune, models, data, settings, cache=cache)
+    assert encodings == []
+    for a, b in zip(first, again):
+        assert all(np.array_equal(np.array(x), np.array(y)) for p, q in zip(a.posteriors, b.posteriors) for x, y in zip(p, q))
+        assert np.array_equal(a.starts, b.starts) and a.samples == b.samples
+    ratio = models.config.vae.downsampling_ratio
+    audio = stable_audio.datasets.load_clip(first[0].path, models.config.sample_rate, 2)
+    padded = np.zeros((max(math.ceil(audio.shape[1] / ratio) * ratio, models.config.sample_size), 2), dtype=np.float32)
+    padded[: audio.shape[1]] = audio.T
+    flipped = original(models.vae, mx.array(-padded[None]))[0][0]
+    assert rel_err(first[0].posteriors[1][0], flipped) < 1e-6 and rel_err(first[0].posteriors[0][0], flipped) > 1e-2
+    sf = pytest.importorskip("soundfile")
+    sf.write(first[0].path, 0.3 * np.ones(ratio * 3, dtype=np.float32), 44100)
+    _prepared(finetune, models, data, settings, cache=cache)
+    assert len([c for c in encodings if c]) == 2  # both polarities of the changed file, nothing else
+
+
+def test_timestep_samplers_match_reference(reference):
+    """Each --timestep-sampler draws t as 0.0.20's does (20 000 draws each: the two samples'
+    Kolmogorov-Smirnov distance); "uniform" (0.0.20's scrambled Sobol) is also stratified:
+    every 2^k consecutive draws of a run put one in each 1/2^k of [0, 1]."""
+    torch = sys.modules["torch"]
+    from stable_audio import trainer
+    from stable_audio_tools.inference.sampling import sample_timesteps_logsnr, sample_timesteps_logsnr_uniform, truncated_logistic_normal_rescaled
+
+    n = 20_000
+    torch.manual_seed(0)
+    theirs = {
+        "uniform": torch.quasirandom.SobolEngine(1, scramble=True).draw(n)[:, 0],
+        "logit_normal": torch.sigmoid(torch.randn(n)),
+        "trunc_logit_normal": 1 - truncated_logistic_normal_rescaled(n),
+        "log_snr": sample_timesteps_logsnr(n),
+        "log_snr_uniform": sample_timesteps_logsnr_uniform(n),
+    }
+    for name in trainer.TIMESTEP_SAMPLERS:
+        ours = np.sort(trainer.sample_timesteps(name, n, np.random.default_rng(1), 0, 12345))
+        ref = np.sort(theirs[name].double().numpy())
+        grid = np.concatenate([ours, ref])
+        distance = np.abs(np.searchsorted(ours, grid, "right") - np.searchsorted(ref, grid, "right")).max() / n
+        print(f"timestep sampler {name}: KS distance {distance:.4f}")
+        assert distance < 0.02 and 0 <= ours.min() and ours.max() <= 1, name
+    draws = trainer.sample_timesteps("uniform", 64, None, 64, 987654)
+    for k in (1, 2, 4, 6):
+        for block in draws.reshape(-1, 2**k):
+            assert sorted(np.floor(block * 2**k).astype(int)) == list(range(2**k))
+
+
+def test_accumulation_and_processes_match_a_larger_batch(small_converted, tone_data, tmp_path):
+    """Four steps of batch 2 in one process; of batch 1 with --grad-accumulate 2; and of
+    batch 1 in each of two processes (mlx.launch, ring backend over loopback): the same
+    adapters (the checkpoint's float32 values)."""
+    import shutil
+    import socket
+
+    import finetune
+
+    common = ["--model", str(small_converted), "--data", str(tone_data), "--rank", "2", "--learning-rate", "1e-3",
+              "--warmup", "2", "--steps", "4", "--seed", "7"]
+    outputs = {name: tmp_path / f"{name}.safetensors" for name in ("batch", "accumulated", "processes")}
+    assert _main(finetune, [*common, "--output", str(outputs["batch"]), "--batch-size", "2"]) == ""
+    assert _main(finetune, [*common, "--output", str(outputs["accumulated"]), "--grad-accumulate", "2"]) == ""
+    launch = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
+    with socket.socket() as s:  # a free port for the ring
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([launch, "-n", "2", "--backend", "ring", "--starting-port", str(port), sys.executable, str(HERE / "finetune.py"),
+                          *common, "--output", str(outputs["processes"])], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    adapters = {name: {k: np.array(v) for k, v in mx.load(str(finetune.checkpoint_path(str(path)))).items() if k.startswith("adapter.")}
+                for name, path in outputs.items()}
+    whole = lambda tensors: np.concatenate([tensors[k].ravel() for k in sorted(tensors)])
+    expected = whole(adapters["batch"])
+    for name in ("accumulated", "processes"):
+        assert adapters[name].keys() == adapters["batch"].keys()
+        worst = max(rel_err(adapters[name][k], adapters["batch"][k]) for k in adapters[name])
+        print(f"{name} vs one process with batch 2: the adapter's rel. error {rel_err(whole(adapters[name]), expected):.1e} (worst tensor {worst:.1e})")
+        assert rel_err(whole(adapters[name]), expected) < 1e-6
+    assert rel_err(whole(adapters["processes"]), whole(adapters["accumulated"])) < 1e-7
+    assert rel_err(whole(adapters["batch"]), whole(adapters["batch"]) * 0 + 1) > 0  # sanity: compared something
+
+
+def test_finetune_skips_unreadable_files_and_writes_previews(small_converted, tone_data, tmp_path):
+    """A file soundfile cannot read is skipped (or, with --strict, refused by name); the
+    latent cache is written into the data folder; --preview-prompt writes audio of the
+    asked length at each --preview-every step."""
+    import shutil
+
+    import finetune
+    import soundfile as sf
+
+    data = _copy_folder(tone_data, tmp_path / "data")
+    shutil.rmtree(data / ".stable-audio-cache", ignore_errors=True)
+    (data / "broken.wav").write_bytes(b"RIFF not really")
+    (data / "broken.txt").write_text("a broken file")
+    out = tmp_path / "run" / "adapter.safetensors"
+    out.parent.mkdir()
+    args = ["--model", str(small_converted), "--data", str(data), "--output", str(out), "--steps", "2", "--rank", "2",
+            "--preview-prompt", "low tone", "--preview-every", "1", "--preview-seconds", "0.01", "--preview-steps", "2"]
+    before = _listing(tmp_path)
+    assert "Cannot read audio from" in _main(finetune, [*args, "--strict"]) and "broken.wav" in _main(finetune, [*args, "--strict"])
+    assert _listing(tmp_path) == before
+    assert _main(finetune, args) == ""
+    assert len(list((data / ".stable-audio-cache").iterdir())) == 4
+    previews = sorted(out.parent.glob("adapter.preview-*.wav"))
+    assert [p.name for p in previews] == ["adapter.preview-000001.wav", "adapter.preview-000002.wav"]
+    info = sf.info(previews[0])
+    assert (info.samplerate, info.channels, info.frames) == (44100, 2, round(0.01 * 44100))
+
+
 @pytest.fixture(scope="session")
 def tone_data(tmp_path_factory):
     """Two pitches, captioned "low tone" and "high tone", two files each (stereo and mono,
@@ -2670,6 +2847,10 @@ def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path):
         (["--adapter-type", "bora"], "invalid choice"),
         (["--include", "nothing-matches"], "leave no layer to adapt"),
         (["--data", "{silent}"], "Every clip is silent"),
+        (["--model", "{quantized}"], "is quantized (8 bits); fine-tuning reads the floating-point model"),
+        (["--grad-accumulate", "0"], "--grad-accumulate must be >= 1"),
+        (["--timestep-sampler", "cosine"], "invalid choice"),
+        (["--preview-prompt", "x", "--preview-seconds", "0"], "--preview-seconds must be in"),
     ],
 )
 def test_finetune_refuses_bad_input(small_converted, tone_data, tmp_path, args, message):
@@ -2682,7 +2863,10 @@ def test_finetune_refuses_bad_input(small_converted, tone_data, tmp_path, args, 
     (silent / "quiet.txt").write_text("nothing")
     out = tmp_path / "adapter.safetensors"
     base = ["--model", str(small_converted), "--data", str(tone_data), "--output", str(out), "--steps", "2"]
-    args = [a.replace("{tmp}", str(tmp_path)).replace("{silent}", str(silent)) for a in args]
+    if "{quantized}" in args:
+        quantized = tmp_path / "q8"
+        convert.convert(str(small_converted), str(quantized), "float32", {"group_size": 64, "bits": 8})
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{silent}", str(silent)).replace("{quantized}", str(tmp_path / "q8")) for a in args]
     before = _listing(tmp_path)
     error = _main(finetune, [*base, *args])
     assert message in error, error

@@ -144,7 +144,7 @@ def training_step(model: FineTuned, optimizer):
     def fused(*batch):
         return update(*gradients(*batch))
 
-    compiled_gradients = mx.compile(gradients, inputs=state)
+    compiled_gradients = mx.compile(gradients, inputs=state, outputs=state)  # value_and_grad writes the model
     compiled_update = mx.compile(update, inputs=state, outputs=state)
 
     def step(batches):
