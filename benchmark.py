@@ -186,13 +186,14 @@ if __name__ == "__main__":
     parser.add_argument("--apg-scale", type=float, default=0.0, help="adaptive projected guidance (default: 0, plain CFG)")
     parser.add_argument("--adapters", nargs="+", default=["none"], choices=("none", "static", "gated"), help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)")
     parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)")
+    parser.add_argument("--models", nargs="+", default=["SAO 1.0", "SAO Small"], choices=("SAO 1.0", "SAO Small"), help="--finetune's models (default: both)")
     args = parser.parse_args()
     if args.finetune:
         print(f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, the model's whole window, AdamW, compiled step")
         print("| model | frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |")
         print("| --- | --- | --- | ---: | ---: |")
         small = parse_config(json.loads((DATA / "saos_model_config.RECONSTRUCTED.json").read_text()), json.loads((DATA / "t5_config.json").read_text()))
-        for name, config in (("SAO 1.0", None), ("SAO Small", small)):
+        for name, config in [m for m in (("SAO 1.0", None), ("SAO Small", small)) if m[0] in args.models]:
             latents = (config.sample_size // config.vae.downsampling_ratio) if config else 1024
             variants = list(dict.fromkeys(["bfloat16", *args.variants]))
             for variant in variants if config is None else [v for v in variants if v in ("bfloat16", "4-bit")]:

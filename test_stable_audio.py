@@ -2810,6 +2810,36 @@ def test_finetuning_learns(small_converted, tone_data, tmp_path):
     assert after < 0.8 * before
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(small_converted):
+    """With checkpoint_blocks (each block recomputed in the backward pass, after the
+    gradient from above arrives) the loss and every adapter gradient are those of the
+    plain backward pass."""
+    from stable_audio import lora, trainer
+
+    models = model_io.load(str(small_converted))
+    model = trainer.FineTuned(models.dit, models.conditioner, "v", rank=2, adapter_type="dora-rows", key=mx.random.key(0))
+    for path in model._layer_names:
+        adapter = lora._module(model, path)
+        adapter.lora_b = mx.random.normal(adapter.lora_b.shape, key=mx.random.key(len(path))) * 0.05
+    key = iter(mx.random.split(mx.random.key(1), 4))
+    C, T = models.config.dit.io_channels, 16
+    tokens, mask = models.tokenizer(["a", "b c"])
+    args = (mx.random.normal((2, T, C), key=next(key)), mx.array([0.3, 0.8]), mx.random.normal((2, T, C), key=next(key)),
+            models.t5(tokens, mask), mask, {"seconds_start": mx.array([0.0, 2.0]), "seconds_total": mx.array([5.0, 9.0])},
+            mx.arange(T)[None] < mx.array([[T], [11]]), mx.array([False, True]))
+    results = []
+    for checkpoint in (False, True):
+        models.dit.checkpoint_blocks = checkpoint
+        loss, grads = nn.value_and_grad(model, model.loss)(*args)
+        results.append((loss.item(), dict(tree_flatten(grads))))
+    models.dit.checkpoint_blocks = False
+    (plain_loss, plain), (loss, checkpointed) = results
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    worst = max(rel_err(checkpointed[k], plain[k]) for k in plain)
+    print(f"gradient checkpointing: loss rel. error {abs(loss - plain_loss) / plain_loss:.1e}, worst gradient {worst:.1e}")
+    assert abs(loss - plain_loss) / plain_loss < 1e-6 and worst < 1e-5
+
+
 def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path):
     """Interrupted after 6 of 12 steps (its checkpoint written at 6) and resumed, a run
     ends with the adapter file of an uninterrupted run, bit for bit; a checkpoint of other

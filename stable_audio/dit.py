@@ -3,6 +3,7 @@ from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .conditioners import unsupported
 
@@ -183,6 +184,29 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.ff_norm(x).astype(dtype))
 
 
+def checkpointed(block: nn.Module):
+    """`block` with gradient checkpointing: only its inputs are kept for the backward pass,
+    which recomputes its activations. Unlike nn.utils.checkpoint, the recomputation waits
+    for the gradient arriving from the block above, so one block's activations are alive
+    at a time; otherwise the scheduler is free to recompute several blocks early."""
+
+    def run(params, h, keys_values):
+        block.update(params)
+        return block(h, keys_values)
+
+    forward = mx.custom_function(run)
+
+    @forward.vjp
+    def backward(primals, cotangent, output):
+        params, h, (k, v) = primals
+        names, values = zip(*tree_flatten(params)) if params else ((), ())
+        rerun = lambda h, k, v, *values: run(tree_unflatten(list(zip(names, values))), h, (k, v))
+        grads = mx.vjp(rerun, [mx.depends(h, cotangent), k, v, *values], [cotangent])[1]
+        return tree_unflatten(list(zip(names, grads[3:]))), grads[0], (grads[1], grads[2])
+
+    return lambda h, keys_values: forward(block.trainable_parameters(), h, keys_values)
+
+
 class DiT(nn.Module):
     """The diffusion transformer of Stable Audio Open, channels-last: (B, T, io_channels)."""
 
@@ -257,7 +281,7 @@ class DiT(nn.Module):
         prepend = global_embed + timestep
         h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1).astype(mx.float32)
         for layer, keys_values in zip(self.layers, conditioning["keys_values"]):
-            h = (nn.utils.checkpoint(layer) if self.checkpoint_blocks else layer)(h, keys_values)
+            h = (checkpointed(layer) if self.checkpoint_blocks else layer)(h, keys_values)
         y = self.project_out(h.astype(dtype))[:, 1:]
         return (y + self.postprocess_conv(y)).astype(mx.float32)
 
