@@ -861,6 +861,57 @@ def _txt2audio(*args):
     )
 
 
+def _read_png(path: Path) -> np.ndarray:
+    """The pixels of an 8-bit RGB PNG with filter 0 rows, every chunk's CRC checked."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        (length,), kind = struct.unpack(">I", data[at : at + 4]), data[at + 4 : at + 8]
+        body = data[at + 8 : at + 8 + length]
+        assert struct.unpack(">I", data[at + 8 + length : at + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        at += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2) and b"IEND" in chunks
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+def test_output_formats_levels_and_spectrograms(small_converted, tmp_path):
+    """wav, flac and mp3 come back at the model's rate, channels and length; --normalize
+    peak / clamp / none against the decoder's own float output (--raw); --spectrogram
+    writes a PNG of the stated size; and a tone's spectrogram is brightest at its pitch."""
+    import soundfile as sf
+    from stable_audio import spectrogram
+
+    common = ["warm pads", "--model", str(small_converted), "--steps", "4", "--seconds-total", "0.01", "--seed", "3"]
+    assert _txt2audio(*common, "--raw", "--output", str(tmp_path / "raw.wav")).returncode == 0
+    raw, _ = sf.read(tmp_path / "raw.wav", dtype="float32")
+    for suffix, subtype in ((".wav", "PCM_16"), (".flac", "PCM_16"), (".mp3", "MPEG_LAYER_III")):
+        for level in ("peak", "clamp", "none"):
+            out = tmp_path / f"{level}{suffix}"
+            result = _txt2audio(*common, "--normalize", level, "--output", str(out), "--spectrogram")
+            assert result.returncode == 0, result.stderr
+            info = sf.info(out)
+            assert (info.samplerate, info.channels, info.frames, info.subtype) == (44100, 2, 441, subtype), (out, info)
+            audio, _ = sf.read(out, dtype="float32")
+            if suffix != ".mp3":  # lossless: the level is exact to 16 bits
+                expected = raw / np.abs(raw).max() if level == "peak" else np.clip(raw, -1, 1)
+                assert np.abs(audio - expected).max() < 1.5 / 2**15, (level, suffix)
+            pixels = _read_png(out.with_suffix(".png"))
+            assert pixels.shape == (spectrogram.HEIGHT, spectrogram.WIDTH, 3)
+    rate = 44100
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(2 * rate) / rate)
+    pixels = spectrogram.image(np.stack([tone, tone]), rate).astype(int).sum(axis=-1)
+    rows = np.geomspace(20.0, rate / 2, spectrogram.HEIGHT)[::-1]
+    assert abs(np.log2(rows[pixels.mean(axis=1).argmax()] / 1000)) < 0.05  # within a semitone's fraction
+
+
 def test_txt2audio_writes_the_requested_audio(small_converted, tmp_path):
     import soundfile as sf
 
@@ -944,7 +995,9 @@ def test_txt2audio_init_and_inpaint_audio(small_converted, audio_files, tmp_path
         (["--quantize", "3"], "invalid choice"),
         (["--n-audios", "0"], "audios"),
         (["--output", "{tmp}/missing/out.wav"], "does not exist"),
-        (["--output", "{tmp}/out.mp3"], ".wav or .flac"),
+        (["--output", "{tmp}/out.ogg"], "must end in .wav, .flac or .mp3"),
+        (["--output", "{tmp}/out.mp3", "--raw"], "--raw writes 32-bit float samples"),
+        (["--normalize", "loud"], "invalid choice"),
         (["--steps", "many"], "invalid int"),
         (["--model", "{tmp}/nowhere"], "neither"),
     ],
@@ -1441,7 +1494,7 @@ def test_txt2audio_under_fuzzing(fuzz_model, audio_files, fuzz_room, monkeypatch
         "--vae-dtype": (st.sampled_from(["float32", "float16"]), st.sampled_from(["int8", "double"])),
         "--quantize": (st.sampled_from(["8", "4"]), st.sampled_from(["3", "x", ""])),
         "--model": (st.just(str(fuzz_model)), st.sampled_from(["someone/a-model", str(audio_files), "no such folder", ""])),
-        "--output": (st.sampled_from(["out.wav", "a b ü.flac", "x.WAV"]), st.sampled_from(["x.mp3", "noext", "missing/x.wav", "", "taken.wav"])),
+        "--output": (st.sampled_from(["out.wav", "a b ü.flac", "x.WAV", "y.mp3"]), st.sampled_from(["x.ogg", "noext", "missing/x.wav", "", "taken.wav"])),
     }
     switches = ["--compile", "--low-memory", "--raw", "-v"]
     successes = []

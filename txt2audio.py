@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, check_lora, limit_memory, load_config, settings
 from stable_audio import lora
-from stable_audio.audio import FORMATS, peak_normalize, read_audio, write_audio
+from stable_audio.audio import FORMATS, LEVELS, read_audio, set_level, write_audio
+from stable_audio.spectrogram import write_spectrogram
 from stable_audio.model_io import first_line
 from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
 from stable_audio.t5 import check_prompt
@@ -29,13 +30,14 @@ def check_output(output: str, raw: bool):
     """Refuse output paths we cannot write."""
     path = Path(output)
     if path.suffix.lower() not in FORMATS:
-        raise ValueError(f"Output {output!r} must end in {' or '.join(FORMATS)}.")
+        *others, last = FORMATS
+        raise ValueError(f"Output {output!r} must end in {', '.join(others)} or {last}.")
     if not path.parent.is_dir():
         raise ValueError(f"The folder of {output!r} does not exist.")
     if path.is_dir():
         raise ValueError(f"Output {output!r} is a folder.")
-    if raw and path.suffix.lower() == ".flac":
-        raise ValueError("--raw writes 32-bit float samples, which FLAC cannot hold: use .wav.")
+    if raw and path.suffix.lower() != ".wav":
+        raise ValueError(f"--raw writes 32-bit float samples, which {path.suffix.lower()[1:].upper()} cannot hold: use .wav.")
 
 
 def parse_range(text: str, example: str = "START:END in seconds, e.g. 10:15") -> tuple:
@@ -101,13 +103,15 @@ def main(argv=None):
     parser.add_argument("--lora-layer-filter", action="append", default=[], metavar="PATTERNS", help="Comma-separated patterns of the DiT layers the adapter leaves alone, in stable-audio-tools' names, e.g. 'transformer.layers.[0-5].,to_global_embed'; once for every adapter, or once per --lora")
     parser.add_argument("--seed", type=int, help="Random seed (default: a random one, printed)")
     parser.add_argument("--n-audios", type=int, default=1, help="How many audios to make (default: %(default)s)")
-    parser.add_argument("--output", default="output.wav", help="A .wav or .flac file; several are numbered (default: %(default)s)")
+    parser.add_argument("--output", default="output.wav", help="A .wav, .flac or .mp3 file; several are numbered (default: %(default)s)")
+    parser.add_argument("--normalize", choices=LEVELS, default="peak", help="The output's level: peak (the loudest sample at full scale), clamp (clip to +-1, as stable-audio-tools 0.0.20's page) or none (as decoded) (default: %(default)s)")
+    parser.add_argument("--spectrogram", action="store_true", help="Also write each output's spectrogram beside it, as a PNG of the same name")
     parser.add_argument("--dtype", help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)")
     parser.add_argument("--vae-dtype", default="float32", help="dtype of the VAE decoder (default: %(default)s)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize a floating-point DiT to 4 or 8 bits at load time")
     parser.add_argument("--compile", action="store_true", help="Compile each sampler step (DiT, guidance and update) with mx.compile")
     parser.add_argument("--low-memory", action="store_true", help="Keep memory within 0.5 GB of the weights, a little slower")
-    parser.add_argument("--raw", action="store_true", help="Write the decoder's float output as is, not peak-normalized")
+    parser.add_argument("--raw", action="store_true", help="Write the decoder's float output as is (32-bit float WAV; --normalize none)")
     parser.add_argument("-v", "--verbose", action="store_true", help="Print the time and peak memory of each stage")
     args = parser.parse_args(argv)
 
@@ -203,8 +207,11 @@ def main(argv=None):
             if args.raw:
                 write_audio(path, item, pipe.sample_rate, subtype="FLOAT")
             else:
-                write_audio(path, peak_normalize(item), pipe.sample_rate)
+                write_audio(path, set_level(item, args.normalize), pipe.sample_rate)
             print(f"[INFO] Wrote {path}")
+            if args.spectrogram:
+                write_spectrogram(path.with_suffix(".png"), item, pipe.sample_rate)
+                print(f"[INFO] Wrote {path.with_suffix('.png')}")
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely

@@ -9,8 +9,9 @@ import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
-# The file types we write, by extension, as soundfile names them
-FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+# The file types we write, by extension: soundfile's format and its sample encoding
+FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".mp3": ("MP3", "MPEG_LAYER_III")}
+LEVELS = ("peak", "clamp", "none")
 
 
 def read_audio(path: str, seconds: float = None) -> tuple:
@@ -32,13 +33,31 @@ def peak_normalize(audio: np.ndarray) -> np.ndarray:
     return np.clip(audio / max(np.abs(audio).max(), 1e-8), -1, 1)
 
 
-def write_audio(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16"):
-    """Write (channels, samples) in the format of `path`'s extension (see FORMATS) under a
-    temporary name and rename it, so that no half-written file is ever left."""
+def set_level(audio: np.ndarray, level: str = "peak") -> np.ndarray:
+    """The output's level: "peak" scales the loudest sample to full scale (as the official
+    interfaces did, and ours by default), "clamp" clips to [-1, 1] (0.0.20's page), "none"
+    leaves the decoder's output as it is (a float WAV keeps what lies beyond +-1; other
+    encodings clip it)."""
+    if level == "peak":
+        return peak_normalize(audio)
+    if level == "clamp":
+        return np.clip(audio, -1, 1)
+    if level == "none":
+        return audio
+    raise ValueError(f"Unknown level {level!r}; choose one of {', '.join(LEVELS)}.")
+
+
+def write_audio(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = None):
+    """Write (channels, samples) in the format of `path`'s extension (see FORMATS; `subtype`
+    replaces its encoding) under a temporary name and rename it, so that no half-written
+    file is ever left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
+    file_format, encoding = FORMATS[path.suffix.lower()]
+    if (subtype or encoding) != "FLOAT":
+        audio = np.clip(audio, -1, 1)  # integer and MPEG encodings would wrap around
     try:
-        sf.write(tmp, audio.T, sample_rate, subtype=subtype, format=FORMATS[path.suffix.lower()])
+        sf.write(tmp, audio.T, sample_rate, subtype=subtype or encoding, format=file_format)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
