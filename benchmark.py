@@ -132,6 +132,36 @@ def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=F
     return result
 
 
+def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -> dict:
+    """A piece beyond the window, as txt2audio.py --seconds-total makes it (compiled steps;
+    random token ids for the prompt): its windows, the sampling time, the decoding time of
+    the whole piece and the peak memory."""
+    from stable_audio import long_form
+
+    pipe = random_pipeline(variant, config)
+    windows = pipe.piece_windows(seconds_total)
+    vocab = pipe.config.t5.vocab_size
+    tokens = mx.random.randint(0, vocab, (1, 128), key=mx.random.key(0))
+    mask = (mx.arange(128) < 20).astype(mx.int32)[None]
+    hidden = pipe.t5(tokens, mask)  # T5 once; then each window's timing
+    samples, ratio = round(seconds_total * pipe.sample_rate), pipe.config.vae.downsampling_ratio
+    conditionings = []
+    for start, _ in windows:
+        timing = {k: [v] for k, v in long_form.timing(start, samples, ratio, pipe.sample_rate).items() if k in pipe.conditioner.numbers}
+        conditionings.append(Conditioning(*pipe.conditioner(hidden, mask, **timing)))
+    del pipe.t5
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    piece = mx.zeros((1, windows[-1][0] + pipe.latent_shape()[1], pipe.config.dit.io_channels))
+    for x in pipe.generate_piece_latents(conditionings, windows, piece, seed=0, steps=steps, compile=True):
+        mx.eval(x)
+    sampling = time.perf_counter() - start
+    start = time.perf_counter()
+    mx.eval(pipe.decode(piece)[..., :samples])
+    return {"windows": len(windows), "sampling": sampling, "decode": time.perf_counter() - start, "peak": mx.get_peak_memory() / 1e9}
+
+
 PEER_LAYERS = ["self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.to_out"]
 
 
@@ -187,7 +217,17 @@ if __name__ == "__main__":
     parser.add_argument("--adapters", nargs="+", default=["none"], choices=("none", "static", "gated"), help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)")
     parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)")
     parser.add_argument("--models", nargs="+", default=["SAO 1.0", "SAO Small"], choices=("SAO 1.0", "SAO Small"), help="--finetune's models (default: both)")
+    parser.add_argument("--seconds-total", type=float, help="time a piece of this length instead (window by window, beyond the model's window), for each of --variants")
     args = parser.parse_args()
+    if args.seconds_total:
+        print(f"mlx {mx.__version__}, {mx.default_device()}, a {args.seconds_total:g} s piece, {args.steps} steps a window, cfg 7, compiled")
+        print("| DiT | windows | sampling (s) | decode (s) | end to end (s) | peak (GB) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for variant in args.variants:
+            measure_piece(variant, args.seconds_total, 2)  # warm-up
+            r = measure_piece(variant, args.seconds_total, args.steps)
+            print(f"| {variant} | {r['windows']} | {r['sampling']:.2f} | {r['decode']:.2f} | {r['sampling'] + r['decode']:.2f} | {r['peak']:.2f} |", flush=True)
+        raise SystemExit
     if args.finetune:
         print(f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, the model's whole window, AdamW, compiled step")
         print("| model | frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |")

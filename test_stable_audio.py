@@ -665,7 +665,13 @@ def small_pipe(small_checkpoint):
     "kwargs, message",
     [
         (dict(seconds_total=0), "seconds_total"),
-        (dict(seconds_total=1.0), "seconds_total"),
+        (dict(seconds_total=600.0), "seconds_total must be in"),
+        (dict(seconds_total=4 / 44100), "seconds_total must be in"),  # less than one latent (8 samples)
+        (dict(seconds_total=0.05, seconds_start=1), "seconds_start applies within one window"),
+        (dict(seconds_total=0.05, overlap=0.02), "overlap must be in"),
+        (dict(seconds_total=0.05, init_audio=(44100, np.zeros(512))), "work within one window"),
+        (dict(seconds_total=0.005, continue_audio=(44100, np.zeros(512))), "must be longer than the audio it continues"),
+        (dict(seconds_total=0.05, continue_audio=(44100, np.zeros(4))), "shorter than one latent"),
         (dict(seconds_total=float("nan")), "finite"),
         (dict(seconds_start=-1), "seconds_start"),
         (dict(seconds_start=1000), "seconds_start"),
@@ -829,6 +835,83 @@ def test_inpainting_keeps_the_source(request, family):
                             (dict(inpaint_ranges=[(0, 0.001)], init_audio=(44100, audio)), "not both")]:
         with pytest.raises(ValueError, match=message):
             pipe.generate("rain", inpaint_audio=(44100, audio), **kwargs)
+
+
+@pytest.mark.parametrize("family", ["small_pipe", "small_flow_pipe"])
+def test_long_pieces_are_made_window_by_window(request, family, monkeypatch):
+    """A piece of 4.6 windows: each window keeps exactly the latents the one before made
+    (as its inpainting source) and is conditioned on PadCrop_Normalized_T's timing for a
+    crop at its start (asserted on the conditioning each call received); the audio has
+    exactly seconds_total x rate samples and the same seed gives the same piece; peak
+    memory for 5 windows is within 10% of 2 windows'. The model is told its rate is 1 kHz
+    (its window then 0.512 s), so that the windows start at several whole seconds."""
+    import copy
+    import dataclasses
+
+    pipe = copy.copy(request.getfixturevalue(family))
+    pipe.config = dataclasses.replace(pipe.config, sample_rate=1000)
+    rate, ratio, window = pipe.sample_rate, pipe.config.vae.downsampling_ratio, pipe.latent_shape()[1]
+    calls, original = [], pipe.generate_latents
+    numbers = pipe.conditioner.numbers
+
+    def recorded(conditioning, **kwargs):
+        for x in original(conditioning, **kwargs):
+            yield x
+        calls.append((conditioning, kwargs.get("inpaint"), np.array(x)))
+
+    monkeypatch.setattr(pipe, "generate_latents", recorded)
+    seconds = 4.6 * pipe.window_seconds
+    audio = np.array(pipe.generate("slow strings", seconds_total=seconds, steps=3, seed=4, overlap=0.128, batch_size=2))
+    assert audio.shape == (2, 2, round(seconds * rate))
+    windows = pipe.piece_windows(seconds, 0.128)
+    keep = round(0.128 * rate / ratio)
+    assert len(calls) == len(windows) == 6 and windows[1] == (window - keep, keep)
+    piece = np.zeros((2, windows[-1][0] + window, pipe.config.dit.io_channels), dtype=np.float32)
+    total_seconds = math.ceil(round(seconds * rate) / rate)
+    for (start, kept), (conditioning, inpaint, x) in zip(windows, calls):
+        if kept:
+            source, regenerate = inpaint
+            assert np.array_equal(np.array(regenerate), np.arange(window) >= kept)
+            assert np.array_equal(x[:, :kept], piece[:, start : start + kept])  # kept exactly
+        else:
+            assert inpaint is None
+        piece[:, start + kept : start + window] = x[:, kept:]
+        timing = {"seconds_start": [math.floor(start * ratio / rate)] * 2, "seconds_total": [total_seconds] * 2}
+        tokens, mask = pipe.tokenizer(["slow strings"] * 2)
+        cross, global_cond = pipe.conditioner(pipe.t5(tokens, mask), mask, **{k: v for k, v in timing.items() if k in numbers})
+        assert np.array_equal(np.array(conditioning.cross), np.array(cross)) and np.array_equal(np.array(conditioning.global_cond), np.array(global_cond))
+    assert [math.floor(w[0] * ratio / rate) for w in windows] == [0, 0, 0, 1, 1, 1] and total_seconds == 3
+    decoded = np.array(pipe.decode(mx.array(piece)))[..., : round(seconds * rate)]
+    assert np.array_equal(audio, decoded)
+    monkeypatch.undo()
+    again = np.array(pipe.generate("slow strings", seconds_total=seconds, steps=3, seed=4, overlap=0.128, batch_size=2))
+    assert np.array_equal(audio, again)
+
+    peaks = {}
+    for n in (2, 5):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(pipe.generate("slow strings", seconds_total=(n - 0.1) * pipe.window_seconds, steps=3, seed=1, overlap=0.001))
+        peaks[n] = mx.get_peak_memory() / 1e6
+    print(f"{family}: peak memory, 2 windows {peaks[2]:.1f} MB, 5 windows {peaks[5]:.1f} MB")
+    assert peaks[5] < 1.1 * peaks[2]
+
+
+def test_continuation_keeps_the_original(small_pipe):
+    """--continue: the file's latents are the piece's start and stay exactly; the audio
+    before the join, but for the decoder's reach, is the decoded original (< 1e-6)."""
+    rate, ratio = small_pipe.sample_rate, small_pipe.config.vae.downsampling_ratio
+    original = np.random.default_rng(3).standard_normal((2, 1203)).astype(np.float32) * 0.3
+    made = np.array(small_pipe.encode_whole(original, rate))
+    assert made.shape[1] == 1203 // ratio  # whole latents only
+    out = np.array(small_pipe.generate("rain", seconds_total=0.06, continue_audio=(rate, original), steps=3, seed=2))
+    assert out.shape == (1, 2, round(0.06 * rate))
+    join = made.shape[1] * ratio
+    reach = (made.shape[1] - small_pipe.config.vae.decoder_context) * ratio
+    decoded = np.array(small_pipe.decode(mx.array(made)))
+    error = rel_err(out[..., :reach], decoded[..., :reach])
+    print(f"continuation: the {reach} samples before the decoder's reach of the join ({join}) are the decoded original to {error:.1e}")
+    assert error < 1e-6 and np.abs(out[..., join:]).mean() > 1e-3  # and new audio after the join
 
 
 def test_init_audio_through_generate(small_pipe):
@@ -996,6 +1079,16 @@ def test_txt2audio_init_and_inpaint_audio(small_converted, audio_files, tmp_path
         (["--n-audios", "0"], "audios"),
         (["--output", "{tmp}/missing/out.wav"], "does not exist"),
         (["--output", "{tmp}/out.ogg"], "must end in .wav, .flac or .mp3"),
+        (["--seconds-total", "600"], "seconds_total must be in"),
+        (["--seconds-total", "0.00005"], "seconds_total must be in"),
+        (["--continue", "{audio}/broken.wav", "--seconds-total", "1"], "Cannot read audio"),
+        (["--continue", "{tmp}/none.wav", "--seconds-total", "1"], "Cannot read audio"),
+        (["--continue", "{audio}/stereo.flac"], "--continue needs --seconds-total"),
+        (["--continue", "{audio}/stereo.flac", "--seconds-total", "1", "--init-audio", "{audio}/stereo.flac"], "--continue takes neither"),
+        (["--seconds-total", "0.05", "--init-audio", "{audio}/stereo.flac"], "work within one window"),
+        (["--seconds-total", "0.005", "--overlap", "0.001"], "--overlap applies to"),
+        (["--seconds-total", "0.05", "--overlap", "0.02"], "overlap must be in"),
+        (["--seconds-total", "0.05", "--seconds-start", "1"], "seconds_start applies within one window"),
         (["--output", "{tmp}/out.mp3", "--raw"], "--raw writes 32-bit float samples"),
         (["--normalize", "loud"], "invalid choice"),
         (["--steps", "many"], "invalid int"),
@@ -1021,6 +1114,8 @@ def test_benchmark_runs():
     assert result["peak"] == max(result["peaks"].values()) > 0
     assert all(result[k] > 0 for k in ("text", "sampling", "decode", "end to end"))
     assert benchmark.random_pipeline("4-bit", config).dit.layers[0].ff.proj.bits == 4
+    piece = benchmark.measure_piece("float32", 4.5 * 512 / 44100, 2, config)
+    assert piece["windows"] == 6 and piece["sampling"] > 0 and piece["peak"] > 0
     # float32: the CPU's float16 matmuls are slow loops
     for adapter in ("static", "gated"):
         assert benchmark.measure("float32", True, steps=2, runs=1, batch_size=1, config=config, adapter=adapter)["sampling"] > 0

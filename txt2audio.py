@@ -83,7 +83,9 @@ def main(argv=None):
     parser.add_argument("--model", default=DEFAULT_REPO, help="Converted folder, released folder or Hub repo (default: %(default)s)")
     parser.add_argument("--negative-prompt", help="What the audio should not sound like")
     parser.add_argument("--seconds-start", type=float, default=0.0, help="Timing condition: where the clip starts (default: 0)")
-    parser.add_argument("--seconds-total", type=float, help="Length of the clip (default: the model's whole window, 47.55 s)")
+    parser.add_argument("--seconds-total", type=float, help="Length of the audio, up to 512 s for SAO 1.0; beyond the model's window it is made window by window (default: the window, 47.55 s)")
+    parser.add_argument("--overlap", type=float, help="Seconds each window of a longer piece keeps of the one before (default: a quarter of the window)")
+    parser.add_argument("--continue", dest="continue_audio", metavar="FILE", help="Extend this audio file to --seconds-total (its end is kept by the first window)")
     parser.add_argument("--steps", type=int, help="Sampler steps (default: the model's, 100 for SAO 1.0, 8 for SAO Small)")
     parser.add_argument("--cfg-scale", type=float, help="Classifier-free guidance scale (default: 7 for SAO 1.0, 1 for SAO Small)")
     parser.add_argument("--apg-scale", type=float, default=0.0, help="Adaptive projected guidance, 0 (plain CFG) to 1 (stable-audio-tools 0.0.20's default) (default: %(default)s)")
@@ -127,6 +129,10 @@ def main(argv=None):
             raise ValueError("Give --init-audio or --inpaint-audio, not both.")
         if bool(args.inpaint_audio) != bool(args.inpaint_range):
             raise ValueError("--inpaint-audio and --inpaint-range go together.")
+        if args.continue_audio and (args.init_audio or args.inpaint_audio):
+            raise ValueError("--continue takes neither --init-audio nor --inpaint-audio.")
+        if args.continue_audio and args.seconds_total is None:
+            raise ValueError("--continue needs --seconds-total, the length to extend the file to.")
         for text in (args.prompt, args.negative_prompt or ""):
             check_prompt(text)
         loras = lora_settings(args)
@@ -139,6 +145,12 @@ def main(argv=None):
             args.cfg_rescale, args.apg_scale, args.cfg_norm_threshold, args.cfg_interval, args.flow_schedule,
         )
         window = config.sample_size / config.sample_rate
+        piece = bool(args.continue_audio) or (args.seconds_total or 0) > window + 1e-9
+        if piece and (args.init_audio or args.inpaint_audio):
+            raise ValueError(f"--init-audio and --inpaint-audio work within one window ({window:.2f} s).")
+        if args.overlap is not None and not piece:
+            raise ValueError(f"--overlap applies to --continue, or to a --seconds-total beyond the window ({window:.2f} s).")
+        continued = read_audio(args.continue_audio) if args.continue_audio else None
         init_audio = read_audio(args.init_audio, window) if args.init_audio else None
         inpaint_audio = read_audio(args.inpaint_audio, window) if args.inpaint_audio else None
         seed = secrets.randbits(32) if args.seed is None else args.seed
@@ -154,7 +166,15 @@ def main(argv=None):
             print(f"[INFO] Adapter {a['file']} ({a['adapter_type']}, rank {a['rank']}) at strength {a['strength']:g}")
         report(args.verbose, "Loading", start)
 
-        init_latents = inpaint = None
+        init_latents = inpaint = made = None
+        if continued:
+            start = time.perf_counter()
+            made = pipe.encode_whole(continued[1], continued[0])
+            check_finite("audio encoding", made)
+            del pipe.vae.encoder
+            report(args.verbose, "Audio encoding", start)
+        if piece:  # checked before anything heavy runs
+            windows = pipe.piece_windows(args.seconds_total, args.overlap, 0 if made is None else made.shape[1])
         if init_audio or inpaint_audio:
             start = time.perf_counter()
             if init_audio:
@@ -166,23 +186,32 @@ def main(argv=None):
             report(args.verbose, "Audio encoding", start)
 
         start = time.perf_counter()
-        conditioning = pipe.condition(
-            args.prompt, args.negative_prompt, args.seconds_start, args.seconds_total, args.n_audios
-        )
-        check_finite("text encoding", *conditioning)
+        if piece:
+            conditionings = pipe.piece_conditioning(args.prompt, args.negative_prompt, windows, args.seconds_total, args.n_audios)
+        else:
+            conditionings = [pipe.condition(args.prompt, args.negative_prompt, args.seconds_start, args.seconds_total, args.n_audios)]
+        check_finite("text encoding", *[c for conditioning in conditionings for c in conditioning])
         del pipe.t5  # not needed any more
         if args.low_memory:
             limit_memory()
         report(args.verbose, "Text encoding", start)
 
         start = time.perf_counter()
-        latents = pipe.generate_latents(
-            conditioning, args.steps, args.cfg_scale, args.sampler, args.sigma_min, args.sigma_max,
-            seed, compile=args.compile, init_latents=init_latents, inpaint=inpaint, cfg_rescale=args.cfg_rescale,
-            apg_scale=args.apg_scale, cfg_norm_threshold=args.cfg_norm_threshold, cfg_interval=args.cfg_interval,
-            flow_schedule=args.flow_schedule,
+        sampling = dict(
+            steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+            compile=args.compile, cfg_rescale=args.cfg_rescale, apg_scale=args.apg_scale,
+            cfg_norm_threshold=args.cfg_norm_threshold, cfg_interval=args.cfg_interval, flow_schedule=args.flow_schedule,
         )
         steps = settings(config, steps=args.steps)["steps"]
+        if piece:
+            piece_latents = mx.zeros((args.n_audios, windows[-1][0] + pipe.latent_shape()[1], config.dit.io_channels))
+            if made is not None:
+                piece_latents[:, : made.shape[1]] = made
+            latents = pipe.generate_piece_latents(conditionings, windows, piece_latents, seed, **sampling)
+            steps *= len(windows)
+            print(f"[INFO] {len(windows)} windows")
+        else:
+            latents = pipe.generate_latents(conditionings[0], seed=seed, init_latents=init_latents, inpaint=inpaint, **sampling)
         for i, x in enumerate(tqdm(latents, total=steps, desc="Sampling")):
             mx.eval(x)
             if i == 0 and args.verbose:
@@ -190,6 +219,7 @@ def main(argv=None):
         if args.verbose:
             what = "with compilation" if args.compile else "eager"
             tqdm.write(f"[INFO] First step ({what}): {first_step:.2f} s")
+        x = piece_latents if piece else x
         check_finite("sampling", x)
         del pipe.dit
         if args.low_memory:

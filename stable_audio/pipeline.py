@@ -9,7 +9,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from . import lora
+from . import long_form, lora
 from . import sampler as samplers
 from .audio import prepare_audio
 from .model_io import DEFAULT_REPO, Config, load, quantize_dit
@@ -79,13 +79,15 @@ def check_arguments(
     window = config.sample_size / config.sample_rate
     total = window if seconds_total is None else seconds_total
     start_max = config.conditioner.numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
+    longest = max(config.conditioner.numbers.get("seconds_total", (0, window))[1], window)
     numbers = [seconds_start, total, s["cfg_scale"], s["sigma_max"], cfg_rescale, apg_scale, cfg_norm_threshold, *cfg_interval]
     numbers += [t for r in inpaint_ranges for t in r] + ([] if s["sigma_min"] is None else [s["sigma_min"]])
     if not all(math.isfinite(v) for v in numbers):
         raise ValueError("Numbers must be finite.")
     low, high = cfg_interval
     problems = [
-        (not (0 < total <= window + 1e-9 and round(total * config.sample_rate) >= 1), f"seconds_total must be in (0, {window:.2f}], the model's window, and hold a sample"),
+        (not (0 < total <= longest + 1e-9 and total * config.sample_rate >= config.vae.downsampling_ratio), f"seconds_total must be in [{config.vae.downsampling_ratio / config.sample_rate:.3g}, {longest:g}] (one latent to the range of the model's seconds; beyond its window, {window:.2f} s, a piece is made window by window)"),
+        (total > window + 1e-9 and seconds_start != 0, "seconds_start applies within one window; a longer piece sets each window's itself"),
         (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}] for this model"),
         (not 1 <= s["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
         (not counts_noise and s["sigma_min"] is not None, f"sigma_min does not apply to the {s['sampler']} sampler (its schedule runs in time down to 0)"),
@@ -317,6 +319,55 @@ class StableAudio:
             regenerate[lo:hi] = True
         return self.encode(audio, sample_rate), mx.array(regenerate)
 
+    def encode_whole(self, audio, sample_rate: int) -> mx.array:
+        """Latents (1, T, C) of all of `audio` (any length; the posterior mean, encoded a few
+        latents at a time), T its whole latents: a partial last one is left out."""
+        ratio, channels = self.config.vae.downsampling_ratio, self.config.vae.audio_channels
+        audio = np.asarray(audio, dtype=np.float32)
+        length = math.ceil((audio[None] if audio.ndim == 1 else audio).shape[-1] * self.sample_rate / sample_rate)
+        length -= length % ratio
+        if length == 0:
+            raise ValueError(f"The audio is shorter than one latent ({ratio} samples at {self.sample_rate} Hz).")
+        prepared = mx.array(prepare_audio(audio, sample_rate, self.sample_rate, length, channels).T[None])
+        mean, _ = self.vae.posterior(prepared.astype(self.vae.encoder.layers[0].weight.dtype), chunk=128)
+        return mean.astype(mx.float32)
+
+    def piece_windows(self, seconds_total: float, overlap: float = None, made: int = 0) -> list:
+        """long_form.plan_windows for a piece of `seconds_total` with `overlap` seconds
+        kept from one window to the next (default: a quarter of the window), after `made`
+        latents already there (a continuation)."""
+        ratio, window = self.config.vae.downsampling_ratio, self.latent_shape()[1]
+        overlap = round(window * ratio / self.sample_rate / 4) if overlap is None else overlap
+        kept = round(overlap * self.sample_rate / ratio)
+        if not (math.isfinite(overlap) and 0 <= kept < window):
+            raise ValueError(f"The overlap must be in [0, {self.window_seconds:.2f}) seconds, leaving part of each window to generate.")
+        total = math.ceil(round(seconds_total * self.sample_rate) / ratio)
+        if made >= total:
+            raise ValueError(f"seconds_total ({seconds_total:g} s) must be longer than the audio it continues ({made * ratio / self.sample_rate:.2f} s).")
+        return long_form.plan_windows(total, window, kept, made)
+
+    def piece_conditioning(self, prompt: str, negative_prompt: str, windows: list, seconds_total: float, batch_size: int = 1) -> list:
+        """Each window's Conditioning, its timing as long_form.timing says."""
+        samples, ratio = round(seconds_total * self.sample_rate), self.config.vae.downsampling_ratio
+        return [
+            self.condition(prompt, negative_prompt, batch_size=batch_size, **long_form.timing(start, samples, ratio, self.sample_rate))
+            for start, _ in windows
+        ]
+
+    def generate_piece_latents(self, conditionings: list, windows: list, piece: mx.array, seed: int, **sampling):
+        """Fill `piece` (B, T, C; its first latents those of a file being continued, if
+        any) window by window (see long_form): window i is sampled with seed + i, keeping
+        its first `keep` latents as the inpainting source. Yields each window's latents
+        after every sampler step; `piece` holds the result at the end."""
+        window = self.latent_shape()[1]
+        for i, ((start, keep), conditioning) in enumerate(zip(windows, conditionings)):
+            inpaint = None
+            if keep:
+                inpaint = (piece[:, start : start + window], mx.arange(window) >= keep)
+            for x in self.generate_latents(conditioning, seed=(seed + i) % 2**64, inpaint=inpaint, **sampling):
+                yield x
+            piece[:, start + keep : start + window] = x[:, keep:]
+
     def decode(self, latents: mx.array, chunk: int = 128) -> mx.array:
         """Audio (B, channels, samples) from latents (B, T, C), decoded one batch item and
         `chunk` latents at a time. Each chunk is decoded with as many extra latents on each
@@ -361,8 +412,16 @@ class StableAudio:
         cfg_norm_threshold: float = 0.0,
         cfg_interval: tuple = (0.0, 1.0),
         flow_schedule: str = None,
+        continue_audio: tuple = None,
+        overlap: float = None,
     ) -> mx.array:
         """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`.
+
+        A `seconds_total` beyond the model's window (up to the range of its seconds
+        conditions: 512 s for SAO 1.0) is made window by window, each keeping `overlap`
+        seconds of the one before (default: a quarter of the window; see long_form).
+        `continue_audio` = (sample_rate, samples) extends that audio to `seconds_total`
+        the same way, its end kept by the first window.
 
         None stands for the model's default (DEFAULTS); guidance and `flow_schedule` are
         as in generate_latents. `init_audio` = (sample_rate,
@@ -373,6 +432,9 @@ class StableAudio:
         seconds_total = self.window_seconds if seconds_total is None else seconds_total
         if init_audio is not None and inpaint_audio is not None:
             raise ValueError("Give init audio or inpaint audio, not both.")
+        piece = continue_audio is not None or seconds_total > self.window_seconds + 1e-9
+        if piece and (init_audio is not None or inpaint_audio is not None):
+            raise ValueError("Init and inpaint audio work within one window: a longer piece or a continuation takes neither.")
         if inpaint_audio is not None and not inpaint_ranges:
             raise ValueError("Inpainting needs at least one range to regenerate.")
         if init_audio is not None:
@@ -382,6 +444,25 @@ class StableAudio:
             batch_size, inpaint_ranges, seed, cfg_rescale, apg_scale, cfg_norm_threshold, cfg_interval, flow_schedule,
         )
         seed = secrets.randbits(32) if seed is None else seed
+        sampling = dict(
+            steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max, cfg_rescale=cfg_rescale,
+            compile=compile, apg_scale=apg_scale, cfg_norm_threshold=cfg_norm_threshold, cfg_interval=cfg_interval, flow_schedule=flow_schedule,
+        )
+        if piece:
+            if noise is not None or noise_sampler is not None:
+                raise ValueError("noise and noise_sampler are for one window; a longer piece draws each window's from the seed.")
+            made = None if continue_audio is None else self.encode_whole(continue_audio[1], continue_audio[0])
+            windows = self.piece_windows(seconds_total, overlap, 0 if made is None else made.shape[1])
+            conditionings = self.piece_conditioning(prompt, negative_prompt, windows, seconds_total, batch_size)
+            latents = mx.zeros((batch_size, max(windows[-1][0] + self.latent_shape()[1], 1), self.config.dit.io_channels))
+            if made is not None:
+                latents[:, : made.shape[1]] = made
+            for x in self.generate_piece_latents(conditionings, windows, latents, seed, **sampling):
+                mx.eval(x)
+            check_finite("sampling", latents)
+            audio = self.decode(latents)
+            check_finite("decoding", audio)
+            return audio[..., : round(seconds_total * self.sample_rate)]
         init_latents = inpaint = None
         if init_audio is not None:
             rate, samples = init_audio
@@ -393,9 +474,7 @@ class StableAudio:
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
         check_finite("text encoding", *conditioning)
         latents = self.generate_latents(
-            conditioning, steps, cfg_scale, sampler, sigma_min, sigma_max, seed, cfg_rescale=cfg_rescale,
-            noise=noise, noise_sampler=noise_sampler, compile=compile, init_latents=init_latents, inpaint=inpaint,
-            apg_scale=apg_scale, cfg_norm_threshold=cfg_norm_threshold, cfg_interval=cfg_interval, flow_schedule=flow_schedule,
+            conditioning, seed=seed, noise=noise, noise_sampler=noise_sampler, init_latents=init_latents, inpaint=inpaint, **sampling
         )
         for latents in latents:
             mx.eval(latents)
