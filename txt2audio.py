@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stable_audio import DEFAULT_REPO, StableAudio, check_arguments, check_finite, check_lora, limit_memory, load_config, settings
-from stable_audio import lora
+from stable_audio import loops, lora
 from stable_audio.audio import FORMATS, LEVELS, read_audio, set_level, write_audio
 from stable_audio.spectrogram import write_spectrogram
 from stable_audio.model_io import first_line
@@ -86,6 +86,10 @@ def main(argv=None):
     parser.add_argument("--seconds-total", type=float, help="Length of the audio, up to 512 s for SAO 1.0; beyond the model's window it is made window by window (default: the window, 47.55 s)")
     parser.add_argument("--overlap", type=float, help="Seconds each window of a longer piece keeps of the one before (default: a quarter of the window)")
     parser.add_argument("--continue", dest="continue_audio", metavar="FILE", help="Extend this audio file to --seconds-total (its end is kept by the first window)")
+    parser.add_argument("--loop", action="store_true", help="Make a seamless loop: its end flows into its start (--seconds-total long, or --bpm and --bars)")
+    parser.add_argument("--bpm", type=float, help="The loop's tempo, with --bars: its length is exactly that many bars")
+    parser.add_argument("--bars", type=int, help="The loop's length in bars, with --bpm")
+    parser.add_argument("--beats-per-bar", type=int, default=4, help="Beats in a bar, with --bpm (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="Sampler steps (default: the model's, 100 for SAO 1.0, 8 for SAO Small)")
     parser.add_argument("--cfg-scale", type=float, help="Classifier-free guidance scale (default: 7 for SAO 1.0, 1 for SAO Small)")
     parser.add_argument("--apg-scale", type=float, default=0.0, help="Adaptive projected guidance, 0 (plain CFG) to 1 (stable-audio-tools 0.0.20's default) (default: %(default)s)")
@@ -133,10 +137,18 @@ def main(argv=None):
             raise ValueError("--continue takes neither --init-audio nor --inpaint-audio.")
         if args.continue_audio and args.seconds_total is None:
             raise ValueError("--continue needs --seconds-total, the length to extend the file to.")
+        if (args.bpm is None) != (args.bars is None) or (args.bpm is not None and not args.loop):
+            raise ValueError("--bpm and --bars go together, with --loop.")
+        if args.loop and (args.continue_audio or args.init_audio or args.inpaint_audio):
+            raise ValueError("--loop makes a clip from the prompt alone: it takes no --continue, --init-audio or --inpaint-audio.")
+        if args.bpm is not None and args.seconds_total is not None:
+            raise ValueError("Give --seconds-total or --bpm and --bars, not both.")
         for text in (args.prompt, args.negative_prompt or ""):
             check_prompt(text)
         loras = lora_settings(args)
         config = load_config(args.model)
+        if args.bpm is not None:  # exactly so many bars, to the sample
+            args.seconds_total = loops.loop_samples(args.bpm, args.bars, args.beats_per_bar, config.sample_rate) / config.sample_rate
         if args.init_audio:
             args.sigma_max = args.init_noise_level
         check_arguments(
@@ -145,6 +157,8 @@ def main(argv=None):
             args.cfg_rescale, args.apg_scale, args.cfg_norm_threshold, args.cfg_interval, args.flow_schedule,
         )
         window = config.sample_size / config.sample_rate
+        if args.loop and (args.seconds_total or 0) > window + 1e-9:
+            raise ValueError(f"A loop is made within one window: {args.seconds_total:.2f} s is longer than {window:.2f} s.")
         piece = bool(args.continue_audio) or (args.seconds_total or 0) > window + 1e-9
         if piece and (args.init_audio or args.inpaint_audio):
             raise ValueError(f"--init-audio and --inpaint-audio work within one window ({window:.2f} s).")
@@ -203,7 +217,12 @@ def main(argv=None):
             cfg_norm_threshold=args.cfg_norm_threshold, cfg_interval=args.cfg_interval, flow_schedule=args.flow_schedule,
         )
         steps = settings(config, steps=args.steps)["steps"]
-        if piece:
+        samples = round((args.seconds_total or pipe.window_seconds) * pipe.sample_rate)
+        if args.loop:
+            piece_latents = mx.zeros((args.n_audios, max(round(samples / config.vae.downsampling_ratio), 1), config.dit.io_channels))
+            latents = pipe.generate_loop_latents(conditionings[0], piece_latents, seed, **sampling)
+            steps *= 2
+        elif piece:
             piece_latents = mx.zeros((args.n_audios, windows[-1][0] + pipe.latent_shape()[1], config.dit.io_channels))
             if made is not None:
                 piece_latents[:, : made.shape[1]] = made
@@ -219,7 +238,7 @@ def main(argv=None):
         if args.verbose:
             what = "with compilation" if args.compile else "eager"
             tqdm.write(f"[INFO] First step ({what}): {first_step:.2f} s")
-        x = piece_latents if piece else x
+        x = piece_latents if piece or args.loop else x
         check_finite("sampling", x)
         del pipe.dit
         if args.low_memory:
@@ -227,10 +246,9 @@ def main(argv=None):
         report(args.verbose, "Sampling", start)
 
         start = time.perf_counter()
-        audio = pipe.decode(x)
+        audio = mx.array(pipe.decode_loop(x, samples)) if args.loop else pipe.decode(x)[..., :samples]
         check_finite("decoding", audio)
-        seconds = pipe.window_seconds if args.seconds_total is None else args.seconds_total
-        audio = np.array(audio[..., : round(seconds * pipe.sample_rate)])
+        audio = np.array(audio)
         report(args.verbose, "Decoding", start)
 
         for path, item in zip(output_paths(args.output, args.n_audios), audio):

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from . import long_form, lora
+from . import long_form, loops, lora
 from . import sampler as samplers
 from .audio import prepare_audio
 from .model_io import DEFAULT_REPO, Config, load, quantize_dit
@@ -368,6 +368,29 @@ class StableAudio:
                 yield x
             piece[:, start + keep : start + window] = x[:, keep:]
 
+    def generate_loop_latents(self, conditioning, clip: mx.array, seed: int, **sampling):
+        """Fill `clip` (B, L, C), L at most the window's latents, with a loop (see loops):
+        a window sampled with `seed`, then, turned half round, its seam regenerated with
+        seed + 1. Yields the latents after every sampler step of both passes."""
+        length, window = clip.shape[1], self.latent_shape()[1]
+        for x in self.generate_latents(conditioning, seed=seed, **sampling):
+            yield x
+        half = length // 2
+        turned = mx.concatenate([x[:, half:length], x[:, :half], x[:, length:]], axis=1)
+        seam = (turned, mx.array(loops.seam_mask(length, window)))
+        for y in self.generate_latents(conditioning, seed=(seed + 1) % 2**64, inpaint=seam, **sampling):
+            yield y
+        clip[:] = mx.concatenate([y[:, length - half : length], y[:, : length - half]], axis=1)
+
+    def decode_loop(self, clip: mx.array, samples: int) -> np.ndarray:
+        """Audio (B, channels, `samples`) of a loop's latents (B, L, C): decoded circularly,
+        then resampled to exactly `samples` (see loops)."""
+        length, ratio = clip.shape[1], self.config.vae.downsampling_ratio
+        context = self.config.vae.decoder_context
+        around = clip[:, mx.array(loops.circular_indices(length, context))]
+        audio = np.array(self.decode(around)[..., context * ratio : (context + length) * ratio])
+        return np.stack([loops.stretch(a, samples) for a in audio])
+
     def decode(self, latents: mx.array, chunk: int = 128) -> mx.array:
         """Audio (B, channels, samples) from latents (B, T, C), decoded one batch item and
         `chunk` latents at a time. Each chunk is decoded with as many extra latents on each
@@ -414,6 +437,7 @@ class StableAudio:
         flow_schedule: str = None,
         continue_audio: tuple = None,
         overlap: float = None,
+        loop: bool = False,
     ) -> mx.array:
         """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`.
 
@@ -421,7 +445,8 @@ class StableAudio:
         conditions: 512 s for SAO 1.0) is made window by window, each keeping `overlap`
         seconds of the one before (default: a quarter of the window; see long_form).
         `continue_audio` = (sample_rate, samples) extends that audio to `seconds_total`
-        the same way, its end kept by the first window.
+        the same way, its end kept by the first window. `loop` makes a clip of exactly
+        `seconds_total` (within the window) whose end flows into its start (see loops).
 
         None stands for the model's default (DEFAULTS); guidance and `flow_schedule` are
         as in generate_latents. `init_audio` = (sample_rate,
@@ -435,6 +460,8 @@ class StableAudio:
         piece = continue_audio is not None or seconds_total > self.window_seconds + 1e-9
         if piece and (init_audio is not None or inpaint_audio is not None):
             raise ValueError("Init and inpaint audio work within one window: a longer piece or a continuation takes neither.")
+        if loop and (piece or init_audio is not None or inpaint_audio is not None):
+            raise ValueError(f"A loop is made within one window ({self.window_seconds:.2f} s), from nothing but the prompt.")
         if inpaint_audio is not None and not inpaint_ranges:
             raise ValueError("Inpainting needs at least one range to regenerate.")
         if init_audio is not None:
@@ -463,6 +490,16 @@ class StableAudio:
             audio = self.decode(latents)
             check_finite("decoding", audio)
             return audio[..., : round(seconds_total * self.sample_rate)]
+        if loop:
+            if noise is not None or noise_sampler is not None:
+                raise ValueError("noise and noise_sampler are for one pass; a loop draws its two passes' from the seed.")
+            samples = round(seconds_total * self.sample_rate)
+            clip = mx.zeros((batch_size, max(round(samples / self.config.vae.downsampling_ratio), 1), self.config.dit.io_channels))
+            conditioning = self.condition(prompt, negative_prompt, seconds_start, samples / self.sample_rate, batch_size)
+            for x in self.generate_loop_latents(conditioning, clip, seed, **sampling):
+                mx.eval(x)
+            check_finite("sampling", clip)
+            return mx.array(self.decode_loop(clip, samples))
         init_latents = inpaint = None
         if init_audio is not None:
             rate, samples = init_audio
