@@ -1180,7 +1180,7 @@ def test_benchmark_runs():
     assert all(result[k] > 0 for k in ("text", "sampling", "decode", "end to end"))
     assert benchmark.random_pipeline("4-bit", config).dit.layers[0].ff.proj.bits == 4
     piece = benchmark.measure_piece("float32", 4.5 * 512 / 44100, 2, config)
-    assert piece["windows"] == 6 and piece["sampling"] > 0 and piece["peak"] > 0
+    assert piece["windows"] == 5 and piece["sampling"] > 0 and piece["peak"] > 0  # the default overlap, whole seconds, is 0 here
     # float32: the CPU's float16 matmuls are slow loops
     for adapter in ("static", "gated"):
         assert benchmark.measure("float32", True, steps=2, runs=1, batch_size=1, config=config, adapter=adapter)["sampling"] > 0
