@@ -153,7 +153,7 @@ def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    piece = mx.zeros((1, windows[-1][0] + pipe.latent_shape()[1], pipe.config.dit.io_channels))
+    piece = pipe.piece_latents(windows)
     for x in pipe.generate_piece_latents(conditionings, windows, piece, seed=0, steps=steps, compile=True):
         mx.eval(x)
     sampling = time.perf_counter() - start

@@ -218,15 +218,13 @@ def main(argv=None):
         )
         steps = settings(config, steps=args.steps)["steps"]
         samples = round((args.seconds_total or pipe.window_seconds) * pipe.sample_rate)
-        if args.loop:
-            piece_latents = mx.zeros((args.n_audios, max(round(samples / config.vae.downsampling_ratio), 1), config.dit.io_channels))
-            latents = pipe.generate_loop_latents(conditionings[0], piece_latents, seed, **sampling)
+        if args.loop:  # the generators fill `filled` in place
+            filled = pipe.loop_latents(samples, args.n_audios)
+            latents = pipe.generate_loop_latents(conditionings[0], filled, seed, **sampling)
             steps *= 2
         elif piece:
-            piece_latents = mx.zeros((args.n_audios, windows[-1][0] + pipe.latent_shape()[1], config.dit.io_channels))
-            if made is not None:
-                piece_latents[:, : made.shape[1]] = made
-            latents = pipe.generate_piece_latents(conditionings, windows, piece_latents, seed, **sampling)
+            filled = pipe.piece_latents(windows, args.n_audios, made)
+            latents = pipe.generate_piece_latents(conditionings, windows, filled, seed, **sampling)
             steps *= len(windows)
             print(f"[INFO] {len(windows)} windows")
         else:
@@ -238,7 +236,7 @@ def main(argv=None):
         if args.verbose:
             what = "with compilation" if args.compile else "eager"
             tqdm.write(f"[INFO] First step ({what}): {first_step:.2f} s")
-        x = piece_latents if piece or args.loop else x
+        x = filled if piece or args.loop else x
         check_finite("sampling", x)
         del pipe.dit
         if args.low_memory:

@@ -354,6 +354,20 @@ class StableAudio:
             for start, _ in windows
         ]
 
+    def piece_latents(self, windows: list, batch_size: int = 1, made: mx.array = None) -> mx.array:
+        """The latents generate_piece_latents fills: zeros over every window, with `made`
+        (a continued file's latents) at the start."""
+        piece = mx.zeros((batch_size, windows[-1][0] + self.latent_shape()[1], self.config.dit.io_channels))
+        if made is not None:
+            piece[:, : made.shape[1]] = made
+        return piece
+
+    def loop_latents(self, samples: int, batch_size: int = 1) -> mx.array:
+        """The latents generate_loop_latents fills for a loop of `samples` samples: the
+        nearest whole number of latents (decode_loop resamples to the exact length)."""
+        length = max(round(samples / self.config.vae.downsampling_ratio), 1)
+        return mx.zeros((batch_size, length, self.config.dit.io_channels))
+
     def generate_piece_latents(self, conditionings: list, windows: list, piece: mx.array, seed: int, **sampling):
         """Fill `piece` (B, T, C; its first latents those of a file being continued, if
         any) window by window (see long_form): window i is sampled with seed + i, keeping
@@ -481,9 +495,7 @@ class StableAudio:
             made = None if continue_audio is None else self.encode_whole(continue_audio[1], continue_audio[0])
             windows = self.piece_windows(seconds_total, overlap, 0 if made is None else made.shape[1])
             conditionings = self.piece_conditioning(prompt, negative_prompt, windows, seconds_total, batch_size)
-            latents = mx.zeros((batch_size, max(windows[-1][0] + self.latent_shape()[1], 1), self.config.dit.io_channels))
-            if made is not None:
-                latents[:, : made.shape[1]] = made
+            latents = self.piece_latents(windows, batch_size, made)
             for x in self.generate_piece_latents(conditionings, windows, latents, seed, **sampling):
                 mx.eval(x)
             check_finite("sampling", latents)
@@ -494,7 +506,7 @@ class StableAudio:
             if noise is not None or noise_sampler is not None:
                 raise ValueError("noise and noise_sampler are for one pass; a loop draws its two passes' from the seed.")
             samples = round(seconds_total * self.sample_rate)
-            clip = mx.zeros((batch_size, max(round(samples / self.config.vae.downsampling_ratio), 1), self.config.dit.io_channels))
+            clip = self.loop_latents(samples, batch_size)
             conditioning = self.condition(prompt, negative_prompt, seconds_start, samples / self.sample_rate, batch_size)
             for x in self.generate_loop_latents(conditioning, clip, seed, **sampling):
                 mx.eval(x)
