@@ -1,5 +1,6 @@
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -132,19 +133,21 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, keys_values: tuple = None) -> mx.array:
         """Self-attention, or cross-attention on precomputed `keys_values`."""
         B, L, _ = x.shape
-        if keys_values is None:
-            q, k, v = map(self._heads, mx.split(self.to_qkv(x), 3, axis=-1))
-            if "k_norm" in self:
-                k = self.k_norm(k)
-        else:
+        # after the qk norms, as in the reference: rotate-half RoPE on the leading dims;
+        # position 0 is the prepended token
+        rope = partial(mx.fast.rope, dims=self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+        if keys_values is not None:
             q, (k, v) = self._heads(self.to_q(x)), keys_values
-        if "q_norm" in self:
-            q = self.q_norm(q)
-        if keys_values is None:
-            # after the qk norms, as in the reference: rotate-half RoPE on the leading
-            # dims; position 0 is the prepended token
-            q = mx.fast.rope(q, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
-            k = mx.fast.rope(k, self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+            q = self.q_norm(q) if "q_norm" in self else q
+        elif "q_norm" in self:
+            q, k, v = mx.split(self._heads(self.to_qkv(x)), 3, axis=1)
+            q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
+        else:
+            # the queries' and keys' heads rotated in one call (one copy out of the fused
+            # projection instead of one per tensor)
+            qkv = self._heads(self.to_qkv(x))
+            q, k = mx.split(rope(qkv[:, : 2 * self.num_heads]), 2, axis=1)
+            v = qkv[:, 2 * self.num_heads :]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.to_out(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -175,13 +178,15 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: mx.array, keys_values: tuple) -> mx.array:
         """Rows of `x` beyond the keys' batch have an all-zero context (the unconditional
         half of guidance): their cross-attention output is exactly zero, so it is skipped."""
-        # the residual stream stays float32; each branch runs in the weights' dtype
+        # the residual stream stays float32; each branch, its norm included, runs in the
+        # weights' dtype (the cast fuses into the residual add; a float16 norm's error is a
+        # float32 one's, and it is one kernel instead of two)
         dtype = keys_values[0].dtype
-        x = x + self.self_attn(self.pre_norm(x).astype(dtype))
+        x = x + self.self_attn(self.pre_norm(x.astype(dtype)))
         n = keys_values[0].shape[0]
-        y = self.cross_attn(self.cross_attend_norm(x[:n]).astype(dtype), keys_values)
+        y = self.cross_attn(self.cross_attend_norm(x[:n].astype(dtype)), keys_values)
         x = x + y if n == x.shape[0] else mx.concatenate([x[:n] + y, x[n:]])
-        return x + self.ff(self.ff_norm(x).astype(dtype))
+        return x + self.ff(self.ff_norm(x.astype(dtype)))
 
 
 def checkpointed(block: nn.Module):
@@ -266,8 +271,8 @@ class DiT(nn.Module):
         (B,), given prepare_conditioning()'s output.
 
         Rows of `x` beyond the batch of the conditioning's keys see all-zero cross-attention
-        tokens. The weights may be float16, bfloat16 or quantized; the residual streams and
-        the norms stay in float32, and each matmul runs in the weights' dtype."""
+        tokens. The weights may be float16, bfloat16 or quantized; the residual streams stay
+        in float32, and the norms and matmuls run in the weights' dtype."""
         dtype = self.dtype
         if self.lora_noise_level is not None:
             self.lora_noise_level.value = self.noise_level(t[0].astype(mx.float32))
