@@ -742,6 +742,33 @@ def test_chunked_decoding_equals_one_shot(small_pipe):
         assert err < 1e-6, (chunk, err)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3, 4, 8])
+def test_polyphase_upsample_equals_transposed_convolution(stride):
+    from stable_audio.vae import Upsample
+
+    layer = Upsample(6, 5, 2 * stride, stride=stride, padding=math.ceil(stride / 2))
+    layer.bias = mx.random.normal((5,), key=mx.random.key(1))
+    for length in (2, 3, 9):
+        x = mx.random.normal((2, length, 6), key=mx.random.key(length))
+        expected = nn.ConvTranspose1d.__call__(layer, x)
+        assert layer(x).shape == expected.shape
+        assert rel_err(layer(x), expected) < 1e-6, (stride, length)
+
+
+def test_decode_chunk_follows_free_memory(small_pipe):
+    """One shot when half the free memory holds the decoder's peak, equal chunks when it
+    does not, 128 latents when little is free (what --low-memory leaves)."""
+    vae = small_pipe.config.vae
+    per_latent = 9 * vae.channels * vae.downsampling_ratio * 4
+    default = mx.get_memory_limit()
+    try:
+        for free_latents, length, expected in [(10_000, 1000, 1000), (600, 1000, 500), (400, 1000, 334), (10, 1000, 125), (10, 100, 100)]:
+            mx.set_memory_limit(mx.get_active_memory() + 2 * free_latents * per_latent)
+            assert small_pipe.decode_chunk(length) == expected, (free_latents, length)
+    finally:
+        mx.set_memory_limit(default)
+
+
 def test_non_finite_output_is_an_error(small_pipe, monkeypatch):
     monkeypatch.setattr(small_pipe.dit, "guide", lambda x, *args: (x * mx.nan, x * mx.nan))
     with pytest.raises(FloatingPointError, match="Sampling"):

@@ -130,6 +130,24 @@ class ResidualUnit(nn.Module):
         return x + y
 
 
+class Upsample(nn.ConvTranspose1d):
+    """ConvTranspose1d with kernel 2 * stride, as Oobleck's decoder has them, computed in
+    polyphase form: each of the `stride` output phases is a 2-tap convolution of the
+    input, so all of them are one ordinary conv1d with stride x out channels, interleaved
+    by a reshape. The transposed convolution proper multiplies a zero-stuffed input
+    (Metal does it so), stride times the work. Same weights and bias, same result."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        c_out, k, c_in = self.weight.shape
+        s, p = self.stride, self.padding
+        # phase r: taps r (input j) and r + s (input j - 1) of the original kernel
+        w = self.weight.reshape(c_out, 2, s, c_in)[:, ::-1].transpose(2, 0, 1, 3).reshape(s * c_out, 2, c_in)
+        y = mx.conv1d(x, w, padding=1)  # (B, L + 1, s * c_out): output (L + 1) s, before cropping
+        B, n, _ = y.shape
+        y = y.reshape(B, n * s, c_out)[:, p : n * s - p]
+        return y + self.bias if "bias" in self else y
+
+
 # The module trees mirror stable-audio-tools, so checkpoint names map one to one
 def encoder(config: VAEConfig) -> nn.Sequential:
     widths = [config.channels * m for m in (1,) + config.c_mults]
@@ -156,7 +174,7 @@ def decoder(config: VAEConfig) -> nn.Sequential:
     blocks = [
         nn.Sequential(
             Snake(c_in),
-            nn.ConvTranspose1d(c_in, c_out, 2 * s, stride=s, padding=math.ceil(s / 2)),
+            Upsample(c_in, c_out, 2 * s, stride=s, padding=math.ceil(s / 2)),
             ResidualUnit(c_out, 1),
             ResidualUnit(c_out, 3),
             ResidualUnit(c_out, 9),
