@@ -4,7 +4,12 @@ For each precision (float32, float16, 8-bit and 4-bit DiT), with and without com
 steps: text encoding, the time per sampler step, the sampling loop, VAE decoding and
 end to end (medians of --runs after a warm-up), and the peak memory of one generation
 run as txt2audio.py runs it (T5 freed after encoding, the DiT before decoding). Prints
-a markdown table.
+a markdown table. With --peer diffusers (a CUDA machine with torch and diffusers), the
+peer (peer_diffusers.py) runs before and after ours in the same call, at the matching
+precision, and the ratios are printed. --gemms times the matrix products of one step.
+
+float32 means true float32 on Apple silicon and the CPU; MLX's CUDA backend multiplies
+float32 in TF32 unless MLX_ENABLE_TF32=0 is set (the header says which).
 """
 
 import argparse
@@ -12,6 +17,8 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +37,86 @@ from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
 VARIANTS = ("float32", "float16", "8-bit", "4-bit")
+
+
+def float32_matmuls() -> str:
+    """What float32 means for matrix products on the default device."""
+    if mx.default_device() == mx.gpu and mx.cuda.is_available() and os.environ.get("MLX_ENABLE_TF32", "1") != "0":
+        return "TF32"
+    return "true float32"
+
+
+def label(variant: str) -> str:
+    return f"float32 ({float32_matmuls()})" if variant == "float32" else variant
+
+
+def run_peer(dtype: str, steps: int, runs: int) -> dict:
+    """peer_diffusers.py's figures at `dtype`, in a process of its own."""
+    command = [sys.executable, str(Path(__file__).parent / "peer_diffusers.py"), "--dtype", dtype, "--steps", str(steps), "--runs", str(runs)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"The peer failed ({' '.join(command[1:])}): {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peer_dtype(variant: str) -> str:
+    """The peer's precision that is like for like with our `variant`."""
+    if variant == "float32":
+        return "tf32" if float32_matmuls() == "TF32" else "float32"
+    return "float16"
+
+
+def gemm_shapes(config, latents: int = 1024) -> list:
+    """(name, rows, in, out, bias, count a step) of the DiT's matrix products in one guided
+    step (the cfg batch of 2; cross-attention runs on the conditional half only)."""
+    d, rows = config.dit.embed_dim, 2 * (latents + 1)
+    return [
+        ("self-attention qkv", rows, d, 3 * d, False, 1), ("self-attention out", rows, d, d, False, 1),
+        ("cross-attention q", rows // 2, d, d, False, 1), ("cross-attention out", rows // 2, d, d, False, 1),
+        ("feed-forward in", rows, d, 8 * d, True, 1), ("feed-forward out", rows, 4 * d, d, True, 1),
+    ]
+
+
+def measure_gemms(dtype=mx.float16, repeats: int = 20) -> list:
+    """Each product of gemm_shapes as nn.Linear computes it, and PyTorch's F.linear at the
+    same shape if torch with CUDA is importable: (name, shape, MLX s, PyTorch s or None)."""
+    import mlx.nn as nn
+
+    config = parse_config(json.loads((DATA / "sao1_model_config.json").read_text()), json.loads((DATA / "t5_config.json").read_text()))
+    try:
+        import torch
+
+        torch_dtype = getattr(torch, str(dtype).split(".")[-1]) if torch.cuda.is_available() else None
+    except ImportError:
+        torch_dtype = None
+    results = []
+    for name, m, k, n, bias, _ in gemm_shapes(config):
+        layer = nn.Linear(k, n, bias=bias)
+        layer.set_dtype(dtype)
+        x = mx.random.normal((m, k)).astype(dtype)
+        mx.eval(layer.parameters(), x)
+        best = []
+        for _ in range(4):
+            start = time.perf_counter()
+            mx.eval([layer(x) for _ in range(repeats)])
+            best.append((time.perf_counter() - start) / repeats)
+        theirs = None
+        if torch_dtype is not None:
+            tx = torch.randn(m, k, device="cuda", dtype=torch_dtype)
+            tw = torch.randn(n, k, device="cuda", dtype=torch_dtype)
+            tb = torch.randn(n, device="cuda", dtype=torch_dtype) if bias else None
+            times = []
+            for _ in range(4):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    torch.nn.functional.linear(tx, tw, tb)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) / repeats)
+            theirs = min(times[1:])
+        results.append((name, (m, k, n, bias), min(best[1:]), theirs))
+    return results
 
 
 def random_pipeline(variant: str, config=None, vae_dtype=mx.float32) -> StableAudio:
@@ -218,7 +305,22 @@ if __name__ == "__main__":
     parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)")
     parser.add_argument("--models", nargs="+", default=["SAO 1.0", "SAO Small"], choices=("SAO 1.0", "SAO Small"), help="--finetune's models (default: both)")
     parser.add_argument("--seconds-total", type=float, help="time a piece of this length instead (window by window, beyond the model's window), for each of --variants")
+    parser.add_argument("--peer", choices=("diffusers",), help="also run diffusers (peer_diffusers.py: torch, diffusers, CUDA) before and after ours, at the matching precision, and print the ratios")
+    parser.add_argument("--gemms", action="store_true", help="time the matrix products of one guided step instead (float16; PyTorch's too, where torch has CUDA)")
     args = parser.parse_args()
+    if args.gemms:
+        print(f"mlx {mx.__version__}, {mx.default_device()}, float16, the products of one guided step (1024 latents), as nn.Linear computes them")
+        print("| product | rows x in -> out | bias | MLX (us) | MLX TFLOP/s | PyTorch (us) | PyTorch TFLOP/s |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+        ours = theirs = 0.0
+        depth = json.loads((DATA / "sao1_model_config.json").read_text())["model"]["diffusion"]["config"]["depth"]
+        for name, (m, k, n, bias), t, peer in measure_gemms():
+            rate = lambda s: 2 * m * k * n / s / 1e12
+            ours, theirs = ours + t, theirs + (peer or 0.0)
+            peer_cells = f"{1e6 * peer:.1f} | {rate(peer):.0f}" if peer else "- | -"
+            print(f"| {name} | {m} x {k} -> {n} | {'yes' if bias else 'no'} | {1e6 * t:.1f} | {rate(t):.0f} | {peer_cells} |", flush=True)
+        print(f"One step's products ({depth} blocks): MLX {1e3 * depth * ours:.2f} ms" + (f", PyTorch {1e3 * depth * theirs:.2f} ms" if theirs else ""))
+        raise SystemExit
     if args.seconds_total:
         print(f"mlx {mx.__version__}, {mx.default_device()}, a {args.seconds_total:g} s piece, {args.steps} steps a window, cfg 7, compiled")
         print("| DiT | windows | sampling (s) | decode (s) | end to end (s) | peak (GB) |")
@@ -246,8 +348,13 @@ if __name__ == "__main__":
     print(
         f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents, "
         f"sampler {args.sampler or 'dpmpp-3m-sde'}, APG {args.apg_scale}, VAE {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command buffers of "
-        f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB"
+        f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB, float32 = {float32_matmuls()} matmuls"
     )
+    peers = {}
+    if args.peer:
+        for dtype in dict.fromkeys(peer_dtype(v) for v in args.variants):
+            peers[dtype] = [run_peer(dtype, args.steps, 2)]
+    ends = {}
     print("| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, adapter, compile, batch_size in itertools.product(args.variants, args.adapters, compiles, args.batch_sizes):
@@ -257,9 +364,26 @@ if __name__ == "__main__":
             sampling=dict(sampler=args.sampler, apg_scale=args.apg_scale), adapter=adapter,
         )
         print(
-            f"| {variant} | {adapter} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
+            f"| {label(variant)} | {adapter} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
             f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
             f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} "
             f"({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
             flush=True,
         )
+        ends[variant, adapter, compile, batch_size] = r["end to end"] / batch_size
+    if peers:
+        for dtype in peers:
+            peers[dtype].append(run_peer(dtype, args.steps, 2))
+        print(f"\ndiffusers (peer_diffusers.py, torch {peers[dtype][0]['torch']}), before / after ours, same call:")
+        print("| precision | end to end (s) | DiT forward, batch 2 (ms) | decode (ms) | peak (GiB) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for dtype, (before, after) in peers.items():
+            cells = [f"{a:.2f} / {b:.2f}" for a, b in [(before["end_to_end_s"], after["end_to_end_s"])]]
+            cells += [f"{1e3 * before[k]:.1f} / {1e3 * after[k]:.1f}" for k in ("dit_forward_s", "decode_s")]
+            print(f"| {dtype} | {' | '.join(cells)} | {max(before['peak_GiB'], after['peak_GiB']):.2f} |")
+        print("\n| ours | compiled | audios | peer | ours end to end per audio (s) | peer (s, mean) | ours faster |")
+        print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
+        for (variant, adapter, compile, batch_size), ours in ends.items():
+            dtype = peer_dtype(variant)
+            theirs = statistics.mean(p["end_to_end_s"] for p in peers[dtype])
+            print(f"| {label(variant)}{' + ' + adapter if adapter != 'none' else ''} | {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
