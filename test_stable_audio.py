@@ -755,7 +755,7 @@ def test_polyphase_upsample_equals_transposed_convolution(stride):
         assert rel_err(layer(x), expected) < 1e-6, (stride, length)
 
 
-def test_decode_chunk_follows_free_memory(small_pipe):
+def test_decode_chunk_follows_free_memory(small_pipe, monkeypatch):
     """One shot when half the free memory holds the decoder's peak, equal chunks when it
     does not, 128 latents when little is free (what --low-memory leaves)."""
     vae = small_pipe.config.vae
@@ -765,6 +765,9 @@ def test_decode_chunk_follows_free_memory(small_pipe):
         for free_latents, length, expected in [(10_000, 1000, 1000), (600, 1000, 500), (400, 1000, 334), (10, 1000, 125), (10, 100, 100)]:
             mx.set_memory_limit(mx.get_active_memory() + 2 * free_latents * per_latent)
             assert small_pipe.decode_chunk(length) == expected, (free_latents, length)
+        mx.set_memory_limit(mx.get_active_memory() + 2 * 10_000 * per_latent)
+        monkeypatch.setattr(stable_audio.pipeline, "DECODE_BUDGET", 300 * per_latent)  # however much is free
+        assert small_pipe.decode_chunk(1000) == 250
     finally:
         mx.set_memory_limit(default)
 
