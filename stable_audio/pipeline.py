@@ -34,6 +34,15 @@ GUIDANCE = dict(cfg_rescale=0.0, apg_scale=0.0, cfg_norm_threshold=0.0, cfg_inte
 
 
 MAX_STEPS, MAX_BATCH = 10_000, 64
+
+
+class ArgumentError(ValueError):
+    """A one-line ValueError that names the argument at fault (None: no single one), so that
+    an interface can show the message beside that argument's field."""
+
+    def __init__(self, message: str, argument: str = None):
+        super().__init__(message)
+        self.argument = argument
 MAX_SIGMA = 1e6  # beyond it, unit-scale latents vanish below float32 precision in the noise
 
 
@@ -65,47 +74,51 @@ def check_arguments(
     cfg_interval: tuple = (0.0, 1.0),
     flow_schedule: str = None,
 ):
-    """Refuse, with a one-line ValueError, what the model or the samplers cannot do. None
+    """Refuse, with a one-line ArgumentError (a ValueError), what the model or the samplers cannot do. None
     stands for the model's default; with init audio, sigma_max is its noise level. Steps
     and batch size are bounded too, so that absurd values fail here, not out of memory."""
     s = settings(config, steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max)
     objective = config.dit.objective
     names = samplers.samplers_for(objective)
     if s["sampler"] in samplers.UNSUPPORTED:
-        raise ValueError(f"The {s['sampler']} sampler is not offered (its steps are adaptive); choose one of {', '.join(names)}.")
+        raise ArgumentError(f"The {s['sampler']} sampler is not offered (its steps are adaptive); choose one of {', '.join(names)}.", "sampler")
     if s["sampler"] not in names:
-        raise ValueError(f"Unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}.")
+        raise ArgumentError(f"Unknown sampler {s['sampler']!r} for this model; choose one of {', '.join(names)}.", "sampler")
     counts_noise = samplers.uses_sigma_min(objective, s["sampler"])
     window = config.sample_size / config.sample_rate
     total = window if seconds_total is None else seconds_total
     start_max = config.conditioner.numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
     longest = max(config.conditioner.numbers.get("seconds_total", (0, window))[1], window)
-    numbers = [seconds_start, total, s["cfg_scale"], s["sigma_max"], cfg_rescale, apg_scale, cfg_norm_threshold, *cfg_interval]
-    numbers += [t for r in inpaint_ranges for t in r] + ([] if s["sigma_min"] is None else [s["sigma_min"]])
-    if not all(math.isfinite(v) for v in numbers):
-        raise ValueError("Numbers must be finite.")
+    numbers = dict(
+        seconds_start=[seconds_start], seconds_total=[total], cfg_scale=[s["cfg_scale"]], sigma_max=[s["sigma_max"]],
+        sigma_min=[] if s["sigma_min"] is None else [s["sigma_min"]], cfg_rescale=[cfg_rescale], apg_scale=[apg_scale],
+        cfg_norm_threshold=[cfg_norm_threshold], cfg_interval=list(cfg_interval), inpaint_ranges=[t for r in inpaint_ranges for t in r],
+    )
+    for argument, values in numbers.items():
+        if not all(math.isfinite(v) for v in values):
+            raise ArgumentError("Numbers must be finite.", argument)
     low, high = cfg_interval
-    problems = [
-        (not (0 < total <= longest + 1e-9 and total * config.sample_rate >= config.vae.downsampling_ratio), f"seconds_total must be in [{config.vae.downsampling_ratio / config.sample_rate:.3g}, {longest:g}] (one latent to the range of the model's seconds; beyond its window, {window:.2f} s, a piece is made window by window)"),
-        (total > window + 1e-9 and seconds_start != 0, "seconds_start applies within one window; a longer piece sets each window's itself"),
-        (not 0 <= seconds_start <= start_max, f"seconds_start must be in [0, {start_max:g}] for this model"),
-        (not 1 <= s["steps"] <= MAX_STEPS, f"steps must be in [1, {MAX_STEPS}]"),
-        (not counts_noise and s["sigma_min"] is not None, f"sigma_min does not apply to the {s['sampler']} sampler (its schedule runs in time down to 0)"),
-        (not counts_noise and not 0 < s["sigma_max"] <= 1, f"the noise level (sigma_max, init noise level) must be in (0, 1] for the {s['sampler']} sampler"),
-        (counts_noise and not 0 < s["sigma_min"] < s["sigma_max"] <= MAX_SIGMA, f"the noise levels must satisfy 0 < sigma_min < sigma_max <= {MAX_SIGMA:g} (the init noise level is sigma_max)"),
-        (not 0 <= apg_scale <= 1, "apg_scale must be in [0, 1]"),
-        (cfg_norm_threshold < 0, "cfg_norm_threshold must be >= 0 (0: no threshold)"),
-        (not 0 <= cfg_rescale <= 1, "cfg_rescale must be in [0, 1]"),
-        (not 0 <= low <= high <= 1, "the CFG interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi t / 2) for v models, t for flow)"),
-        (flow_schedule is not None and objective == "v", "the flow schedule applies to rectified-flow models only"),
-        (flow_schedule not in (None, *samplers.LOGSNR_SCHEDULES), f"unknown flow schedule {flow_schedule!r}; choose one of {', '.join(samplers.LOGSNR_SCHEDULES)}"),
-        (not 1 <= batch_size <= MAX_BATCH, f"the number of audios must be in [1, {MAX_BATCH}]"),
-        (seed is not None and not 0 <= seed < 2**64, "the seed must be in [0, 2**64)"),
-        (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),
+    problems = [  # (failed, the argument at fault, message)
+        (not (0 < total <= longest + 1e-9 and total * config.sample_rate >= config.vae.downsampling_ratio), "seconds_total", f"seconds_total must be in [{config.vae.downsampling_ratio / config.sample_rate:.3g}, {longest:g}] (one latent to the range of the model's seconds; beyond its window, {window:.2f} s, a piece is made window by window)"),
+        (total > window + 1e-9 and seconds_start != 0, "seconds_start", "seconds_start applies within one window; a longer piece sets each window's itself"),
+        (not 0 <= seconds_start <= start_max, "seconds_start", f"seconds_start must be in [0, {start_max:g}] for this model"),
+        (not 1 <= s["steps"] <= MAX_STEPS, "steps", f"steps must be in [1, {MAX_STEPS}]"),
+        (not counts_noise and s["sigma_min"] is not None, "sigma_min", f"sigma_min does not apply to the {s['sampler']} sampler (its schedule runs in time down to 0)"),
+        (not counts_noise and not 0 < s["sigma_max"] <= 1, "sigma_max", f"the noise level (sigma_max, init noise level) must be in (0, 1] for the {s['sampler']} sampler"),
+        (counts_noise and not 0 < s["sigma_min"] < s["sigma_max"] <= MAX_SIGMA, "sigma_max", f"the noise levels must satisfy 0 < sigma_min < sigma_max <= {MAX_SIGMA:g} (the init noise level is sigma_max)"),
+        (not 0 <= apg_scale <= 1, "apg_scale", "apg_scale must be in [0, 1]"),
+        (cfg_norm_threshold < 0, "cfg_norm_threshold", "cfg_norm_threshold must be >= 0 (0: no threshold)"),
+        (not 0 <= cfg_rescale <= 1, "cfg_rescale", "cfg_rescale must be in [0, 1]"),
+        (not 0 <= low <= high <= 1, "cfg_interval", "the CFG interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi t / 2) for v models, t for flow)"),
+        (flow_schedule is not None and objective == "v", "flow_schedule", "the flow schedule applies to rectified-flow models only"),
+        (flow_schedule not in (None, *samplers.LOGSNR_SCHEDULES), "flow_schedule", f"unknown flow schedule {flow_schedule!r}; choose one of {', '.join(samplers.LOGSNR_SCHEDULES)}"),
+        (not 1 <= batch_size <= MAX_BATCH, "batch_size", f"the number of audios must be in [1, {MAX_BATCH}]"),
+        (seed is not None and not 0 <= seed < 2**64, "seed", "the seed must be in [0, 2**64)"),
+        (any(not 0 <= a < b <= window + 1e-9 for a, b in inpaint_ranges), "inpaint_ranges", f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}"),
     ]
-    for failed, message in problems:
+    for failed, argument, message in problems:
         if failed:
-            raise ValueError(message + ".")
+            raise ArgumentError(message + ".", argument)
 
 
 def check_lora(path, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
@@ -347,10 +360,10 @@ class StableAudio:
         overlap = round(window * ratio / self.sample_rate / 4) if overlap is None else overlap
         kept = round(overlap * self.sample_rate / ratio)
         if not (math.isfinite(overlap) and 0 <= kept < window):
-            raise ValueError(f"The overlap must be in [0, {self.window_seconds:.2f}) seconds, leaving part of each window to generate.")
+            raise ArgumentError(f"The overlap must be in [0, {self.window_seconds:.2f}) seconds, leaving part of each window to generate.", "overlap")
         total = math.ceil(round(seconds_total * self.sample_rate) / ratio)
         if made >= total:
-            raise ValueError(f"seconds_total ({seconds_total:g} s) must be longer than the audio it continues ({made * ratio / self.sample_rate:.2f} s).")
+            raise ArgumentError(f"seconds_total ({seconds_total:g} s) must be longer than the audio it continues ({made * ratio / self.sample_rate:.2f} s).", "seconds_total")
         return long_form.plan_windows(total, window, kept, made)
 
     def piece_conditioning(self, prompt: str, negative_prompt: str, windows: list, seconds_total: float, batch_size: int = 1) -> list:
@@ -449,6 +462,29 @@ class StableAudio:
             audios.append(mx.concatenate(pieces, axis=0).T)
         return mx.stack(audios).astype(mx.float32)
 
+    def check_generate(
+        self, seconds_total: float = None, init: bool = False, init_noise_level: float = 1.0, inpaint: bool = False,
+        inpaint_ranges: tuple = (), continued: bool = False, overlap: float = None, loop: bool = False, **arguments
+    ):
+        """generate()'s checks, without generating: an ArgumentError for what it would refuse
+        before any work. `init`, `inpaint` and `continued` say which audio would be given;
+        `arguments` are check_arguments' (sigma_max, seed, steps, ...)."""
+        seconds_total = self.window_seconds if seconds_total is None else seconds_total
+        if init and inpaint:
+            raise ArgumentError("Give init audio or inpaint audio, not both.")
+        piece = continued or seconds_total > self.window_seconds + 1e-9
+        if piece and (init or inpaint):
+            raise ArgumentError("Init and inpaint audio work within one window: a longer piece or a continuation takes neither.", "seconds_total")
+        if loop and (piece or init or inpaint):
+            raise ArgumentError(f"A loop is made within one window ({self.window_seconds:.2f} s), from nothing but the prompt.", "loop")
+        if inpaint and not inpaint_ranges:
+            raise ArgumentError("Inpainting needs at least one range to regenerate.", "inpaint_ranges")
+        if init:
+            arguments["sigma_max"] = init_noise_level
+        check_arguments(self.config, seconds_total=seconds_total, inpaint_ranges=inpaint_ranges, **arguments)
+        if piece and not continued:  # a continuation's own length is known once it is encoded
+            self.piece_windows(seconds_total, overlap)
+
     def generate(
         self,
         prompt: str,
@@ -477,6 +513,7 @@ class StableAudio:
         continue_audio: tuple = None,
         overlap: float = None,
         loop: bool = False,
+        progress=None,
     ) -> mx.array:
         """Audio (batch_size, channels, samples) at `sample_rate`, cut to `seconds_total`.
 
@@ -492,28 +529,36 @@ class StableAudio:
         samples (channels, n) or (n,)) makes a variation of that audio: sampling starts
         from its latents noised to `init_noise_level` (which replaces sigma_max).
         `inpaint_audio` = (sample_rate, samples) regenerates the (start, end) seconds of
-        `inpaint_ranges` and keeps the rest."""
+        `inpaint_ranges` and keeps the rest.
+
+        `progress(done, total)` is called after each sampler step (of every window or
+        pass); an exception it raises stops the generation there (an interface's cancel)."""
         seconds_total = self.window_seconds if seconds_total is None else seconds_total
-        if init_audio is not None and inpaint_audio is not None:
-            raise ValueError("Give init audio or inpaint audio, not both.")
         piece = continue_audio is not None or seconds_total > self.window_seconds + 1e-9
-        if piece and (init_audio is not None or inpaint_audio is not None):
-            raise ValueError("Init and inpaint audio work within one window: a longer piece or a continuation takes neither.")
-        if loop and (piece or init_audio is not None or inpaint_audio is not None):
-            raise ValueError(f"A loop is made within one window ({self.window_seconds:.2f} s), from nothing but the prompt.")
-        if inpaint_audio is not None and not inpaint_ranges:
-            raise ValueError("Inpainting needs at least one range to regenerate.")
+        self.check_generate(
+            seconds_start=seconds_start, seconds_total=seconds_total, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+            sigma_min=sigma_min, sigma_max=sigma_max, seed=seed, batch_size=batch_size, cfg_rescale=cfg_rescale,
+            init=init_audio is not None, init_noise_level=init_noise_level, inpaint=inpaint_audio is not None,
+            inpaint_ranges=inpaint_ranges, apg_scale=apg_scale, cfg_norm_threshold=cfg_norm_threshold,
+            cfg_interval=cfg_interval, flow_schedule=flow_schedule, continued=continue_audio is not None,
+            overlap=overlap, loop=loop,
+        )
         if init_audio is not None:
             sigma_max = init_noise_level
-        check_arguments(
-            self.config, seconds_start, seconds_total, steps, cfg_scale, sampler, sigma_min, sigma_max,
-            batch_size, inpaint_ranges, seed, cfg_rescale, apg_scale, cfg_norm_threshold, cfg_interval, flow_schedule,
-        )
         seed = secrets.randbits(32) if seed is None else seed
         sampling = dict(
             steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max, cfg_rescale=cfg_rescale,
             compile=compile, apg_scale=apg_scale, cfg_norm_threshold=cfg_norm_threshold, cfg_interval=cfg_interval, flow_schedule=flow_schedule,
         )
+        steps = settings(self.config, steps=steps)["steps"]
+
+        def run(latents, total):
+            for done, x in enumerate(latents, 1):
+                mx.eval(x)
+                if progress is not None:
+                    progress(done, total)
+            return x
+
         if piece:
             if noise is not None or noise_sampler is not None:
                 raise ValueError("noise and noise_sampler are for one window; a longer piece draws each window's from the seed.")
@@ -521,8 +566,7 @@ class StableAudio:
             windows = self.piece_windows(seconds_total, overlap, 0 if made is None else made.shape[1])
             conditionings = self.piece_conditioning(prompt, negative_prompt, windows, seconds_total, batch_size)
             latents = self.piece_latents(windows, batch_size, made)
-            for x in self.generate_piece_latents(conditionings, windows, latents, seed, **sampling):
-                mx.eval(x)
+            run(self.generate_piece_latents(conditionings, windows, latents, seed, **sampling), steps * len(windows))
             check_finite("sampling", latents)
             audio = self.decode(latents)
             check_finite("decoding", audio)
@@ -533,8 +577,7 @@ class StableAudio:
             samples = round(seconds_total * self.sample_rate)
             clip = self.loop_latents(samples, batch_size)
             conditioning = self.condition(prompt, negative_prompt, seconds_start, samples / self.sample_rate, batch_size)
-            for x in self.generate_loop_latents(conditioning, clip, seed, **sampling):
-                mx.eval(x)
+            run(self.generate_loop_latents(conditioning, clip, seed, **sampling), steps * 2)
             check_finite("sampling", clip)
             return mx.array(self.decode_loop(clip, samples))
         init_latents = inpaint = None
@@ -547,11 +590,9 @@ class StableAudio:
         check_finite("audio encoding", init_latents, None if inpaint is None else inpaint[0])
         conditioning = self.condition(prompt, negative_prompt, seconds_start, seconds_total, batch_size)
         check_finite("text encoding", *conditioning)
-        latents = self.generate_latents(
+        latents = run(self.generate_latents(
             conditioning, seed=seed, noise=noise, noise_sampler=noise_sampler, init_latents=init_latents, inpaint=inpaint, **sampling
-        )
-        for latents in latents:
-            mx.eval(latents)
+        ), steps)
         check_finite("sampling", latents)
         audio = self.decode(latents)
         check_finite("decoding", audio)

@@ -1,0 +1,511 @@
+"""A local page for Stable Audio Open: type a prompt, listen, keep what you like.
+
+    python app.py --model PATH_OR_REPO      # then open http://127.0.0.1:7860
+
+The model is loaded once. Generations run one at a time, in order, in a thread of their
+own; the page (web/) asks for them and follows them with JSON. The standard library
+serves it all: the page, its two static files, and the results this run wrote (under
+--output-dir, never overwritten) — nothing else."""
+
+import argparse
+import json
+import math
+import re
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import mlx.core as mx
+import numpy as np
+
+from stable_audio import DEFAULTS, ArgumentError, StableAudio, load_config, lora
+from stable_audio.audio import FORMATS, read_audio, set_level, write_audio
+from stable_audio.model_io import first_line
+from stable_audio.sampler import samplers_for
+from stable_audio.spectrogram import write_spectrogram
+from stable_audio.t5 import check_prompt
+from txt2audio import DTYPES, lora_settings, parse_interval
+
+WEB = Path(__file__).parent / "web"
+PAGE = {  # every path the page is served from: nothing else on disk is reachable
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+CONTENT_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".png": "image/png", ".json": "application/json"}
+MODES = ("text", "variation", "inpaint", "continue")
+MAX_JSON = 1 << 20  # a request's settings; uploads have their own bound (--max-upload-mb)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class Cancelled(Exception):
+    pass
+
+
+def field(data: dict, name: str, kind=float):
+    """The form's `name` as `kind` (None when empty: the model's default), or an
+    ArgumentError naming the field."""
+    value = data.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    what = "a whole number" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ArgumentError(f"{name} must be {what}, not {value!r}.", name)
+    try:
+        number = float(value) if kind is float else int(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise ArgumentError(f"{name} must be {what}, not {value!r}.", name) from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise ArgumentError(f"{name} must be {what}, not {value!r}.", name)
+    return number
+
+
+def text(data: dict, name: str) -> str:
+    value = data.get(name) or ""
+    if not isinstance(value, str):
+        raise ArgumentError(f"{name} must be text.", name)
+    try:
+        check_prompt(value)
+    except ValueError as e:
+        raise ArgumentError(str(e), name) from None
+    return value
+
+
+def ranges(value) -> list:
+    """'10:15, 30:32' as [(10, 15), (30, 32)]."""
+    if not isinstance(value, str):
+        raise ArgumentError("inpaint ranges must be text, START:END in seconds, e.g. 10:15, 30:32.", "inpaint_ranges")
+    result = []
+    for part in filter(None, re.split(r"[,\s]+", value)):
+        try:
+            start, end = (float(t) for t in part.split(":"))
+        except ValueError:
+            raise ArgumentError(f"inpaint ranges are START:END in seconds, e.g. 10:15, 30:32, not {part!r}.", "inpaint_ranges") from None
+        result.append((start, end))
+    return result
+
+
+class Studio:
+    """The model, the queue of generations and what they wrote. Its worker thread loads
+    the model and is the only one to run MLX (whose streams belong to the thread that made
+    them); request threads only check, read and queue, under `lock`."""
+
+    def __init__(self, name: str, output_dir: Path, compile: bool, max_upload: int):
+        self.name, self.output_dir, self.compile, self.max_upload = name, output_dir, compile, max_upload
+        self.pipe = self.load_error = None
+        self.ready = threading.Event()
+        self.uploads_dir = tempfile.TemporaryDirectory(prefix="stable-audio-uploads-")
+        self.uploads = {}  # id -> {path, name, seconds, ...}
+        self.jobs, self.pending, self.history = {}, deque(), []
+        self.files = {}  # name -> path: all that /results/ serves, each a file this run wrote
+        self.lock = threading.Condition()
+
+    def start(self, load):
+        """Run `load()` (which returns the StableAudio) and then the queue, in the worker
+        thread; once `ready` is set, `load_error` holds what loading raised, if anything."""
+        threading.Thread(target=self._work, args=(load,), daemon=True).start()
+
+    def info(self) -> dict:
+        config = self.pipe.config
+        objective = config.dit.objective
+        window = self.pipe.window_seconds
+        return {
+            "model": self.name, "sample_rate": config.sample_rate, "window": window,
+            "longest": max(config.conditioner.numbers.get("seconds_total", (0, window))[1], window),
+            "samplers": list(samplers_for(objective)), "defaults": DEFAULTS[objective],
+            "formats": [f[1:] for f in FORMATS], "max_upload": self.max_upload,
+            "adapters": self.pipe.adapters, "output_dir": str(self.output_dir),
+        }
+
+    # --- requests
+
+    def upload(self, body: bytes, filename: str) -> dict:
+        """Keep an uploaded file if soundfile reads it; ValueError (soundfile's reason) if not."""
+        suffix = "".join(c for c in Path(filename).suffix[:8] if c.isalnum() or c == ".")
+        upload_id = uuid.uuid4().hex
+        path = Path(self.uploads_dir.name) / f"{upload_id}{suffix}"
+        path.write_bytes(body)
+        try:
+            rate, samples = read_audio(str(path))
+        except ValueError as e:  # read_audio's message, about the file by the name it was sent with
+            path.unlink()
+            raise ArgumentError(str(e).replace(str(path), filename), "upload") from None
+        entry = {"path": str(path), "name": filename, "seconds": samples.shape[1] / rate, "sample_rate": rate, "channels": samples.shape[0]}
+        with self.lock:
+            self.uploads[upload_id] = entry
+        return {"id": upload_id, **{k: v for k, v in entry.items() if k != "path"}}
+
+    def parse(self, data: dict) -> tuple:
+        """(generate()'s arguments, the settings to show) from the page's form, checked as
+        generate() checks them: an ArgumentError names the field at fault."""
+        if not isinstance(data, dict):
+            raise ArgumentError("The request must be a JSON object of the form's fields.")
+        mode = data.get("mode") or "text"
+        if mode not in MODES:
+            raise ArgumentError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.", "mode")
+        audio_format = data.get("format") or "wav"
+        if "." + str(audio_format) not in FORMATS:
+            raise ArgumentError(f"Unknown format {audio_format!r}; choose one of {', '.join(f[1:] for f in FORMATS)}.", "format")
+        upload = None
+        if mode != "text":
+            with self.lock:
+                upload = self.uploads.get(data.get("upload"))
+            if upload is None:
+                raise ArgumentError(f"Choose an audio file to {'vary' if mode == 'variation' else mode}.", "upload")
+        kwargs = dict(
+            prompt=text(data, "prompt"), negative_prompt=text(data, "negative_prompt") or None,
+            seconds_total=field(data, "seconds_total"), steps=field(data, "steps", int), cfg_scale=field(data, "cfg_scale"),
+            sampler=data.get("sampler") or None, seed=field(data, "seed", int), batch_size=field(data, "batch_size", int),
+            overlap=field(data, "overlap"), loop=data.get("loop") is True, compile=self.compile,
+        )
+        if kwargs["batch_size"] is None:
+            kwargs["batch_size"] = 1
+        if not kwargs["prompt"].strip():
+            raise ArgumentError("Type a prompt: what the audio should sound like.", "prompt")
+        if kwargs["sampler"] is not None and not isinstance(kwargs["sampler"], str):
+            raise ArgumentError("sampler must be a name.", "sampler")
+        if mode == "variation":
+            level = field(data, "init_noise_level")
+            kwargs["init_noise_level"] = 1.0 if level is None else level
+        if mode == "inpaint":
+            kwargs["inpaint_ranges"] = ranges(data.get("inpaint_ranges") or "")
+        if kwargs["seed"] is None:
+            kwargs["seed"] = secrets.randbits(32)
+        try:
+            self.pipe.check_generate(
+                **{k: v for k, v in kwargs.items() if k not in ("prompt", "negative_prompt", "compile")},
+                init=mode == "variation", inpaint=mode == "inpaint", continued=mode == "continue",
+            )
+        except ArgumentError as e:
+            if e.argument == "sigma_max":  # the page sets no sigma_max: only the init noise level moves it
+                e.argument = "init_noise_level"
+            raise
+        shown = {k: v for k, v in kwargs.items() if k != "compile" and v is not None}
+        shown.update(mode=mode, format=audio_format)
+        if upload:
+            shown["upload"] = upload["name"]
+        return (kwargs, mode, upload, audio_format), shown
+
+    def submit(self, data: dict) -> dict:
+        request, shown = self.parse(data)
+        job = {"id": uuid.uuid4().hex[:12], "state": "queued", "step": 0, "total": 0, "results": [], "error": None,
+               "field": None, "settings": shown, "request": request, "cancel": threading.Event()}
+        with self.lock:
+            self.jobs[job["id"]] = job
+            self.pending.append(job)
+            self.lock.notify_all()
+        return self.status(job["id"])
+
+    def status(self, job_id: str) -> dict:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            position = next((i + 1 for i, j in enumerate(self.pending) if j is job), 0)
+            return {k: v for k, v in job.items() if k not in ("request", "cancel")} | {"position": position}
+
+    def cancel(self, job_id: str) -> dict:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            if job["state"] == "queued":
+                self.pending.remove(job)
+                job["state"] = "cancelled"
+            job["cancel"].set()  # a running one stops after its current step
+        return self.status(job_id)
+
+    # --- the worker
+
+    def _work(self, load):
+        try:
+            self.pipe = load()
+        except BaseException as e:
+            self.load_error = e
+            return
+        finally:
+            self.ready.set()
+        while True:
+            with self.lock:
+                while not self.pending:
+                    self.lock.wait()
+                job = self.pending.popleft()
+                job["state"] = "running"
+            try:
+                results = self._generate(job)
+                state, error, argument = "done", None, None
+            except Cancelled:
+                results, state, error, argument = [], "cancelled", None, None
+            except (ValueError, OSError, FloatingPointError) as e:
+                results, state, error, argument = [], "failed", str(e), getattr(e, "argument", None)
+            except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
+                results, state, error, argument = [], "failed", f"MLX failed ({first_line(e)}); if memory ran out, try --quantize 8 or fewer audios.", None
+            except Exception as e:  # never let one generation end the server
+                results, state, error, argument = [], "failed", f"Generation failed: {type(e).__name__}: {first_line(e)}", None
+            with self.lock:
+                job.update(state=state, error=error, field=argument, results=results)
+                self.history[:0] = results
+
+    def _generate(self, job) -> list:
+        kwargs, mode, upload, audio_format = job["request"]
+
+        def progress(done, total):
+            with self.lock:
+                job.update(step=done, total=total)
+            if job["cancel"].is_set():
+                raise Cancelled
+
+        if upload is not None:
+            window = None if mode == "continue" else self.pipe.window_seconds
+            audio = read_audio(upload["path"], window)
+            kwargs = {**kwargs, {"variation": "init_audio", "inpaint": "inpaint_audio", "continue": "continue_audio"}[mode]: audio}
+        audio = np.array(self.pipe.generate(**kwargs, progress=progress))
+        results = []
+        for i, item in enumerate(audio):
+            stem = self._free_stem(kwargs["seed"], i if len(audio) > 1 else None)
+            path = self.output_dir / f"{stem}.{audio_format}"
+            write_audio(path, set_level(item, "peak"), self.pipe.sample_rate)
+            write_spectrogram(path.with_suffix(".png"), item, self.pipe.sample_rate)
+            settings = {**job["settings"], "index": i, "file": path.name}
+            partial = path.with_name(f".{stem}.json.partial")
+            partial.write_text(json.dumps(settings, indent=1))
+            partial.replace(path.with_suffix(".json"))
+            with self.lock:
+                for p in (path, path.with_suffix(".png"), path.with_suffix(".json")):
+                    self.files[p.name] = p
+            results.append({
+                "audio": f"/results/{path.name}", "spectrogram": f"/results/{path.with_suffix('.png').name}",
+                "name": path.name, "seconds": item.shape[-1] / self.pipe.sample_rate, "sample_rate": self.pipe.sample_rate,
+                "seed": kwargs["seed"], "settings": settings,
+            })
+        return results
+
+    def _free_stem(self, seed: int, index: int) -> str:
+        """A name no file in the output folder has: time, seed, and the batch index."""
+        stem = time.strftime("%Y%m%d-%H%M%S") + f"-seed{seed}" + ("" if index is None else f"-{index}")
+        taken = {p.stem for p in self.output_dir.iterdir()}
+        candidate, n = stem, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{stem}-{n}"
+        return candidate
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "stable-audio-mlx"
+    studio: Studio = None  # set by main
+    allowed_hosts = None  # Host headers accepted when serving on loopback (against DNS rebinding)
+
+    def log_message(self, format, *args):  # quiet: the page shows what happens
+        pass
+
+    def _send(self, status, body: bytes, content_type: str, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, value, status=HTTPStatus.OK):
+        self._send(status, json.dumps(value).encode(), "application/json")
+
+    def _error(self, status, message: str, argument: str = None):
+        self._json({"error": message, "field": argument}, status)
+
+    def _host_ok(self) -> bool:
+        if self.allowed_hosts is None or self.headers.get("Host", "").lower() in self.allowed_hosts:
+            return True
+        self._error(HTTPStatus.BAD_REQUEST, "Unexpected Host header: this server answers only to its own address.")
+        return False
+
+    def _body(self, limit: int, content_type: str) -> bytes:
+        """The request's body, if it is `content_type` (a type a web page cannot send to
+        another site without asking it first) and at most `limit` bytes; else None, the
+        error sent and the connection closed (an oversized body is never read)."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != content_type:
+            self.close_connection = True
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Send {content_type}.")
+            return None
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "A Content-Length is needed.")
+            return None
+        if int(length) > limit:
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The upload is larger than the limit of {limit / 1e6:g} MB (--max-upload-mb).", "upload")
+            return None
+        return self.rfile.read(int(length))
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        try:
+            if not self._host_ok():
+                return
+            path = urlsplit(self.path).path
+            if path in PAGE:
+                name, content_type = PAGE[path]
+                return self._send(HTTPStatus.OK, (WEB / name).read_bytes(), content_type)
+            if path == "/api/info":
+                return self._json(self.studio.info())
+            if path == "/api/history":
+                with self.studio.lock:
+                    return self._json(list(self.studio.history))
+            if path.startswith("/api/jobs/"):
+                status = self.studio.status(path[len("/api/jobs/"):])
+                return self._json(status) if status else self._error(HTTPStatus.NOT_FOUND, "No such generation.")
+            if path.startswith("/results/"):
+                with self.studio.lock:  # only what this run wrote, by its exact name
+                    file = self.studio.files.get(path[len("/results/"):])
+                if file is not None and file.is_file():
+                    return self._file(file)
+            self._error(HTTPStatus.NOT_FOUND, "Not found.")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {first_line(e)}")
+
+    def _file(self, path: Path):
+        """A result, whole or the one byte range a media element asks for."""
+        data = path.read_bytes()
+        content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        headers = [("Accept-Ranges", "bytes"), ("Content-Disposition", f'inline; filename="{path.name}"')]
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if match and any(match.groups()) and data:
+            first, last = match.groups()
+            start = int(first) if first else max(len(data) - int(last), 0)
+            end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+            if start <= end:
+                headers.append(("Content-Range", f"bytes {start}-{end}/{len(data)}"))
+                return self._send(HTTPStatus.PARTIAL_CONTENT, data[start : end + 1], content_type, headers)
+        self._send(HTTPStatus.OK, data, content_type, headers)
+
+    def do_POST(self):
+        try:
+            if not self._host_ok():
+                return
+            path = urlsplit(self.path).path
+            if path == "/api/upload":
+                body = self._body(self.studio.max_upload, "application/octet-stream")
+                if body is not None:
+                    name = unquote(self.headers.get("X-Filename", "upload"))
+                    self._json(self.studio.upload(body, name))
+                return
+            if path == "/api/generate":
+                body = self._body(MAX_JSON, "application/json")
+                if body is not None:
+                    try:
+                        data = json.loads(body, parse_constant=lambda c: c)  # NaN stays the text "NaN"
+                    except (ValueError, UnicodeDecodeError):
+                        return self._error(HTTPStatus.BAD_REQUEST, "The request is not JSON.")
+                    self._json(self.studio.submit(data))
+                return
+            match = re.fullmatch(r"/api/jobs/([0-9a-f]+)/cancel", path)
+            if match:
+                status = self.studio.cancel(match[1])
+                return self._json(status) if status else self._error(HTTPStatus.NOT_FOUND, "No such generation.")
+            self._error(HTTPStatus.NOT_FOUND, "Not found.")
+        except ValueError as e:  # ArgumentError among them: a user's input
+            self._error(HTTPStatus.BAD_REQUEST, str(e), getattr(e, "argument", None))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {first_line(e)}")
+
+
+def check_output_dir(output_dir: str) -> Path:
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-dir {output_dir!r} is a file, not a folder.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt  # a SIGTERM ends the server as Ctrl-C does
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Serve a local page that makes audio from text with Stable Audio Open.")
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    parser.add_argument("--model", required=True, help="Converted folder, released folder or Hub repo")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on; anything but loopback lets other machines in (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="Port to listen on, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--output-dir", default="outputs", help="Folder the results are written to, created if missing; nothing in it is overwritten (default: %(default)s)")
+    parser.add_argument("--dtype", help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--vae-dtype", default="float32", help="dtype of the VAE (default: %(default)s)")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize a floating-point DiT to 4 or 8 bits at load time")
+    parser.add_argument("--compile", action="store_true", help="Compile each sampler step with mx.compile")
+    parser.add_argument("--lora", type=lora.parse_file_strength, action="append", default=[], metavar="FILE[:STRENGTH]", help="A LoRA or DoRA adapter applied to every generation; repeat to stack several (as txt2audio.py)")
+    parser.add_argument("--lora-interval", type=parse_interval, action="append", default=[], metavar="MIN:MAX", help="As txt2audio.py's")
+    parser.add_argument("--lora-layer-filter", action="append", default=[], metavar="PATTERNS", help="As txt2audio.py's")
+    parser.add_argument("--max-upload-mb", type=float, default=100.0, help="The largest audio file the page may upload, in MB (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    try:
+        dtype = args.dtype or ("float16" if mx.default_device() == mx.gpu else "float32")
+        for name in (dtype, args.vae_dtype):
+            if name not in DTYPES:
+                raise ValueError(f"Unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
+        if not (0 <= args.port < 65536):
+            raise ValueError(f"--port must be in [0, 65535], not {args.port}.")
+        if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+            raise ValueError("--max-upload-mb must be a positive number.")
+        loras = lora_settings(args)
+        output_dir = check_output_dir(args.output_dir)
+        config = load_config(args.model)
+        if args.quantize and config.quantization:
+            raise ValueError(f"{args.model} is already quantized; leave out --quantize.")
+        try:  # listen before loading, so that a port in use fails at once
+            server = ThreadingHTTPServer((args.host, args.port), Handler)
+        except OSError as e:
+            raise ValueError(f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); try another --port.") from None
+        print(f"[INFO] Loading {args.model}", flush=True)
+        studio = Studio(args.model, output_dir, args.compile, int(args.max_upload_mb * 1e6))
+        studio.start(lambda: StableAudio.from_pretrained(args.model, getattr(mx, dtype), getattr(mx, args.vae_dtype), args.quantize, loras))
+        studio.ready.wait()
+        if studio.load_error is not None:
+            raise studio.load_error
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except (RuntimeError, MemoryError) as e:
+        sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, try --quantize 8.")
+    except KeyboardInterrupt:
+        sys.exit("Interrupted.")
+
+    port = server.server_address[1]
+    Handler.studio = studio
+    if args.host in LOOPBACK:
+        Handler.allowed_hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+    else:
+        print(f"[WARNING] Listening on {args.host}: anyone who can reach this machine can use the model and fill {output_dir}.", flush=True)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"[INFO] Serving on http://{shown}:{port} (Ctrl-C stops); results go to {output_dir}", flush=True)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("Stopped.")
+    finally:
+        server.server_close()
+        Handler.studio.uploads_dir.cleanup()
+
+
+if __name__ == "__main__":
+    main()
