@@ -158,7 +158,7 @@ class Studio:
         upload = None
         if mode != "text":
             with self.lock:
-                upload = self.uploads.get(data.get("upload"))
+                upload = self.uploads.get(str(data.get("upload")))
             if upload is None:
                 raise ArgumentError(f"Choose an audio file to {'vary' if mode == 'variation' else mode}.", "upload")
         kwargs = dict(
