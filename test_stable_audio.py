@@ -1848,14 +1848,16 @@ def _browser():
     return webdriver.Chrome(service=Service(driver, env=environment), options=options)
 
 
-def test_app_in_a_real_browser(app_server, small_converted, tmp_path):
+def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_path):
     """Chromium opens the page, types a prompt, clicks Generate, watches the progress bar
     fill, and plays the result: an audio element of the requested length, whose file is a
-    44.1 kHz stereo wav. Then "use this seed" fills the seed, and a bad value shows the
-    command line's message beside its field, writing nothing. The screenshot is the
+    44.1 kHz stereo wav. Then "use this seed" fills the seed; a file is uploaded, a range
+    drawn on its waveform, and it is inpainted as txt2audio does it; and a bad value
+    shows the command line's message beside its field, writing nothing. The screenshot is the
     README's picture (APP_SCREENSHOT=web/screenshot.png writes it there)."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser = _browser()
     try:
@@ -1900,6 +1902,30 @@ def test_app_in_a_real_browser(app_server, small_converted, tmp_path):
         assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"
         images = browser.execute_script("return [...document.querySelectorAll('.result img')].map(i => i.naturalWidth)")
         assert images and images[0] == 1024  # the spectrogram arrived
+
+        # inpainting an uploaded file, its range drawn on the waveform: txt2audio's file
+        Select(browser.find_element(By.ID, "mode")).select_by_value("inpaint")
+        browser.find_element(By.ID, "upload").send_keys(str(audio_files / "stereo.flac"))
+        wait.until(lambda b: "44100 Hz" in b.find_element(By.ID, "upload-info").text)
+        canvas = browser.find_element(By.ID, "waveform")
+        wait.until(lambda b: b.execute_script("const c = arguments[0]; return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v)", canvas))
+        width = canvas.size["width"]
+        ActionChains(browser).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold().move_by_offset(width // 8, 0).release().perform()
+        ranges = browser.find_element(By.ID, "inpaint_ranges").get_attribute("value")
+        start, end = (float(t) for t in ranges.split(":"))
+        window = 512 / 44100  # the file is longer: the canvas spans the window
+        assert start == pytest.approx(window / 4, abs=window / 50) and end == pytest.approx(window * 3 / 8, abs=window / 50), ranges
+        for name, value in (("steps", "3"), ("seed", "2")):
+            browser.find_element(By.ID, name).clear()
+            browser.find_element(By.ID, name).send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result")) == before + 2)
+        newest = browser.find_element(By.CSS_SELECTOR, ".result").get_attribute("data-name")
+        out = tmp_path / "inpainted.wav"
+        cli = _txt2audio("warm analog pads, slow attack", "--model", str(small_converted), "--steps", "3", "--seed", "2", "--seconds-total", "0.01",
+                         "--inpaint-audio", str(audio_files / "stereo.flac"), "--inpaint-range", ranges, "--output", str(out))
+        assert cli.returncode == 0, cli.stderr
+        assert (app_server.output_dir / newest).read_bytes() == out.read_bytes()
         screenshot = Path(os.environ.get("APP_SCREENSHOT") or tmp_path / "app.png")
         browser.save_screenshot(str(screenshot))
         assert screenshot.read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,7 @@ const FIELDS = ["prompt", "negative_prompt", "seconds_total", "steps", "cfg_scal
   "batch_size", "format", "overlap", "mode", "init_noise_level", "inpaint_ranges"];
 let info = null;
 let upload = null; // {id, name, seconds, ...} of the file the server accepted
+let wave = null; // {peaks: [[min, max], ...] per canvas column, seconds: what the canvas spans}
 
 function element(tag, attributes = {}, ...children) {
   const node = document.createElement(tag);
@@ -62,10 +63,84 @@ async function sendUpload() {
       headers: { "Content-Type": "application/octet-stream", "X-Filename": encodeURIComponent(file.name) },
     });
     $("upload-info").textContent = `${file.name}: ${upload.seconds.toFixed(2)} s, ${upload.sample_rate} Hz, ${upload.channels} channel(s)`;
+    await readWave(file);
   } catch (error) {
     $("upload-info").textContent = "";
     showError("upload", error.message);
   }
+}
+
+// The inpainting picture: the upload's first window, drawn by the browser's own decoder,
+// with the ranges of the ranges field over it; a drag adds one.
+async function readWave(file) {
+  wave = null;
+  let audio;
+  try {
+    audio = await new OfflineAudioContext(1, 1, 44100).decodeAudioData(await file.arrayBuffer());
+  } catch (error) {
+    drawWave(); // the browser cannot decode it (the server could): type the ranges
+    return;
+  }
+  const canvas = $("waveform");
+  const seconds = Math.min(audio.duration, info.window);
+  const samples = audio.getChannelData(0).subarray(0, Math.round(seconds * audio.sampleRate));
+  const peaks = [];
+  for (let x = 0; x < canvas.width; x++) {
+    const part = samples.subarray(Math.floor(x * samples.length / canvas.width), Math.max(Math.floor((x + 1) * samples.length / canvas.width), Math.floor(x * samples.length / canvas.width) + 1));
+    let low = 0, high = 0;
+    for (const v of part) { low = Math.min(low, v); high = Math.max(high, v); }
+    peaks.push([low, high]);
+  }
+  wave = { peaks, seconds };
+  drawWave();
+}
+
+function typedRanges() {
+  return $("inpaint_ranges").value.split(/[,\s]+/).filter(Boolean).map((part) => part.split(":").map(Number))
+    .filter((r) => r.length === 2 && r.every(Number.isFinite));
+}
+
+function drawWave(drag = null) {
+  const canvas = $("waveform");
+  const context = canvas.getContext("2d");
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  if (!wave) return;
+  const scale = Math.max(...wave.peaks.map(([low, high]) => Math.max(-low, high)), 1e-6);
+  const middle = canvas.height / 2;
+  context.fillStyle = "rgba(91, 45, 145, 0.25)";
+  for (const [start, end] of drag ? [...typedRanges(), drag] : typedRanges()) {
+    const x0 = start / wave.seconds * canvas.width, x1 = end / wave.seconds * canvas.width;
+    context.fillRect(Math.min(x0, x1), 0, Math.abs(x1 - x0), canvas.height);
+  }
+  context.fillStyle = "#5b2d91";
+  wave.peaks.forEach(([low, high], x) => {
+    context.fillRect(x, middle - high / scale * middle, 1, Math.max((high - low) / scale * middle, 1));
+  });
+}
+
+function secondsAt(event) {
+  const box = $("waveform").getBoundingClientRect();
+  return Math.min(Math.max((event.clientX - box.left) / box.width, 0), 1) * wave.seconds;
+}
+
+function markRanges() {
+  const canvas = $("waveform");
+  let start = null;
+  canvas.addEventListener("mousedown", (event) => { if (wave) start = secondsAt(event); });
+  canvas.addEventListener("mousemove", (event) => { if (start !== null) drawWave([start, secondsAt(event)]); });
+  window.addEventListener("mouseup", (event) => {
+    if (start === null) return;
+    const end = secondsAt(event);
+    const digits = wave.seconds < 1 ? 4 : 2;
+    if (Math.abs(end - start) > wave.seconds / 200) {
+      const range = `${Math.min(start, end).toFixed(digits)}:${Math.max(start, end).toFixed(digits)}`;
+      const field = $("inpaint_ranges");
+      field.value = field.value.trim() ? `${field.value.trim()}, ${range}` : range;
+    }
+    start = null;
+    drawWave();
+  });
+  $("inpaint_ranges").addEventListener("input", () => drawWave());
 }
 
 function describe(settings) {
@@ -73,6 +148,8 @@ function describe(settings) {
     `cfg ${settings.cfg_scale ?? info.defaults.cfg_scale}`, settings.sampler ?? info.defaults.sampler,
     `${(settings.seconds_total ?? info.window).toFixed(2)} s`];
   if (settings.mode !== "text") parts.push(`${settings.mode} of ${settings.upload}`);
+  if (settings.inpaint_ranges) parts.push(`regenerating ${settings.inpaint_ranges.map(([a, b]) => `${a}–${b} s`).join(", ")}`);
+  if (settings.init_noise_level !== undefined) parts.push(`noise level ${settings.init_noise_level}`);
   if (settings.loop) parts.push("loop");
   if (settings.negative_prompt) parts.push(`not “${settings.negative_prompt}”`);
   return parts.join(" · ");
@@ -168,6 +245,7 @@ async function start() {
   $("mode").addEventListener("change", showMode);
   $("upload").addEventListener("change", sendUpload);
   $("random-seed").addEventListener("click", () => { $("seed").value = ""; });
+  markRanges();
   showMode();
   for (const result of (await api("/api/history")).reverse()) addResult(result);
   document.body.dataset.ready = "true";
