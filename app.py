@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 import mlx.core as mx
 import numpy as np
 
-from stable_audio import DEFAULTS, ArgumentError, StableAudio, load_config, lora
+from stable_audio import DEFAULTS, ArgumentError, StableAudio, load_config, loops, lora
 from stable_audio.audio import FORMATS, read_audio, set_level, write_audio
 from stable_audio.model_io import first_line
 from stable_audio.sampler import samplers_for
@@ -167,6 +167,17 @@ class Studio:
             sampler=data.get("sampler") or None, seed=field(data, "seed", int), batch_size=field(data, "batch_size", int),
             overlap=field(data, "overlap"), loop=data.get("loop") is True, compile=self.compile,
         )
+        bpm, bars, beats = field(data, "bpm"), field(data, "bars", int), field(data, "beats_per_bar", int)
+        if bpm is not None or bars is not None:  # a loop of exactly so many bars, to the sample
+            if bpm is None or bars is None or not kwargs["loop"]:
+                raise ArgumentError("BPM and bars go together, with a seamless loop.", "bars" if bpm is not None and bars is None else "bpm")
+            if kwargs["seconds_total"] is not None:
+                raise ArgumentError("Give seconds or BPM and bars, not both.", "seconds_total")
+            rate = self.pipe.sample_rate
+            try:
+                kwargs["seconds_total"] = loops.loop_samples(bpm, bars, 4 if beats is None else beats, rate) / rate
+            except ValueError as e:
+                raise ArgumentError(str(e), "bpm") from None
         if kwargs["batch_size"] is None:
             kwargs["batch_size"] = 1
         if not kwargs["prompt"].strip():

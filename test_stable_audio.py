@@ -1708,6 +1708,12 @@ def test_app_writes_what_txt2audio_writes(app_server, small_converted, tmp_path)
     assert settings["prompt"] == "warm pads" and settings["seed"] == 3 and settings["steps"] == 4
     status, history, _ = app_server.request("GET", "/api/history")
     assert result["name"] in [r["name"] for r in history]
+    # a seamless loop: two passes of the sampler, as txt2audio makes it
+    done = app_server.wait(app_server.generate(seconds_total="0.01", steps="3", seed="4", loop=True)["id"])
+    assert done["state"] == "done" and done["total"] == 6, done["error"]
+    cli = _txt2audio("warm pads", "--model", str(small_converted), "--seconds-total", "0.01", "--steps", "3", "--seed", "4", "--loop", "--output", str(out))
+    assert cli.returncode == 0, cli.stderr
+    assert (app_server.output_dir / done["results"][0]["name"]).read_bytes() == out.read_bytes()
     # flac, two at once: numbered, and the same seed again is written beside, never over
     done = app_server.wait(app_server.generate(seconds_total="0.01", steps="2", seed="3", batch_size="2", format="flac")["id"])
     names = [r["name"] for r in done["results"]]
@@ -1754,6 +1760,9 @@ def test_app_queues_cancels_and_never_overwrites(app_server):
         (dict(cfg_scale="inf"), "cfg_scale", ["--cfg-scale", "inf"]),
         (dict(seconds_total="1", overlap="5"), "overlap", ["--seconds-total", "1", "--overlap", "5"]),
         (dict(loop=True, seconds_total="1"), "loop", None),
+        (dict(loop=True, seconds_total="", bpm="1000", bars="1"), "bpm", ["--loop", "--bpm", "1000", "--bars", "1"]),
+        (dict(bpm="120", bars="4"), "bpm", None),
+        (dict(loop=True, bpm="120"), "bars", None),
         (dict(steps="1.5"), "steps", None),
         (dict(prompt=""), "prompt", None),
         (dict(prompt="\ud800"), "prompt", None),

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const FIELDS = ["prompt", "negative_prompt", "seconds_total", "steps", "cfg_scale", "sampler", "seed",
-  "batch_size", "format", "overlap", "mode", "init_noise_level", "inpaint_ranges"];
+  "batch_size", "format", "overlap", "mode", "init_noise_level", "inpaint_ranges", "bpm", "bars"];
 let info = null;
 let upload = null; // {id, name, seconds, ...} of the file the server accepted
 let wave = null; // {peaks: [[min, max], ...] per canvas column, seconds: what the canvas spans}
