@@ -512,10 +512,13 @@ def main(argv=None):
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("Stopped.")
+        pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the cleanup
+            signal.signal(signum, signal.SIG_IGN)
         server.server_close()
-        Handler.studio.uploads_dir.cleanup()
+        studio.uploads_dir.cleanup()
+    print("Stopped.")
 
 
 if __name__ == "__main__":
