@@ -33,7 +33,7 @@ from stable_audio.model_io import first_line
 from stable_audio.sampler import samplers_for
 from stable_audio.spectrogram import write_spectrogram
 from stable_audio.t5 import check_prompt
-from txt2audio import DTYPES, lora_settings, parse_interval
+from txt2audio import DTYPES, check_dtypes, lora_settings, parse_interval, parse_range
 
 WEB = Path(__file__).parent / "web"
 PAGE = {  # every path the page is served from: nothing else on disk is reachable
@@ -57,15 +57,15 @@ def field(data: dict, name: str, kind=float):
     value = data.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    what = "a whole number" if kind is int else "a number"
+    refusal = ArgumentError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}.", name)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ArgumentError(f"{name} must be {what}, not {value!r}.", name)
+        raise refusal
     try:
         number = float(value) if kind is float else int(value.strip() if isinstance(value, str) else value)
     except (ValueError, OverflowError):
-        raise ArgumentError(f"{name} must be {what}, not {value!r}.", name) from None
+        raise refusal from None
     if kind is int and isinstance(value, float) and value != number:
-        raise ArgumentError(f"{name} must be {what}, not {value!r}.", name)
+        raise refusal
     return number
 
 
@@ -84,14 +84,10 @@ def ranges(value) -> list:
     """'10:15, 30:32' as [(10, 15), (30, 32)]."""
     if not isinstance(value, str):
         raise ArgumentError("inpaint ranges must be text, START:END in seconds, e.g. 10:15, 30:32.", "inpaint_ranges")
-    result = []
-    for part in filter(None, re.split(r"[,\s]+", value)):
-        try:
-            start, end = (float(t) for t in part.split(":"))
-        except ValueError:
-            raise ArgumentError(f"inpaint ranges are START:END in seconds, e.g. 10:15, 30:32, not {part!r}.", "inpaint_ranges") from None
-        result.append((start, end))
-    return result
+    try:
+        return [parse_range(part) for part in filter(None, re.split(r"[,\s]+", value))]
+    except argparse.ArgumentTypeError as e:  # txt2audio's --inpaint-range, one range at a time
+        raise ArgumentError(str(e), "inpaint_ranges") from None
 
 
 class Studio:
@@ -470,10 +466,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        dtype = args.dtype or ("float16" if mx.default_device() == mx.gpu else "float32")
-        for name in (dtype, args.vae_dtype):
-            if name not in DTYPES:
-                raise ValueError(f"Unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
+        check_dtypes(args)
         if not (0 <= args.port < 65536):
             raise ValueError(f"--port must be in [0, 65535], not {args.port}.")
         if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
@@ -489,7 +482,7 @@ def main(argv=None):
             raise ValueError(f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); try another --port.") from None
         print(f"[INFO] Loading {args.model}", flush=True)
         studio = Studio(args.model, output_dir, args.compile, int(args.max_upload_mb * 1e6))
-        studio.start(lambda: StableAudio.from_pretrained(args.model, getattr(mx, dtype), getattr(mx, args.vae_dtype), args.quantize, loras))
+        studio.start(lambda: StableAudio.from_pretrained(args.model, getattr(mx, args.dtype), getattr(mx, args.vae_dtype), args.quantize, loras))
         studio.ready.wait()
         if studio.load_error is not None:
             raise studio.load_error

@@ -1628,10 +1628,7 @@ class AppServer:
         elif isinstance(body, str):
             body = body.encode()
         connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        if "Host" in headers:
-            connection.putheader("Host", headers.pop("Host"))
-        else:
-            connection.putheader("Host", f"127.0.0.1:{self.port}")
+        connection.putheader("Host", headers.pop("Host", f"127.0.0.1:{self.port}"))
         if body is not None and "Content-Length" not in headers:
             headers["Content-Length"] = str(len(body))
         for k, v in headers.items():

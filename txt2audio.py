@@ -69,6 +69,15 @@ def lora_settings(args) -> list:
     return entries
 
 
+def check_dtypes(args):
+    """Fill in --dtype's default (float16 on a GPU, float32 on the CPU) and refuse unknown dtypes."""
+    if args.dtype is None:
+        args.dtype = "float16" if mx.default_device() == mx.gpu else "float32"
+    for dtype in (args.dtype, args.vae_dtype):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+
+
 def report(verbose: bool, phase: str, start: float):
     if verbose:
         peak = mx.get_peak_memory() / 1024**3
@@ -123,11 +132,7 @@ def main(argv=None):
 
     try:
         # Everything that can be checked is checked before the weights are read
-        if args.dtype is None:
-            args.dtype = "float16" if mx.default_device() == mx.gpu else "float32"
-        for dtype in (args.dtype, args.vae_dtype):
-            if dtype not in DTYPES:
-                raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+        check_dtypes(args)
         check_output(args.output, args.raw)
         if args.init_audio and args.inpaint_audio:
             raise ValueError("Give --init-audio or --inpaint-audio, not both.")

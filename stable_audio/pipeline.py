@@ -550,7 +550,7 @@ class StableAudio:
             steps=steps, cfg_scale=cfg_scale, sampler=sampler, sigma_min=sigma_min, sigma_max=sigma_max, cfg_rescale=cfg_rescale,
             compile=compile, apg_scale=apg_scale, cfg_norm_threshold=cfg_norm_threshold, cfg_interval=cfg_interval, flow_schedule=flow_schedule,
         )
-        steps = settings(self.config, steps=steps)["steps"]
+        steps_per_pass = settings(self.config, steps=steps)["steps"]
 
         def run(latents, total):
             for done, x in enumerate(latents, 1):
@@ -566,7 +566,7 @@ class StableAudio:
             windows = self.piece_windows(seconds_total, overlap, 0 if made is None else made.shape[1])
             conditionings = self.piece_conditioning(prompt, negative_prompt, windows, seconds_total, batch_size)
             latents = self.piece_latents(windows, batch_size, made)
-            run(self.generate_piece_latents(conditionings, windows, latents, seed, **sampling), steps * len(windows))
+            run(self.generate_piece_latents(conditionings, windows, latents, seed, **sampling), steps_per_pass * len(windows))
             check_finite("sampling", latents)
             audio = self.decode(latents)
             check_finite("decoding", audio)
@@ -577,7 +577,7 @@ class StableAudio:
             samples = round(seconds_total * self.sample_rate)
             clip = self.loop_latents(samples, batch_size)
             conditioning = self.condition(prompt, negative_prompt, seconds_start, samples / self.sample_rate, batch_size)
-            run(self.generate_loop_latents(conditioning, clip, seed, **sampling), steps * 2)
+            run(self.generate_loop_latents(conditioning, clip, seed, **sampling), steps_per_pass * 2)
             check_finite("sampling", clip)
             return mx.array(self.decode_loop(clip, samples))
         init_latents = inpaint = None
@@ -592,7 +592,7 @@ class StableAudio:
         check_finite("text encoding", *conditioning)
         latents = run(self.generate_latents(
             conditioning, seed=seed, noise=noise, noise_sampler=noise_sampler, init_latents=init_latents, inpaint=inpaint, **sampling
-        ), steps)
+        ), steps_per_pass)
         check_finite("sampling", latents)
         audio = self.decode(latents)
         check_finite("decoding", audio)

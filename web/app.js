@@ -86,9 +86,10 @@ async function readWave(file) {
   const samples = audio.getChannelData(0).subarray(0, Math.round(seconds * audio.sampleRate));
   const peaks = [];
   for (let x = 0; x < canvas.width; x++) {
-    const part = samples.subarray(Math.floor(x * samples.length / canvas.width), Math.max(Math.floor((x + 1) * samples.length / canvas.width), Math.floor(x * samples.length / canvas.width) + 1));
+    const from = Math.floor(x * samples.length / canvas.width);
+    const to = Math.max(Math.floor((x + 1) * samples.length / canvas.width), from + 1);
     let low = 0, high = 0;
-    for (const v of part) { low = Math.min(low, v); high = Math.max(high, v); }
+    for (const v of samples.subarray(from, to)) { low = Math.min(low, v); high = Math.max(high, v); }
     peaks.push([low, high]);
   }
   wave = { peaks, seconds };
