@@ -11,29 +11,34 @@ import argparse
 import json
 import math
 import re
-import secrets
 import signal
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import mlx.core as mx
 import numpy as np
 
-from stable_audio import DEFAULTS, ArgumentError, StableAudio, load_config, loops, lora
+from stable_audio import DEFAULTS, ArgumentError, Settings, StableAudio, load_config
 from stable_audio.audio import FORMATS, read_audio, set_level, write_audio
-from stable_audio.model_io import first_line
+from stable_audio.cli import (
+    DTYPES,
+    add_lora_arguments,
+    dtype,
+    first_line,
+    lora_settings,
+    one_line_errors,
+    parse_range,
+    parser,
+)
 from stable_audio.sampler import samplers_for
 from stable_audio.spectrogram import write_spectrogram
-from stable_audio.t5 import check_prompt
-from txt2audio import DTYPES, check_dtypes, lora_settings, parse_interval, parse_range
 
 WEB = Path(__file__).parent / "web"
 PAGE = {  # every path the page is served from: nothing else on disk is reachable
@@ -41,9 +46,21 @@ PAGE = {  # every path the page is served from: nothing else on disk is reachabl
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-CONTENT_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".png": "image/png", ".json": "application/json"}
-MODES = ("text", "variation", "inpaint", "continue")
-MAX_JSON = 1 << 20  # a request's settings; uploads have their own bound (--max-upload-mb)
+CONTENT_TYPES = {
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".mp3": "audio/mpeg",
+    ".png": "image/png",
+    ".json": "application/json",
+}
+MODES = {
+    "variation": "init_audio",
+    "inpaint": "inpaint_audio",
+    "continue": "continue_audio",
+}
+MAX_JSON = (
+    1 << 20
+)  # a request's settings; uploads have their own bound (--max-upload-mb)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -57,11 +74,18 @@ def field(data: dict, name: str, kind=float):
     value = data.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    refusal = ArgumentError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}.", name)
+    refusal = ArgumentError(
+        f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}.",
+        name,
+    )
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise refusal
     try:
-        number = float(value) if kind is float else int(value.strip() if isinstance(value, str) else value)
+        number = (
+            float(value)
+            if kind is float
+            else int(value.strip() if isinstance(value, str) else value)
+        )
     except (ValueError, OverflowError):
         raise refusal from None
     if kind is int and isinstance(value, float) and value != number:
@@ -73,20 +97,21 @@ def text(data: dict, name: str) -> str:
     value = data.get(name) or ""
     if not isinstance(value, str):
         raise ArgumentError(f"{name} must be text.", name)
-    try:
-        check_prompt(value)
-    except ValueError as e:
-        raise ArgumentError(str(e), name) from None
     return value
 
 
 def ranges(value) -> list:
     """'10:15, 30:32' as [(10, 15), (30, 32)]."""
     if not isinstance(value, str):
-        raise ArgumentError("inpaint ranges must be text, START:END in seconds, e.g. 10:15, 30:32.", "inpaint_ranges")
+        raise ArgumentError(
+            "inpaint ranges must be text, START:END in seconds, e.g. 10:15, 30:32.",
+            "inpaint_ranges",
+        )
     try:
         return [parse_range(part) for part in filter(None, re.split(r"[,\s]+", value))]
-    except argparse.ArgumentTypeError as e:  # txt2audio's --inpaint-range, one range at a time
+    except (
+        argparse.ArgumentTypeError
+    ) as e:  # txt2audio's --inpaint-range, one range at a time
         raise ArgumentError(str(e), "inpaint_ranges") from None
 
 
@@ -96,18 +121,26 @@ class Studio:
     them); request threads only check, read and queue, under `lock`."""
 
     def __init__(self, name: str, output_dir: Path, compile: bool, max_upload: int):
-        self.name, self.output_dir, self.compile, self.max_upload = name, output_dir, compile, max_upload
+        self.name, self.output_dir, self.compile, self.max_upload = (
+            name,
+            output_dir,
+            compile,
+            max_upload,
+        )
         self.pipe = self.load_error = None
         self.ready = threading.Event()
         self.uploads_dir = tempfile.TemporaryDirectory(prefix="stable-audio-uploads-")
         self.uploads = {}  # id -> {path, name, seconds, ...}
         self.jobs, self.pending, self.history = {}, deque(), []
-        self.files = {}  # name -> path: all that /results/ serves, each a file this run wrote
+        self.files = (
+            {}
+        )  # name -> path: all that /results/ serves, each a file this run wrote
         self.lock = threading.Condition()
 
     def start(self, load):
         """Run `load()` (which returns the StableAudio) and then the queue, in the worker
-        thread; once `ready` is set, `load_error` holds what loading raised, if anything."""
+        thread; once `ready` is set, `load_error` holds what loading raised, if anything.
+        """
         threading.Thread(target=self._work, args=(load,), daemon=True).start()
 
     def info(self) -> dict:
@@ -115,97 +148,129 @@ class Studio:
         objective = config.dit.objective
         window = self.pipe.window_seconds
         return {
-            "model": self.name, "sample_rate": config.sample_rate, "window": window,
-            "longest": max(config.conditioner.numbers.get("seconds_total", (0, window))[1], window),
-            "samplers": list(samplers_for(objective)), "defaults": DEFAULTS[objective],
-            "formats": [f[1:] for f in FORMATS], "max_upload": self.max_upload,
-            "adapters": self.pipe.adapters, "output_dir": str(self.output_dir),
+            "model": self.name,
+            "sample_rate": config.sample_rate,
+            "window": window,
+            "longest": max(
+                config.conditioner.numbers.get("seconds_total", (0, window))[1], window
+            ),
+            "samplers": list(samplers_for(objective)),
+            "defaults": DEFAULTS[objective],
+            "formats": [f[1:] for f in FORMATS],
+            "max_upload": self.max_upload,
+            "adapters": self.pipe.adapters,
+            "output_dir": str(self.output_dir),
         }
 
     # --- requests
 
     def upload(self, body: bytes, filename: str) -> dict:
         """Keep an uploaded file if soundfile reads it; ValueError (soundfile's reason) if not."""
-        suffix = "".join(c for c in Path(filename).suffix[:8] if c.isalnum() or c == ".")
+        suffix = "".join(
+            c for c in Path(filename).suffix[:8] if c.isalnum() or c == "."
+        )
         upload_id = uuid.uuid4().hex
         path = Path(self.uploads_dir.name) / f"{upload_id}{suffix}"
         path.write_bytes(body)
         try:
             rate, samples = read_audio(str(path))
-        except ValueError as e:  # read_audio's message, about the file by the name it was sent with
+        except (
+            ValueError
+        ) as e:  # read_audio's message, about the file by the name it was sent with
             path.unlink()
             raise ArgumentError(str(e).replace(str(path), filename), "upload") from None
-        entry = {"path": str(path), "name": filename, "seconds": samples.shape[1] / rate, "sample_rate": rate, "channels": samples.shape[0]}
+        entry = {
+            "path": str(path),
+            "name": filename,
+            "seconds": samples.shape[1] / rate,
+            "sample_rate": rate,
+            "channels": samples.shape[0],
+        }
         with self.lock:
             self.uploads[upload_id] = entry
         return {"id": upload_id, **{k: v for k, v in entry.items() if k != "path"}}
 
     def parse(self, data: dict) -> tuple:
-        """(generate()'s arguments, the settings to show) from the page's form, checked as
-        generate() checks them: an ArgumentError names the field at fault."""
+        """(the Settings to generate, the upload, the format; the settings to show) from
+        the page's form, checked as generate() checks them: an ArgumentError names the
+        field at fault."""
         if not isinstance(data, dict):
-            raise ArgumentError("The request must be a JSON object of the form's fields.")
+            raise ArgumentError(
+                "The request must be a JSON object of the form's fields."
+            )
         mode = data.get("mode") or "text"
-        if mode not in MODES:
-            raise ArgumentError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.", "mode")
+        if mode not in ("text", *MODES):
+            modes = ", ".join(("text", *MODES))
+            raise ArgumentError(
+                f"Unknown mode {mode!r}; choose one of {modes}.", "mode"
+            )
         audio_format = data.get("format") or "wav"
         if "." + str(audio_format) not in FORMATS:
-            raise ArgumentError(f"Unknown format {audio_format!r}; choose one of {', '.join(f[1:] for f in FORMATS)}.", "format")
+            formats = ", ".join(f[1:] for f in FORMATS)
+            message = f"Unknown format {audio_format!r}; choose one of {formats}."
+            raise ArgumentError(message, "format")
         upload = None
         if mode != "text":
             with self.lock:
                 upload = self.uploads.get(str(data.get("upload")))
             if upload is None:
-                raise ArgumentError(f"Choose an audio file to {'vary' if mode == 'variation' else mode}.", "upload")
-        kwargs = dict(
-            prompt=text(data, "prompt"), negative_prompt=text(data, "negative_prompt") or None,
-            seconds_total=field(data, "seconds_total"), steps=field(data, "steps", int), cfg_scale=field(data, "cfg_scale"),
-            sampler=data.get("sampler") or None, seed=field(data, "seed", int), batch_size=field(data, "batch_size", int),
-            overlap=field(data, "overlap"), loop=data.get("loop") is True, compile=self.compile,
-        )
-        bpm, bars, beats = field(data, "bpm"), field(data, "bars", int), field(data, "beats_per_bar", int)
-        if bpm is not None or bars is not None:  # a loop of exactly so many bars, to the sample
-            if bpm is None or bars is None or not kwargs["loop"]:
-                raise ArgumentError("BPM and bars go together, with a seamless loop.", "bars" if bpm is not None and bars is None else "bpm")
-            if kwargs["seconds_total"] is not None:
-                raise ArgumentError("Give seconds or BPM and bars, not both.", "seconds_total")
-            rate = self.pipe.sample_rate
-            try:
-                kwargs["seconds_total"] = loops.loop_samples(bpm, bars, 4 if beats is None else beats, rate) / rate
-            except ValueError as e:
-                raise ArgumentError(str(e), "bpm") from None
-        if kwargs["batch_size"] is None:
-            kwargs["batch_size"] = 1
-        if not kwargs["prompt"].strip():
-            raise ArgumentError("Type a prompt: what the audio should sound like.", "prompt")
-        if kwargs["sampler"] is not None and not isinstance(kwargs["sampler"], str):
-            raise ArgumentError("sampler must be a name.", "sampler")
-        if mode == "variation":
-            level = field(data, "init_noise_level")
-            kwargs["init_noise_level"] = 1.0 if level is None else level
-        if mode == "inpaint":
-            kwargs["inpaint_ranges"] = ranges(data.get("inpaint_ranges") or "")
-        if kwargs["seed"] is None:
-            kwargs["seed"] = secrets.randbits(32)
-        try:
-            self.pipe.check_generate(
-                **{k: v for k, v in kwargs.items() if k not in ("prompt", "negative_prompt", "compile")},
-                init=mode == "variation", inpaint=mode == "inpaint", continued=mode == "continue",
+                verb = "vary" if mode == "variation" else mode
+                raise ArgumentError(f"Choose an audio file to {verb}.", "upload")
+        given = self._fields(data, mode)
+        if not given["prompt"].strip():
+            raise ArgumentError(
+                "Type a prompt: what the audio should sound like.", "prompt"
             )
-        except ArgumentError as e:
-            if e.argument == "sigma_max":  # the page sets no sigma_max: only the init noise level moves it
-                e.argument = "init_noise_level"
-            raise
-        shown = {k: v for k, v in kwargs.items() if k != "compile" and v is not None}
-        shown.update(mode=mode, format=audio_format)
+        if given.get("sampler") is not None and not isinstance(given["sampler"], str):
+            raise ArgumentError("sampler must be a name.", "sampler")
+        given = {k: v for k, v in given.items() if v is not None}
+        if upload:  # its path stands for it until the worker reads it
+            given[MODES[mode]] = upload["path"]
+        s = Settings(**given, compile=self.compile).check(self.pipe.config)
+        shown = {k: v for k, v in given.items() if k not in MODES.values()}
+        shown.update(seed=s.seed, mode=mode, format=audio_format)
         if upload:
             shown["upload"] = upload["name"]
-        return (kwargs, mode, upload, audio_format), shown
+        return (s, upload, audio_format), shown
+
+    @staticmethod
+    def _fields(data: dict, mode: str) -> dict:
+        """The form's fields as Settings' (None: not given)."""
+        given = dict(
+            prompt=text(data, "prompt"),
+            negative_prompt=text(data, "negative_prompt") or None,
+            seconds_total=field(data, "seconds_total"),
+            steps=field(data, "steps", int),
+            cfg_scale=field(data, "cfg_scale"),
+            sampler=data.get("sampler") or None,
+            seed=field(data, "seed", int),
+            batch_size=field(data, "batch_size", int),
+            overlap=field(data, "overlap"),
+            loop=data.get("loop") is True,
+            bpm=field(data, "bpm"),
+            bars=field(data, "bars", int),
+            beats_per_bar=field(data, "beats_per_bar", int),
+        )
+        if mode == "variation":
+            given["init_noise_level"] = field(data, "init_noise_level")
+        if mode == "inpaint":
+            given["inpaint_ranges"] = ranges(data.get("inpaint_ranges") or "")
+        return given
 
     def submit(self, data: dict) -> dict:
         request, shown = self.parse(data)
-        job = {"id": uuid.uuid4().hex[:12], "state": "queued", "step": 0, "total": 0, "results": [], "error": None,
-               "field": None, "settings": shown, "request": request, "cancel": threading.Event()}
+        job = {
+            "id": uuid.uuid4().hex[:12],
+            "state": "queued",
+            "step": 0,
+            "total": 0,
+            "results": [],
+            "error": None,
+            "field": None,
+            "settings": shown,
+            "request": request,
+            "cancel": threading.Event(),
+        }
         with self.lock:
             self.jobs[job["id"]] = job
             self.pending.append(job)
@@ -218,7 +283,9 @@ class Studio:
             if job is None:
                 return None
             position = next((i + 1 for i, j in enumerate(self.pending) if j is job), 0)
-            return {k: v for k, v in job.items() if k not in ("request", "cancel")} | {"position": position}
+            return {k: v for k, v in job.items() if k not in ("request", "cancel")} | {
+                "position": position
+            }
 
     def cancel(self, job_id: str) -> dict:
         with self.lock:
@@ -253,17 +320,35 @@ class Studio:
             except Cancelled:
                 results, state, error, argument = [], "cancelled", None, None
             except (ValueError, OSError, FloatingPointError) as e:
-                results, state, error, argument = [], "failed", str(e), getattr(e, "argument", None)
-            except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
-                results, state, error, argument = [], "failed", f"MLX failed ({first_line(e)}); if memory ran out, try --quantize 8 or fewer audios.", None
+                results, state, error, argument = (
+                    [],
+                    "failed",
+                    str(e),
+                    getattr(e, "argument", None),
+                )
+            except (
+                RuntimeError,
+                MemoryError,
+            ) as e:  # MLX's own failures: out of memory, most likely
+                results, state, error, argument = (
+                    [],
+                    "failed",
+                    f"MLX failed ({first_line(e)}); if memory ran out, try --quantize 8 or fewer audios.",
+                    None,
+                )
             except Exception as e:  # never let one generation end the server
-                results, state, error, argument = [], "failed", f"Generation failed: {type(e).__name__}: {first_line(e)}", None
+                results, state, error, argument = (
+                    [],
+                    "failed",
+                    f"Generation failed: {type(e).__name__}: {first_line(e)}",
+                    None,
+                )
             with self.lock:
                 job.update(state=state, error=error, field=argument, results=results)
                 self.history[:0] = results
 
     def _generate(self, job) -> list:
-        kwargs, mode, upload, audio_format = job["request"]
+        s, upload, audio_format = job["request"]
 
         def progress(done, total):
             with self.lock:
@@ -272,13 +357,13 @@ class Studio:
                 raise Cancelled
 
         if upload is not None:
-            window = None if mode == "continue" else self.pipe.window_seconds
-            audio = read_audio(upload["path"], window)
-            kwargs = {**kwargs, {"variation": "init_audio", "inpaint": "inpaint_audio", "continue": "continue_audio"}[mode]: audio}
-        audio = np.array(self.pipe.generate(**kwargs, progress=progress))
+            name = MODES[job["settings"]["mode"]]
+            window = None if name == "continue_audio" else self.pipe.window_seconds
+            s = replace(s, **{name: read_audio(upload["path"], window)})
+        audio = np.array(self.pipe.generate(settings=s, progress=progress))
         results = []
         for i, item in enumerate(audio):
-            stem = self._free_stem(kwargs["seed"], i if len(audio) > 1 else None)
+            stem = self._free_stem(s.seed, i if len(audio) > 1 else None)
             path = self.output_dir / f"{stem}.{audio_format}"
             write_audio(path, set_level(item, "peak"), self.pipe.sample_rate)
             write_spectrogram(path.with_suffix(".png"), item, self.pipe.sample_rate)
@@ -289,16 +374,26 @@ class Studio:
             with self.lock:
                 for p in (path, path.with_suffix(".png"), path.with_suffix(".json")):
                     self.files[p.name] = p
-            results.append({
-                "audio": f"/results/{path.name}", "spectrogram": f"/results/{path.with_suffix('.png').name}",
-                "name": path.name, "seconds": item.shape[-1] / self.pipe.sample_rate, "sample_rate": self.pipe.sample_rate,
-                "seed": kwargs["seed"], "settings": settings,
-            })
+            results.append(
+                {
+                    "audio": f"/results/{path.name}",
+                    "spectrogram": f"/results/{path.with_suffix('.png').name}",
+                    "name": path.name,
+                    "seconds": item.shape[-1] / self.pipe.sample_rate,
+                    "sample_rate": self.pipe.sample_rate,
+                    "seed": s.seed,
+                    "settings": settings,
+                }
+            )
         return results
 
     def _free_stem(self, seed: int, index: int) -> str:
         """A name no file in the output folder has: time, seed, and the batch index."""
-        stem = time.strftime("%Y%m%d-%H%M%S") + f"-seed{seed}" + ("" if index is None else f"-{index}")
+        stem = (
+            time.strftime("%Y%m%d-%H%M%S")
+            + f"-seed{seed}"
+            + ("" if index is None else f"-{index}")
+        )
         taken = {p.stem for p in self.output_dir.iterdir()}
         candidate, n = stem, 1
         while candidate in taken:
@@ -310,7 +405,9 @@ class Studio:
 class Handler(BaseHTTPRequestHandler):
     server_version = "stable-audio-mlx"
     studio: Studio = None  # set by main
-    allowed_hosts = None  # Host headers accepted when serving on loopback (against DNS rebinding)
+    allowed_hosts = (
+        None  # Host headers accepted when serving on loopback (against DNS rebinding)
+    )
 
     def log_message(self, format, *args):  # quiet: the page shows what happens
         pass
@@ -334,9 +431,15 @@ class Handler(BaseHTTPRequestHandler):
         self._json({"error": message, "field": argument}, status)
 
     def _host_ok(self) -> bool:
-        if self.allowed_hosts is None or self.headers.get("Host", "").lower() in self.allowed_hosts:
+        if (
+            self.allowed_hosts is None
+            or self.headers.get("Host", "").lower() in self.allowed_hosts
+        ):
             return True
-        self._error(HTTPStatus.BAD_REQUEST, "Unexpected Host header: this server answers only to its own address.")
+        self._error(
+            HTTPStatus.BAD_REQUEST,
+            "Unexpected Host header: this server answers only to its own address.",
+        )
         return False
 
     def _body(self, limit: int, content_type: str) -> bytes:
@@ -344,7 +447,10 @@ class Handler(BaseHTTPRequestHandler):
         another site without asking it first) and at most `limit` bytes; else None, the
         error sent and the connection closed (an oversized body is never read)."""
         length = self.headers.get("Content-Length")
-        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != content_type:
+        if (
+            self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            != content_type
+        ):
             self.close_connection = True
             self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Send {content_type}.")
             return None
@@ -354,7 +460,11 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if int(length) > limit:
             self.close_connection = True
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The upload is larger than the limit of {limit / 1e6:g} MB (--max-upload-mb).", "upload")
+            self._error(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"The upload is larger than the limit of {limit / 1e6:g} MB (--max-upload-mb).",
+                "upload",
+            )
             return None
         return self.rfile.read(int(length))
 
@@ -368,31 +478,44 @@ class Handler(BaseHTTPRequestHandler):
             path = urlsplit(self.path).path
             if path in PAGE:
                 name, content_type = PAGE[path]
-                return self._send(HTTPStatus.OK, (WEB / name).read_bytes(), content_type)
+                return self._send(
+                    HTTPStatus.OK, (WEB / name).read_bytes(), content_type
+                )
             if path == "/api/info":
                 return self._json(self.studio.info())
             if path == "/api/history":
                 with self.studio.lock:
                     return self._json(list(self.studio.history))
             if path.startswith("/api/jobs/"):
-                status = self.studio.status(path[len("/api/jobs/"):])
-                return self._json(status) if status else self._error(HTTPStatus.NOT_FOUND, "No such generation.")
+                status = self.studio.status(path[len("/api/jobs/") :])
+                return (
+                    self._json(status)
+                    if status
+                    else self._error(HTTPStatus.NOT_FOUND, "No such generation.")
+                )
             if path.startswith("/results/"):
                 with self.studio.lock:  # only what this run wrote, by its exact name
-                    file = self.studio.files.get(path[len("/results/"):])
+                    file = self.studio.files.get(path[len("/results/") :])
                 if file is not None and file.is_file():
                     return self._file(file)
             self._error(HTTPStatus.NOT_FOUND, "Not found.")
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as e:
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {first_line(e)}")
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {first_line(e)}"
+            )
 
     def _file(self, path: Path):
         """A result, whole or the one byte range a media element asks for."""
         data = path.read_bytes()
-        content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        headers = [("Accept-Ranges", "bytes"), ("Content-Disposition", f'inline; filename="{path.name}"')]
+        content_type = CONTENT_TYPES.get(
+            path.suffix.lower(), "application/octet-stream"
+        )
+        headers = [
+            ("Accept-Ranges", "bytes"),
+            ("Content-Disposition", f'inline; filename="{path.name}"'),
+        ]
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
         if match and any(match.groups()) and data:
             first, last = match.groups()
@@ -400,7 +523,12 @@ class Handler(BaseHTTPRequestHandler):
             end = min(int(last), len(data) - 1) if first and last else len(data) - 1
             if start <= end:
                 headers.append(("Content-Range", f"bytes {start}-{end}/{len(data)}"))
-                return self._send(HTTPStatus.PARTIAL_CONTENT, data[start : end + 1], content_type, headers)
+                return self._send(
+                    HTTPStatus.PARTIAL_CONTENT,
+                    data[start : end + 1],
+                    content_type,
+                    headers,
+                )
         self._send(HTTPStatus.OK, data, content_type, headers)
 
     def do_POST(self):
@@ -418,22 +546,32 @@ class Handler(BaseHTTPRequestHandler):
                 body = self._body(MAX_JSON, "application/json")
                 if body is not None:
                     try:
-                        data = json.loads(body, parse_constant=lambda c: c)  # NaN stays the text "NaN"
+                        data = json.loads(
+                            body, parse_constant=lambda c: c
+                        )  # NaN stays the text "NaN"
                     except (ValueError, UnicodeDecodeError):
-                        return self._error(HTTPStatus.BAD_REQUEST, "The request is not JSON.")
+                        return self._error(
+                            HTTPStatus.BAD_REQUEST, "The request is not JSON."
+                        )
                     self._json(self.studio.submit(data))
                 return
             match = re.fullmatch(r"/api/jobs/([0-9a-f]+)/cancel", path)
             if match:
                 status = self.studio.cancel(match[1])
-                return self._json(status) if status else self._error(HTTPStatus.NOT_FOUND, "No such generation.")
+                return (
+                    self._json(status)
+                    if status
+                    else self._error(HTTPStatus.NOT_FOUND, "No such generation.")
+                )
             self._error(HTTPStatus.NOT_FOUND, "Not found.")
         except ValueError as e:  # ArgumentError among them: a user's input
             self._error(HTTPStatus.BAD_REQUEST, str(e), getattr(e, "argument", None))
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as e:
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {first_line(e)}")
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {first_line(e)}"
+            )
 
 
 def check_output_dir(output_dir: str) -> Path:
@@ -448,25 +586,58 @@ def stop(signum, frame):
     raise KeyboardInterrupt  # a SIGTERM ends the server as Ctrl-C does
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Serve a local page that makes audio from text with Stable Audio Open.")
-    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
-    parser.add_argument("--model", required=True, help="Converted folder, released folder or Hub repo")
-    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on; anything but loopback lets other machines in (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=7860, help="Port to listen on, 0 for any free one (default: %(default)s)")
-    parser.add_argument("--output-dir", default="outputs", help="Folder the results are written to, created if missing; nothing in it is overwritten (default: %(default)s)")
-    parser.add_argument("--dtype", help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--vae-dtype", default="float32", help="dtype of the VAE (default: %(default)s)")
-    parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize a floating-point DiT to 4 or 8 bits at load time")
-    parser.add_argument("--compile", action="store_true", help="Compile each sampler step with mx.compile")
-    parser.add_argument("--lora", type=lora.parse_file_strength, action="append", default=[], metavar="FILE[:STRENGTH]", help="A LoRA or DoRA adapter applied to every generation; repeat to stack several (as txt2audio.py)")
-    parser.add_argument("--lora-interval", type=parse_interval, action="append", default=[], metavar="MIN:MAX", help="As txt2audio.py's")
-    parser.add_argument("--lora-layer-filter", action="append", default=[], metavar="PATTERNS", help="As txt2audio.py's")
-    parser.add_argument("--max-upload-mb", type=float, default=100.0, help="The largest audio file the page may upload, in MB (default: %(default)s)")
-    args = parser.parse_args(argv)
+def arguments():
+    p = parser("Serve a local page that makes audio from text with Stable Audio Open.")
+    add = p.add_argument
+    add("--model", required=True, help="Converted folder, released folder or Hub repo")
+    add(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on; anything but loopback lets other machines in (default: %(default)s)",
+    )
+    add(
+        "--port",
+        type=int,
+        default=7860,
+        help="Port to listen on, 0 for any free one (default: %(default)s)",
+    )
+    add(
+        "--output-dir",
+        default="outputs",
+        help="Folder the results are written to, created if missing; nothing in it is overwritten (default: %(default)s)",
+    )
+    add(
+        "--dtype",
+        help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)",
+    )
+    add(
+        "--vae-dtype", default="float32", help="dtype of the VAE (default: %(default)s)"
+    )
+    add(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="Quantize a floating-point DiT to 4 or 8 bits at load time",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="Compile each sampler step with mx.compile",
+    )
+    add_lora_arguments(p)  # applied to every generation
+    add(
+        "--max-upload-mb",
+        type=float,
+        default=100.0,
+        help="The largest audio file the page may upload, in MB (default: %(default)s)",
+    )
+    return p
 
-    try:
-        check_dtypes(args)
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
+    with one_line_errors("if memory ran out, try --quantize 8."):
+        dtypes = dtype(args.dtype), dtype(args.vae_dtype)
         if not (0 <= args.port < 65536):
             raise ValueError(f"--port must be in [0, 65535], not {args.port}.")
         if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
@@ -475,39 +646,54 @@ def main(argv=None):
         output_dir = check_output_dir(args.output_dir)
         config = load_config(args.model)
         if args.quantize and config.quantization:
-            raise ValueError(f"{args.model} is already quantized; leave out --quantize.")
+            raise ValueError(
+                f"{args.model} is already quantized; leave out --quantize."
+            )
         try:  # listen before loading, so that a port in use fails at once
             server = ThreadingHTTPServer((args.host, args.port), Handler)
         except OSError as e:
-            raise ValueError(f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); try another --port.") from None
+            raise ValueError(
+                f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
+                "try another --port."
+            ) from None
         print(f"[INFO] Loading {args.model}", flush=True)
-        studio = Studio(args.model, output_dir, args.compile, int(args.max_upload_mb * 1e6))
-        studio.start(lambda: StableAudio.from_pretrained(args.model, getattr(mx, args.dtype), getattr(mx, args.vae_dtype), args.quantize, loras))
+        upload_bytes = int(args.max_upload_mb * 1e6)
+        studio = Studio(args.model, output_dir, args.compile, upload_bytes)
+        studio.start(
+            lambda: StableAudio.from_pretrained(
+                args.model, *dtypes, args.quantize, loras
+            )
+        )
         studio.ready.wait()
         if studio.load_error is not None:
             raise studio.load_error
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except (RuntimeError, MemoryError) as e:
-        sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, try --quantize 8.")
-    except KeyboardInterrupt:
-        sys.exit("Interrupted.")
 
     port = server.server_address[1]
     Handler.studio = studio
     if args.host in LOOPBACK:
-        Handler.allowed_hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+        Handler.allowed_hosts = {
+            f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")
+        }
     else:
-        print(f"[WARNING] Listening on {args.host}: anyone who can reach this machine can use the model and fill {output_dir}.", flush=True)
+        print(
+            f"[WARNING] Listening on {args.host}: anyone who can reach this machine can use the model and fill {output_dir}.",
+            flush=True,
+        )
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"[INFO] Serving on http://{shown}:{port} (Ctrl-C stops); results go to {output_dir}", flush=True)
+    print(
+        f"[INFO] Serving on http://{shown}:{port} (Ctrl-C stops); results go to {output_dir}",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not break the cleanup
+        for signum in (
+            signal.SIGINT,
+            signal.SIGTERM,
+        ):  # a second Ctrl-C must not break the cleanup
             signal.signal(signum, signal.SIG_IGN)
         server.server_close()
         studio.uploads_dir.cleanup()

@@ -41,7 +41,11 @@ VARIANTS = ("float32", "float16", "8-bit", "4-bit")
 
 def float32_matmuls() -> str:
     """What float32 means for matrix products on the default device."""
-    if mx.default_device() == mx.gpu and mx.cuda.is_available() and os.environ.get("MLX_ENABLE_TF32", "1") != "0":
+    if (
+        mx.default_device() == mx.gpu
+        and mx.cuda.is_available()
+        and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+    ):
         return "TF32"
     return "true float32"
 
@@ -52,7 +56,16 @@ def label(variant: str) -> str:
 
 def run_peer(dtype: str, steps: int, runs: int) -> dict:
     """peer_diffusers.py's figures at `dtype`, in a process of its own."""
-    command = [sys.executable, str(Path(__file__).parent / "peer_diffusers.py"), "--dtype", dtype, "--steps", str(steps), "--runs", str(runs)]
+    command = [
+        sys.executable,
+        str(Path(__file__).parent / "peer_diffusers.py"),
+        "--dtype",
+        dtype,
+        "--steps",
+        str(steps),
+        "--runs",
+        str(runs),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -72,22 +85,33 @@ def gemm_shapes(config, latents: int = 1024) -> list:
     step (the cfg batch of 2; cross-attention runs on the conditional half only)."""
     d, rows = config.dit.embed_dim, 2 * (latents + 1)
     return [
-        ("self-attention qkv", rows, d, 3 * d, False, 1), ("self-attention out", rows, d, d, False, 1),
-        ("cross-attention q", rows // 2, d, d, False, 1), ("cross-attention out", rows // 2, d, d, False, 1),
-        ("feed-forward in", rows, d, 8 * d, True, 1), ("feed-forward out", rows, 4 * d, d, True, 1),
+        ("self-attention qkv", rows, d, 3 * d, False, 1),
+        ("self-attention out", rows, d, d, False, 1),
+        ("cross-attention q", rows // 2, d, d, False, 1),
+        ("cross-attention out", rows // 2, d, d, False, 1),
+        ("feed-forward in", rows, d, 8 * d, True, 1),
+        ("feed-forward out", rows, 4 * d, d, True, 1),
     ]
 
 
 def measure_gemms(dtype=mx.float16, repeats: int = 20) -> list:
     """Each product of gemm_shapes as nn.Linear computes it, and PyTorch's F.linear at the
-    same shape if torch with CUDA is importable: (name, shape, MLX s, PyTorch s or None)."""
+    same shape if torch with CUDA is importable: (name, shape, MLX s, PyTorch s or None).
+    """
     import mlx.nn as nn
 
-    config = parse_config(json.loads((DATA / "sao1_model_config.json").read_text()), json.loads((DATA / "t5_config.json").read_text()))
+    config = parse_config(
+        json.loads((DATA / "sao1_model_config.json").read_text()),
+        json.loads((DATA / "t5_config.json").read_text()),
+    )
     try:
         import torch
 
-        torch_dtype = getattr(torch, str(dtype).split(".")[-1]) if torch.cuda.is_available() else None
+        torch_dtype = (
+            getattr(torch, str(dtype).split(".")[-1])
+            if torch.cuda.is_available()
+            else None
+        )
     except ImportError:
         torch_dtype = None
     results = []
@@ -143,9 +167,13 @@ def add_adapter(pipe, mode: str, folder: Path, rank: int = 8):
     every layer)."""
     layers = lora.initial_tensors(pipe.dit, pipe.conditioner, rank)
     for i, tensors in enumerate(layers.values()):
-        tensors["lora_B"] = 0.01 * mx.random.normal(tensors["lora_B"].shape, key=mx.random.key(i))
+        tensors["lora_B"] = 0.01 * mx.random.normal(
+            tensors["lora_B"].shape, key=mx.random.key(i)
+        )
     path = folder / f"{mode}.safetensors"
-    lora.save_adapter(path, layers, {"rank": rank, "alpha": rank, "adapter_type": "lora"})
+    lora.save_adapter(
+        path, layers, {"rank": rank, "alpha": rank, "adapter_type": "lora"}
+    )
     pipe.load_lora(path, 1.0, (0.5, 1.0) if mode == "gated" else None)
     mx.eval(pipe.dit.parameters(), pipe.conditioner.parameters())
 
@@ -155,13 +183,18 @@ def condition(pipe, batch_size) -> Conditioning:
     vocab = pipe.config.t5.vocab_size
     tokens = mx.random.randint(0, vocab, (batch_size, 128), key=mx.random.key(0))
     mask = mx.broadcast_to((mx.arange(128) < 20).astype(mx.int32), (batch_size, 128))
-    seconds = dict(seconds_start=[0.0] * batch_size, seconds_total=[pipe.window_seconds] * batch_size)
+    seconds = dict(
+        seconds_start=[0.0] * batch_size,
+        seconds_total=[pipe.window_seconds] * batch_size,
+    )
     cross, global_cond = pipe.conditioner(pipe.t5(tokens, mask), mask, **seconds)
     mx.eval(cross, global_cond)
     return Conditioning(cross, global_cond)
 
 
-def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=False, sampling=None):
+def generate(
+    pipe, steps, batch_size, compile, times, peaks=None, low_memory=False, sampling=None
+):
     """One full generation, recording each phase's time in `times`. With `peaks`, each
     phase's peak memory is recorded there, and T5 and the DiT are deleted when done, as
     txt2audio.py does."""
@@ -180,7 +213,9 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     default_limit = limit_memory() if low_memory else None
 
     start = time.perf_counter()
-    for latents in pipe.generate_latents(conditioning, steps=steps, seed=0, compile=compile, **(sampling or {})):
+    for latents in pipe.generate_latents(
+        conditioning, steps=steps, seed=0, compile=compile, **(sampling or {})
+    ):
         mx.eval(latents)
     phase_end("sampling", start)
     if peaks is not None:
@@ -193,10 +228,23 @@ def generate(pipe, steps, batch_size, compile, times, peaks=None, low_memory=Fal
     phase_end("decode", start)
     if low_memory:
         mx.set_memory_limit(default_limit)
-    times["end to end"].append(sum(times[k][-1] for k in ("text", "sampling", "decode")))
+    times["end to end"].append(
+        sum(times[k][-1] for k in ("text", "sampling", "decode"))
+    )
 
 
-def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=False, vae_dtype=mx.float32, sampling=None, adapter="none"):
+def measure(
+    variant,
+    compile,
+    steps,
+    runs,
+    batch_size,
+    config=None,
+    low_memory=False,
+    vae_dtype=mx.float32,
+    sampling=None,
+    adapter="none",
+):
     """Times are medians of `runs` generations with everything loaded; the peaks come
     from one more generation run as txt2audio.py runs it."""
     pipe = random_pipeline(variant, config, vae_dtype)
@@ -204,13 +252,32 @@ def measure(variant, compile, steps, runs, batch_size, config=None, low_memory=F
         with tempfile.TemporaryDirectory() as folder:
             add_adapter(pipe, adapter, Path(folder))
     times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
-    generate(pipe, 2, batch_size, compile, {k: [] for k in times}, sampling=sampling)  # warm-up
+    generate(
+        pipe, 2, batch_size, compile, {k: [] for k in times}, sampling=sampling
+    )  # warm-up
     for _ in range(runs):
-        generate(pipe, steps, batch_size, compile, times, low_memory=low_memory, sampling=sampling)
+        generate(
+            pipe,
+            steps,
+            batch_size,
+            compile,
+            times,
+            low_memory=low_memory,
+            sampling=sampling,
+        )
     mx.clear_cache()
     mx.reset_peak_memory()
     peaks = {}
-    generate(pipe, steps, batch_size, compile, {k: [] for k in times}, peaks, low_memory, sampling)
+    generate(
+        pipe,
+        steps,
+        batch_size,
+        compile,
+        {k: [] for k in times},
+        peaks,
+        low_memory,
+        sampling,
+    )
     result = {k: statistics.median(v) for k, v in times.items()}
     result["peak"] = max(peaks.values())
     result["peaks"] = peaks
@@ -223,36 +290,61 @@ def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -
     """A piece beyond the window, as txt2audio.py --seconds-total makes it (compiled steps;
     random token ids for the prompt): its windows, the sampling time, the decoding time of
     the whole piece and the peak memory."""
-    from stable_audio import long_form
+    from stable_audio import Settings, long_form
 
     pipe = random_pipeline(variant, config)
-    windows = pipe.piece_windows(seconds_total)
+    s = Settings(seconds_total=seconds_total, steps=steps, seed=0, compile=True)
+    s = s.resolved(pipe.config)
+    windows = long_form.windows(pipe.config, seconds_total, s.overlap)
     vocab = pipe.config.t5.vocab_size
     tokens = mx.random.randint(0, vocab, (1, 128), key=mx.random.key(0))
     mask = (mx.arange(128) < 20).astype(mx.int32)[None]
     hidden = pipe.t5(tokens, mask)  # T5 once; then each window's timing
-    samples, ratio = round(seconds_total * pipe.sample_rate), pipe.config.vae.downsampling_ratio
+    samples, ratio = (
+        round(seconds_total * pipe.sample_rate),
+        pipe.config.vae.downsampling_ratio,
+    )
     conditionings = []
     for start, _ in windows:
-        timing = {k: [v] for k, v in long_form.timing(start, samples, ratio, pipe.sample_rate).items() if k in pipe.conditioner.numbers}
+        timing = {
+            k: [v]
+            for k, v in long_form.timing(
+                start, samples, ratio, pipe.sample_rate
+            ).items()
+            if k in pipe.conditioner.numbers
+        }
         conditionings.append(Conditioning(*pipe.conditioner(hidden, mask, **timing)))
     del pipe.t5
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    piece = pipe.piece_latents(windows)
-    for x in pipe.generate_piece_latents(conditionings, windows, piece, seed=0, steps=steps, compile=True):
+    size = (1, windows[-1][0] + pipe.latent_shape()[1], pipe.config.dit.io_channels)
+    piece = mx.zeros(size)
+    for x in long_form.sample(pipe, conditionings, windows, piece, s):
         mx.eval(x)
     sampling = time.perf_counter() - start
     start = time.perf_counter()
     mx.eval(pipe.decode(piece)[..., :samples])
-    return {"windows": len(windows), "sampling": sampling, "decode": time.perf_counter() - start, "peak": mx.get_peak_memory() / 1e9}
+    return {
+        "windows": len(windows),
+        "sampling": sampling,
+        "decode": time.perf_counter() - start,
+        "peak": mx.get_peak_memory() / 1e9,
+    }
 
 
-PEER_LAYERS = ["self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.to_out"]
+PEER_LAYERS = [
+    "self_attn.to_qkv",
+    "self_attn.to_out",
+    "cross_attn.to_q",
+    "cross_attn.to_kv",
+    "cross_attn.to_out",
+]
 
 
-def measure_training(variant: str, checkpoint: bool, steps: int = 8, config=None, latents: int = 1024) -> dict:
+def measure_training(
+    variant: str, checkpoint: bool, steps: int = 8, config=None, latents: int = 1024
+) -> dict:
     """finetune.py's compiled step (rank-8 LoRA on the attention projections, the layers
     the PEFT peer adapts; batch 1, `latents` latents, AdamW): seconds per step after 3
     warm-up steps, and the peak memory of those steps (weights included; T5 and the VAE,
@@ -262,20 +354,38 @@ def measure_training(variant: str, checkpoint: bool, steps: int = 8, config=None
     from stable_audio import trainer
 
     dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16}.get(variant, mx.float16)
-    pipe = random_pipeline("float32" if variant in ("bfloat16", "float16") else variant, config)
+    pipe = random_pipeline(
+        "float32" if variant in ("bfloat16", "float16") else variant, config
+    )
     if variant in ("bfloat16", "float16"):
         pipe.dit.set_dtype(dtype)
     del pipe.t5, pipe.vae
-    model = trainer.FineTuned(pipe.dit, pipe.conditioner, pipe.config.dit.objective, rank=8, include=PEER_LAYERS)
+    model = trainer.FineTuned(
+        pipe.dit,
+        pipe.conditioner,
+        pipe.config.dit.objective,
+        rank=8,
+        include=PEER_LAYERS,
+    )
     pipe.dit.checkpoint_blocks = checkpoint
     optimizer = optim.AdamW(learning_rate=1e-4)
     step = trainer.training_step(model, optimizer)
     key = iter(mx.random.split(mx.random.key(0), 8))
     C = pipe.config.dit.io_channels
     normal = lambda *shape: mx.random.normal(shape, key=next(key))
-    inputs = (normal(1, latents, C), mx.ones((1, latents, C)) * 0.1, normal(1, latents, C), mx.array([0.5]), normal(1, latents, C),
-              normal(1, 128, pipe.config.conditioner.cond_dim), mx.ones((1, 128), dtype=mx.int32), mx.array([0.0]),
-              mx.array([47.0]), mx.ones((1, latents), dtype=mx.bool_), mx.array([False]))
+    inputs = (
+        normal(1, latents, C),
+        mx.ones((1, latents, C)) * 0.1,
+        normal(1, latents, C),
+        mx.array([0.5]),
+        normal(1, latents, C),
+        normal(1, 128, pipe.config.conditioner.cond_dim),
+        mx.ones((1, 128), dtype=mx.int32),
+        mx.array([0.0]),
+        mx.array([47.0]),
+        mx.ones((1, latents), dtype=mx.bool_),
+        mx.array([False]),
+    )
     state = [model.state, optimizer.state]
     for _ in range(3):
         mx.eval(step([inputs]), state)
@@ -284,7 +394,10 @@ def measure_training(variant: str, checkpoint: bool, steps: int = 8, config=None
     start = time.perf_counter()
     for _ in range(steps):
         mx.eval(step([inputs]), state)
-    result = {"step": (time.perf_counter() - start) / steps, "peak": mx.get_peak_memory() / 1e9}
+    result = {
+        "step": (time.perf_counter() - start) / steps,
+        "peak": mx.get_peak_memory() / 1e9,
+    }
     del pipe, model, optimizer, step, state
     mx.clear_cache()
     return result
@@ -292,56 +405,156 @@ def measure_training(variant: str, checkpoint: bool, steps: int = 8, config=None
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="DiT and T5 precisions (default: all)")
-    parser.add_argument("--compile", choices=("off", "on", "both"), default="both", help="compiled sampler steps (default: both)")
-    parser.add_argument("--steps", type=int, default=100, help="sampler steps (default: 100)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up (default: 3)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="audios per generation")
-    parser.add_argument("--low-memory", action="store_true", help="as txt2audio.py --low-memory")
-    parser.add_argument("--vae-dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="the decoder's dtype (default: float32)")
-    parser.add_argument("--sampler", help="the sampler (default: the model's, dpmpp-3m-sde)")
-    parser.add_argument("--apg-scale", type=float, default=0.0, help="adaptive projected guidance (default: 0, plain CFG)")
-    parser.add_argument("--adapters", nargs="+", default=["none"], choices=("none", "static", "gated"), help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)")
-    parser.add_argument("--finetune", action="store_true", help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)")
-    parser.add_argument("--models", nargs="+", default=["SAO 1.0", "SAO Small"], choices=("SAO 1.0", "SAO Small"), help="--finetune's models (default: both)")
-    parser.add_argument("--seconds-total", type=float, help="time a piece of this length instead (window by window, beyond the model's window), for each of --variants")
-    parser.add_argument("--peer", choices=("diffusers",), help="also run diffusers (peer_diffusers.py: torch, diffusers, CUDA) before and after ours, at the matching precision, and print the ratios")
-    parser.add_argument("--gemms", action="store_true", help="time the matrix products of one guided step instead (float16; PyTorch's too, where torch has CUDA)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        help="DiT and T5 precisions (default: all)",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "both"),
+        default="both",
+        help="compiled sampler steps (default: both)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=100, help="sampler steps (default: 100)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="timed runs after a warm-up (default: 3)"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1], help="audios per generation"
+    )
+    parser.add_argument(
+        "--low-memory", action="store_true", help="as txt2audio.py --low-memory"
+    )
+    parser.add_argument(
+        "--vae-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="the decoder's dtype (default: float32)",
+    )
+    parser.add_argument(
+        "--sampler", help="the sampler (default: the model's, dpmpp-3m-sde)"
+    )
+    parser.add_argument(
+        "--apg-scale",
+        type=float,
+        default=0.0,
+        help="adaptive projected guidance (default: 0, plain CFG)",
+    )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        default=["none"],
+        choices=("none", "static", "gated"),
+        help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)",
+    )
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["SAO 1.0", "SAO Small"],
+        choices=("SAO 1.0", "SAO Small"),
+        help="--finetune's models (default: both)",
+    )
+    parser.add_argument(
+        "--seconds-total",
+        type=float,
+        help="time a piece of this length instead (window by window, beyond the model's window), for each of --variants",
+    )
+    parser.add_argument(
+        "--peer",
+        choices=("diffusers",),
+        help="also run diffusers (peer_diffusers.py: torch, diffusers, CUDA) before and after ours, at the matching precision, and print the ratios",
+    )
+    parser.add_argument(
+        "--gemms",
+        action="store_true",
+        help="time the matrix products of one guided step instead (float16; PyTorch's too, where torch has CUDA)",
+    )
     args = parser.parse_args()
     if args.gemms:
-        print(f"mlx {mx.__version__}, {mx.default_device()}, float16, the products of one guided step (1024 latents), as nn.Linear computes them")
-        print("| product | rows x in -> out | bias | MLX (us) | MLX TFLOP/s | PyTorch (us) | PyTorch TFLOP/s |")
+        print(
+            f"mlx {mx.__version__}, {mx.default_device()}, float16, the products of one guided step (1024 latents), as nn.Linear computes them"
+        )
+        print(
+            "| product | rows x in -> out | bias | MLX (us) | MLX TFLOP/s | PyTorch (us) | PyTorch TFLOP/s |"
+        )
         print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
         ours = theirs = 0.0
-        depth = json.loads((DATA / "sao1_model_config.json").read_text())["model"]["diffusion"]["config"]["depth"]
+        depth = json.loads((DATA / "sao1_model_config.json").read_text())["model"][
+            "diffusion"
+        ]["config"]["depth"]
         for name, (m, k, n, bias), t, peer in measure_gemms():
             rate = lambda s: 2 * m * k * n / s / 1e12
             ours, theirs = ours + t, theirs + (peer or 0.0)
             peer_cells = f"{1e6 * peer:.1f} | {rate(peer):.0f}" if peer else "- | -"
-            print(f"| {name} | {m} x {k} -> {n} | {'yes' if bias else 'no'} | {1e6 * t:.1f} | {rate(t):.0f} | {peer_cells} |", flush=True)
-        print(f"One step's products ({depth} blocks): MLX {1e3 * depth * ours:.2f} ms" + (f", PyTorch {1e3 * depth * theirs:.2f} ms" if theirs else ""))
+            print(
+                f"| {name} | {m} x {k} -> {n} | {'yes' if bias else 'no'} | {1e6 * t:.1f} | {rate(t):.0f} | {peer_cells} |",
+                flush=True,
+            )
+        print(
+            f"One step's products ({depth} blocks): MLX {1e3 * depth * ours:.2f} ms"
+            + (f", PyTorch {1e3 * depth * theirs:.2f} ms" if theirs else "")
+        )
         raise SystemExit
     if args.seconds_total:
-        print(f"mlx {mx.__version__}, {mx.default_device()}, a {args.seconds_total:g} s piece, {args.steps} steps a window, cfg 7, compiled")
-        print("| DiT | windows | sampling (s) | decode (s) | end to end (s) | peak (GB) |")
+        print(
+            f"mlx {mx.__version__}, {mx.default_device()}, a {args.seconds_total:g} s piece, {args.steps} steps a window, cfg 7, compiled"
+        )
+        print(
+            "| DiT | windows | sampling (s) | decode (s) | end to end (s) | peak (GB) |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for variant in args.variants:
             measure_piece(variant, args.seconds_total, 2)  # warm-up
             r = measure_piece(variant, args.seconds_total, args.steps)
-            print(f"| {variant} | {r['windows']} | {r['sampling']:.2f} | {r['decode']:.2f} | {r['sampling'] + r['decode']:.2f} | {r['peak']:.2f} |", flush=True)
+            print(
+                f"| {variant} | {r['windows']} | {r['sampling']:.2f} | {r['decode']:.2f} | {r['sampling'] + r['decode']:.2f} | {r['peak']:.2f} |",
+                flush=True,
+            )
         raise SystemExit
     if args.finetune:
-        print(f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, the model's whole window, AdamW, compiled step")
-        print("| model | frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |")
+        print(
+            f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, the model's whole window, AdamW, compiled step"
+        )
+        print(
+            "| model | frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |"
+        )
         print("| --- | --- | --- | ---: | ---: |")
-        small = parse_config(json.loads((DATA / "saos_model_config.RECONSTRUCTED.json").read_text()), json.loads((DATA / "t5_config.json").read_text()))
-        for name, config in [m for m in (("SAO 1.0", None), ("SAO Small", small)) if m[0] in args.models]:
-            latents = (config.sample_size // config.vae.downsampling_ratio) if config else 1024
+        small = parse_config(
+            json.loads((DATA / "saos_model_config.RECONSTRUCTED.json").read_text()),
+            json.loads((DATA / "t5_config.json").read_text()),
+        )
+        for name, config in [
+            m for m in (("SAO 1.0", None), ("SAO Small", small)) if m[0] in args.models
+        ]:
+            latents = (
+                (config.sample_size // config.vae.downsampling_ratio)
+                if config
+                else 1024
+            )
             variants = list(dict.fromkeys(["bfloat16", *args.variants]))
-            for variant in variants if config is None else [v for v in variants if v in ("bfloat16", "4-bit")]:
+            for variant in (
+                variants
+                if config is None
+                else [v for v in variants if v in ("bfloat16", "4-bit")]
+            ):
                 for checkpoint in (False, True):
-                    r = measure_training(variant, checkpoint, args.runs * 4, config, latents)
-                    print(f"| {name} ({latents} latents) | {variant} | {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} | {r['peak']:.2f} |", flush=True)
+                    r = measure_training(
+                        variant, checkpoint, args.runs * 4, config, latents
+                    )
+                    print(
+                        f"| {name} ({latents} latents) | {variant} | {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} | {r['peak']:.2f} |",
+                        flush=True,
+                    )
         raise SystemExit
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -355,13 +568,23 @@ if __name__ == "__main__":
         for dtype in dict.fromkeys(peer_dtype(v) for v in args.variants):
             peers[dtype] = [run_peer(dtype, args.steps, 2)]
     ends = {}
-    print("| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |")
+    print(
+        "| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |"
+    )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for variant, adapter, compile, batch_size in itertools.product(args.variants, args.adapters, compiles, args.batch_sizes):
+    for variant, adapter, compile, batch_size in itertools.product(
+        args.variants, args.adapters, compiles, args.batch_sizes
+    ):
         r = measure(
-            variant, compile, args.steps, args.runs, batch_size,
-            low_memory=args.low_memory, vae_dtype=getattr(mx, args.vae_dtype),
-            sampling=dict(sampler=args.sampler, apg_scale=args.apg_scale), adapter=adapter,
+            variant,
+            compile,
+            args.steps,
+            args.runs,
+            batch_size,
+            low_memory=args.low_memory,
+            vae_dtype=getattr(mx, args.vae_dtype),
+            sampling=dict(sampler=args.sampler, apg_scale=args.apg_scale),
+            adapter=adapter,
         )
         print(
             f"| {label(variant)} | {adapter} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
@@ -374,16 +597,32 @@ if __name__ == "__main__":
     if peers:
         for dtype in peers:
             peers[dtype].append(run_peer(dtype, args.steps, 2))
-        print(f"\ndiffusers (peer_diffusers.py, torch {peers[dtype][0]['torch']}), before / after ours, same call:")
-        print("| precision | end to end (s) | DiT forward, batch 2 (ms) | decode (ms) | peak (GiB) |")
+        print(
+            f"\ndiffusers (peer_diffusers.py, torch {peers[dtype][0]['torch']}), before / after ours, same call:"
+        )
+        print(
+            "| precision | end to end (s) | DiT forward, batch 2 (ms) | decode (ms) | peak (GiB) |"
+        )
         print("| --- | ---: | ---: | ---: | ---: |")
         for dtype, (before, after) in peers.items():
-            cells = [f"{a:.2f} / {b:.2f}" for a, b in [(before["end_to_end_s"], after["end_to_end_s"])]]
-            cells += [f"{1e3 * before[k]:.1f} / {1e3 * after[k]:.1f}" for k in ("dit_forward_s", "decode_s")]
-            print(f"| {dtype} | {' | '.join(cells)} | {max(before['peak_GiB'], after['peak_GiB']):.2f} |")
-        print("\n| ours | compiled | audios | peer | ours end to end per audio (s) | peer (s, mean) | ours faster |")
+            cells = [
+                f"{a:.2f} / {b:.2f}"
+                for a, b in [(before["end_to_end_s"], after["end_to_end_s"])]
+            ]
+            cells += [
+                f"{1e3 * before[k]:.1f} / {1e3 * after[k]:.1f}"
+                for k in ("dit_forward_s", "decode_s")
+            ]
+            print(
+                f"| {dtype} | {' | '.join(cells)} | {max(before['peak_GiB'], after['peak_GiB']):.2f} |"
+            )
+        print(
+            "\n| ours | compiled | audios | peer | ours end to end per audio (s) | peer (s, mean) | ours faster |"
+        )
         print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
         for (variant, adapter, compile, batch_size), ours in ends.items():
             dtype = peer_dtype(variant)
             theirs = statistics.mean(p["end_to_end_s"] for p in peers[dtype])
-            print(f"| {label(variant)}{' + ' + adapter if adapter != 'none' else ''} | {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |")
+            print(
+                f"| {label(variant)}{' + ' + adapter if adapter != 'none' else ''} | {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |"
+            )

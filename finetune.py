@@ -1,10 +1,8 @@
 """Teach Stable Audio Open your own sounds: train a LoRA or DoRA adapter on a folder of
 captioned audio files, written in stable-audio-tools 0.0.20's adapter format."""
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -14,12 +12,28 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from stable_audio import Conditioning, StableAudio, datasets, lora, model_io, trainer
+from stable_audio import (
+    Conditioning,
+    StableAudio,
+    datasets,
+    hub,
+    lora,
+    model_io,
+    trainer,
+)
 from stable_audio.audio import peak_normalize, write_audio
-from stable_audio.model_io import Components, first_line
+from stable_audio.cli import DTYPES, dtype_name, first_line, one_line_errors, parser
+from stable_audio.model_io import Components
 
-DTYPES = ("float16", "bfloat16", "float32")
 CFG_DROPOUT = 0.1  # 0.0.20's default
+MEMORY_ADVICE = (
+    "if memory ran out, lower --batch-size or --crop-seconds, or add --grad-checkpoint "
+    "or --quantize 8."
+)
+INTERRUPTED = (
+    "Interrupted; the adapter and checkpoint files hold the last --save-every step, if "
+    "any (go on with --resume)."
+)
 
 
 def check_output(output: str, force: bool):
@@ -29,17 +43,21 @@ def check_output(output: str, force: bool):
     if not path.parent.is_dir():
         raise ValueError(f"The folder of {output!r} does not exist.")
     if path.exists() and not force:
-        raise ValueError(f"{output} already exists; choose another --output, or replace it with --force.")
+        raise ValueError(
+            f"{output} already exists; choose another --output, or replace it with --force."
+        )
 
 
 def model_key(model: str) -> str:
     """What the latent cache keys a model by: its weight files' names, sizes and times."""
-    folder = model_io.resolve(model)
+    folder = hub.resolve(model)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt"))
     return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
 
 
-def prepare_clips(models, clips, window: int, args, cache, key, show: bool, save: bool = True) -> list:
+def prepare_clips(
+    models, clips, window: int, args, cache, key, show: bool, save: bool = True
+) -> list:
     """Every file encoded once (or read back from the latent cache, and with `save` what
     was encoded written to it), those that cannot be read skipped with a count (refused
     under --strict), those with no window above -60 dBFS left out, as 0.0.20 rejects
@@ -47,7 +65,16 @@ def prepare_clips(models, clips, window: int, args, cache, key, show: bool, save
     prepared, everything, unreadable, silent = [], [], [], 0
     for path, caption in tqdm(clips, desc="Encoding audio", disable=not show):
         try:
-            clip = datasets.encode_clip(models.vae, path, caption, models.config.sample_rate, window, args.phase_flip, cache, key)
+            clip = datasets.encode_clip(
+                models.vae,
+                path,
+                caption,
+                models.config.sample_rate,
+                window,
+                args.phase_flip,
+                cache,
+                key,
+            )
         except ValueError as e:
             if args.strict:
                 raise
@@ -59,14 +86,22 @@ def prepare_clips(models, clips, window: int, args, cache, key, show: bool, save
         else:
             silent += 1
     if show and unreadable:
-        print(f"[WARN] Skipped {len(unreadable)} file(s) that cannot be read (--strict refuses them), first: {unreadable[0]}")
+        print(
+            f"[WARN] Skipped {len(unreadable)} file(s) that cannot be read (--strict refuses them), first: {unreadable[0]}"
+        )
     if show and silent:
         print(f"[INFO] Left out {silent} silent file(s) (below -60 dBFS throughout)")
     if not prepared:
-        raise ValueError("No file can be read." if not silent else "Every clip is silent (below -60 dBFS): there is nothing to learn from.")
+        raise ValueError(
+            "No file can be read."
+            if not silent
+            else "Every clip is silent (below -60 dBFS): there is nothing to learn from."
+        )
     problem = datasets.save_to_cache(everything) if save else ""
     if show and problem:
-        print(f"[WARN] Cannot write the latent cache ({problem}); the next run encodes again (see --cache)")
+        print(
+            f"[WARN] Cannot write the latent cache ({problem}); the next run encodes again (see --cache)"
+        )
     return prepared
 
 
@@ -82,7 +117,9 @@ def encode_captions(models, captions) -> dict:
     return encoded
 
 
-def batches_at(clips, texts, step: int, args, config, latents: int, world: int = 1, rank: int = 0) -> list:
+def batches_at(
+    clips, texts, step: int, args, config, latents: int, world: int = 1, rank: int = 0
+) -> list:
     """This process's micro-batches of a step: the whole step's examples and random draws
     are a function of (seed, step) alone, drawn for all --grad-accumulate x processes x
     --batch-size of them at once and then shared out, so that a run is reproducible and
@@ -94,29 +131,45 @@ def batches_at(clips, texts, step: int, args, config, latents: int, world: int =
     rng = np.random.default_rng([args.seed, step])
     chosen = [clips[i] for i in rng.integers(0, len(clips), size)]
     starts = [int(c.starts[rng.integers(0, c.starts.size)]) for c in chosen]
-    flipped = rng.uniform(size=size) < 0.5 if args.phase_flip else np.zeros(size, dtype=bool)
+    flipped = (
+        rng.uniform(size=size) < 0.5 if args.phase_flip else np.zeros(size, dtype=bool)
+    )
     channels = chosen[0].posteriors[0][0].shape[-1]
     posterior_noise = rng.standard_normal((size, latents, channels), dtype=np.float32)
     shift = int(np.random.default_rng([args.seed]).integers(2**32))
-    t = trainer.sample_timesteps(args.timestep_sampler, size, rng, (step - 1) * size, shift).astype(np.float32)
+    t = trainer.sample_timesteps(
+        args.timestep_sampler, size, rng, (step - 1) * size, shift
+    ).astype(np.float32)
     noise = rng.standard_normal((size, latents, channels), dtype=np.float32)
     dropped = rng.uniform(size=size) < CFG_DROPOUT
     micro_batches = []
     for k in range(args.grad_accumulate):
-        mine = range((k * world + rank) * args.batch_size, (k * world + rank + 1) * args.batch_size)
+        mine = range(
+            (k * world + rank) * args.batch_size,
+            (k * world + rank + 1) * args.batch_size,
+        )
         posterior = [chosen[j].posteriors[int(flipped[j])] for j in mine]
         window_of = lambda array, j: array[starts[j] : starts[j] + latents]
-        micro_batches.append((
-            mx.stack([window_of(p[0], j) for p, j in zip(posterior, mine)]),
-            mx.stack([window_of(p[1], j) for p, j in zip(posterior, mine)]),
-            mx.array(posterior_noise[mine.start : mine.stop]), mx.array(t[mine.start : mine.stop]),
-            mx.array(noise[mine.start : mine.stop]),
-            mx.stack([texts[chosen[j].caption][0] for j in mine]), mx.stack([texts[chosen[j].caption][1] for j in mine]),
-            mx.array([float(math.floor(starts[j] * ratio / rate)) for j in mine]),  # PadCrop_Normalized_T's seconds
-            mx.array([float(math.ceil(chosen[j].samples / rate)) for j in mine]),
-            mx.array(np.arange(latents)[None] < np.array([[chosen[j].latents - starts[j]] for j in mine])),
-            mx.array(dropped[mine.start : mine.stop]),
-        ))
+        micro_batches.append(
+            (
+                mx.stack([window_of(p[0], j) for p, j in zip(posterior, mine)]),
+                mx.stack([window_of(p[1], j) for p, j in zip(posterior, mine)]),
+                mx.array(posterior_noise[mine.start : mine.stop]),
+                mx.array(t[mine.start : mine.stop]),
+                mx.array(noise[mine.start : mine.stop]),
+                mx.stack([texts[chosen[j].caption][0] for j in mine]),
+                mx.stack([texts[chosen[j].caption][1] for j in mine]),
+                mx.array(
+                    [float(math.floor(starts[j] * ratio / rate)) for j in mine]
+                ),  # PadCrop_Normalized_T's seconds
+                mx.array([float(math.ceil(chosen[j].samples / rate)) for j in mine]),
+                mx.array(
+                    np.arange(latents)[None]
+                    < np.array([[chosen[j].latents - starts[j]] for j in mine])
+                ),
+                mx.array(dropped[mine.start : mine.stop]),
+            )
+        )
     return micro_batches
 
 
@@ -127,11 +180,19 @@ def write_preview(models, text, args, step: int) -> Path:
     seconds = {"seconds_start": [0.0], "seconds_total": [args.preview_seconds]}
     seconds = {k: v for k, v in seconds.items() if k in models.conditioner.numbers}
     cross, global_cond = models.conditioner(text[0][None], text[1][None], **seconds)
-    pipe = StableAudio(Components(config, None, None, models.conditioner, models.dit, models.vae))
-    for latents in pipe.generate_latents(Conditioning(cross, global_cond), steps=args.preview_steps, seed=args.seed):
+    pipe = StableAudio(
+        Components(config, None, None, models.conditioner, models.dit, models.vae)
+    )
+    for latents in pipe.generate_latents(
+        Conditioning(cross, global_cond), steps=args.preview_steps, seed=args.seed
+    ):
         mx.eval(latents)
-    audio = np.array(pipe.decode(latents)[0, :, : round(args.preview_seconds * config.sample_rate)])
-    path = Path(args.output).with_name(f"{Path(args.output).stem}.preview-{step:06d}.wav")
+    audio = np.array(
+        pipe.decode(latents)[0, :, : round(args.preview_seconds * config.sample_rate)]
+    )
+    path = Path(args.output).with_name(
+        f"{Path(args.output).stem}.preview-{step:06d}.wav"
+    )
     write_audio(path, peak_normalize(audio), config.sample_rate)
     return path
 
@@ -147,31 +208,60 @@ def save_checkpoint(path: Path, model, optimizer, step: int, settings: dict):
     written atomically. The random draws are a function of (seed, step), so nothing else
     is needed to go on exactly where the run stopped."""
     tensors = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
-    tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)})
-    model_io.write_safetensors(path, tensors, {"step": str(step), "settings": json.dumps(settings)})
+    tensors.update(
+        {
+            f"optimizer.{k}": v
+            for k, v in tree_flatten(optimizer.state)
+            if isinstance(v, mx.array)
+        }
+    )
+    model_io.write_safetensors(
+        path, tensors, {"step": str(step), "settings": json.dumps(settings)}
+    )
 
 
 def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
     """Restore save_checkpoint's file into a fresh model and optimizer (whose state has
     been initialised); returns the step it was written at."""
-    tensors, metadata = model_io.read_safetensors(path, model_io.FLOATS + (mx.uint32, mx.int32, mx.uint64, mx.int64), metadata=True)
+    tensors, metadata = model_io.read_safetensors(
+        path,
+        model_io.FLOATS + (mx.uint32, mx.int32, mx.uint64, mx.int64),
+        metadata=True,
+    )
     try:
         stored, step = json.loads(metadata["settings"]), int(metadata["step"])
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path} is not a checkpoint written by finetune.py.") from None
+        raise ValueError(
+            f"{path} is not a checkpoint written by finetune.py."
+        ) from None
     changed = [k for k in settings if stored.get(k) != settings[k]]
     if changed:
-        raise ValueError(f"{path} is of another run: its {changed[0]} is {stored.get(changed[0])!r}, not {settings[changed[0]]!r}.")
-    adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        raise ValueError(
+            f"{path} is of another run: its {changed[0]} is {stored.get(changed[0])!r}, not {settings[changed[0]]!r}."
+        )
+    adapters = {
+        k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")
+    }
     expected = dict(tree_flatten(model.trainable_parameters()))
-    if adapters.keys() != expected.keys() or any(adapters[k].shape != expected[k].shape for k in expected):
+    if adapters.keys() != expected.keys() or any(
+        adapters[k].shape != expected[k].shape for k in expected
+    ):
         raise ValueError(f"{path} holds other adapters than this run trains.")
     model.update(tree_unflatten(list(adapters.items())))
-    saved = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    saved = {
+        k[len("optimizer.") :]: v
+        for k, v in tensors.items()
+        if k.startswith("optimizer.")
+    }
     current = dict(tree_flatten(optimizer.state))
     if saved.keys() != {k for k, v in current.items() if isinstance(v, mx.array)}:
         raise ValueError(f"{path} holds another optimizer state than this run's.")
-    for key, value in saved.items():  # into the state's own nesting (lists where the model has lists)
+    for (
+        key,
+        value,
+    ) in (
+        saved.items()
+    ):  # into the state's own nesting (lists where the model has lists)
         node, *_, last = [optimizer.state, *key.split(".")]
         for part in key.split(".")[:-1]:
             node = node[int(part)] if isinstance(node, list) else node[part]
@@ -180,56 +270,199 @@ def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, no usage
-    parser.add_argument("--model", default=model_io.DEFAULT_REPO, help="Converted folder, released folder or Hub repo, in floating point (default: %(default)s)")
-    parser.add_argument("--data", required=True, help="Folder of audio files, each captioned by a same-named .txt or a row of metadata.jsonl / metadata.csv")
-    parser.add_argument("--output", required=True, help="The adapter file to write (.safetensors)")
-    parser.add_argument("--force", action="store_true", help="Replace --output if it exists")
-    parser.add_argument("--rank", type=int, default=8, help="Adapter rank (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, help="Adapter alpha; the update is scaled by alpha / rank (default: the rank)")
-    parser.add_argument("--adapter-type", choices=lora.ADAPTER_TYPES, default="lora", help="lora or dora-rows (default: %(default)s)")
-    parser.add_argument("--include", action="append", help="Adapt only layers whose stable-audio-tools name contains this (repeatable; e.g. 'transformer.layers.[0-11].')")
-    parser.add_argument("--exclude", action="append", help="Leave out layers whose name contains this (repeatable; wins over --include)")
-    parser.add_argument("--steps", type=int, default=1000, help="Training steps (optimizer updates) (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="Examples per micro-batch and process (default: %(default)s)")
-    parser.add_argument("--grad-accumulate", type=int, default=1, help="Micro-batches whose gradients make one step (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW's learning rate after warm-up (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=100, help="Steps of linear learning-rate warm-up (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW's weight decay (default: %(default)s, SAO 1.0's)")
-    parser.add_argument("--timestep-sampler", choices=trainer.TIMESTEP_SAMPLERS, default="uniform", help="How t is drawn, as 0.0.20's option of that name (default: %(default)s, 0.0.20's)")
-    parser.add_argument("--crop-seconds", type=float, help="Train on windows of this length (default: the model's whole window)")
-    parser.add_argument("--phase-flip", action="store_true", help="Invert the waveform of half the examples, as 0.0.20's PhaseFlipper (encodes each file twice)")
-    parser.add_argument("--cache", help="Folder of the encoded files' latents, reused by later runs (default: .stable-audio-cache in --data)")
-    parser.add_argument("--no-cache", action="store_true", help="Encode the files afresh, keeping nothing on disk")
-    parser.add_argument("--strict", action="store_true", help="Refuse a file that cannot be read, instead of skipping it")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed (default: %(default)s)")
-    parser.add_argument("--save-every", type=int, default=0, help="Also write the adapter, and a checkpoint for --resume beside it, every N steps (default: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="Go on from the checkpoint beside --output (same data, model and settings)")
-    parser.add_argument("--preview-prompt", help="Every --preview-every steps, write this prompt's audio (fixed seed) beside --output")
-    parser.add_argument("--preview-every", type=int, default=250, help="Steps between previews (default: %(default)s)")
-    parser.add_argument("--preview-seconds", type=float, default=10.0, help="Length of a preview (default: %(default)s)")
-    parser.add_argument("--preview-steps", type=int, default=50, help="Sampler steps of a preview (default: %(default)s)")
-    parser.add_argument("--grad-checkpoint", action="store_true", help="Recompute each DiT block in the backward pass: less memory, more time")
-    parser.add_argument("--quantize", type=int, choices=(4, 8), help="Quantize the frozen DiT to 4 or 8 bits (QLoRA)")
-    parser.add_argument("--dtype", choices=DTYPES, help="dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show the data preparation's progress")
-    args = parser.parse_args(argv)
-    group = mx.distributed.init()  # under mlx.launch: one of several processes, data parallel
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument(
+        "--model",
+        default=hub.DEFAULT_REPO,
+        help="Converted folder, released folder or Hub repo, in floating point (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="Folder of audio files, each captioned by a same-named .txt or a row of metadata.jsonl / metadata.csv",
+    )
+    p.add_argument(
+        "--output", required=True, help="The adapter file to write (.safetensors)"
+    )
+    p.add_argument("--force", action="store_true", help="Replace --output if it exists")
+    p.add_argument(
+        "--rank", type=int, default=8, help="Adapter rank (default: %(default)s)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="Adapter alpha; the update is scaled by alpha / rank (default: the rank)",
+    )
+    p.add_argument(
+        "--adapter-type",
+        choices=lora.ADAPTER_TYPES,
+        default="lora",
+        help="lora or dora-rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        help="Adapt only layers whose stable-audio-tools name contains this (repeatable; e.g. 'transformer.layers.[0-11].')",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        help="Leave out layers whose name contains this (repeatable; wins over --include)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1000,
+        help="Training steps (optimizer updates) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="Examples per micro-batch and process (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grad-accumulate",
+        type=int,
+        default=1,
+        help="Micro-batches whose gradients make one step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-4,
+        help="AdamW's learning rate after warm-up (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=100,
+        help="Steps of linear learning-rate warm-up (default: %(default)s)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-3,
+        help="AdamW's weight decay (default: %(default)s, SAO 1.0's)",
+    )
+    p.add_argument(
+        "--timestep-sampler",
+        choices=trainer.TIMESTEP_SAMPLERS,
+        default="uniform",
+        help="How t is drawn, as 0.0.20's option of that name (default: %(default)s, 0.0.20's)",
+    )
+    p.add_argument(
+        "--crop-seconds",
+        type=float,
+        help="Train on windows of this length (default: the model's whole window)",
+    )
+    p.add_argument(
+        "--phase-flip",
+        action="store_true",
+        help="Invert the waveform of half the examples, as 0.0.20's PhaseFlipper (encodes each file twice)",
+    )
+    p.add_argument(
+        "--cache",
+        help="Folder of the encoded files' latents, reused by later runs (default: .stable-audio-cache in --data)",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="Encode the files afresh, keeping nothing on disk",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="Refuse a file that cannot be read, instead of skipping it",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="Random seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="Also write the adapter, and a checkpoint for --resume beside it, every N steps (default: only at the end)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Go on from the checkpoint beside --output (same data, model and settings)",
+    )
+    p.add_argument(
+        "--preview-prompt",
+        help="Every --preview-every steps, write this prompt's audio (fixed seed) beside --output",
+    )
+    p.add_argument(
+        "--preview-every",
+        type=int,
+        default=250,
+        help="Steps between previews (default: %(default)s)",
+    )
+    p.add_argument(
+        "--preview-seconds",
+        type=float,
+        default=10.0,
+        help="Length of a preview (default: %(default)s)",
+    )
+    p.add_argument(
+        "--preview-steps",
+        type=int,
+        default=50,
+        help="Sampler steps of a preview (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="Recompute each DiT block in the backward pass: less memory, more time",
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="Quantize the frozen DiT to 4 or 8 bits (QLoRA)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Show the data preparation's progress",
+    )
+    args = p.parse_args(argv)
+    group = (
+        mx.distributed.init()
+    )  # under mlx.launch: one of several processes, data parallel
     world, rank = group.size(), group.rank()
     leader = rank == 0  # writes the files and shows the progress
 
-    try:
+    with one_line_errors(MEMORY_ADVICE, INTERRUPTED):
         check_output(args.output, args.force or args.resume)
         if args.resume and not checkpoint_path(args.output).is_file():
-            raise ValueError(f"There is no checkpoint {checkpoint_path(args.output)} to resume from.")
+            raise ValueError(
+                f"There is no checkpoint {checkpoint_path(args.output)} to resume from."
+            )
         problems = [
-            (args.rank < 1, "--rank must be >= 1"), (args.steps < 1, "--steps must be >= 1"),
-            (args.batch_size < 1 or args.grad_accumulate < 1, "--batch-size and --grad-accumulate must be >= 1"),
+            (args.rank < 1, "--rank must be >= 1"),
+            (args.steps < 1, "--steps must be >= 1"),
+            (
+                args.batch_size < 1 or args.grad_accumulate < 1,
+                "--batch-size and --grad-accumulate must be >= 1",
+            ),
             (not args.learning_rate > 0, "--learning-rate must be > 0"),
-            (args.warmup < 0 or args.save_every < 0, "--warmup and --save-every must be >= 0"),
+            (
+                args.warmup < 0 or args.save_every < 0,
+                "--warmup and --save-every must be >= 0",
+            ),
             (args.alpha is not None and not args.alpha > 0, "--alpha must be > 0"),
-            (args.preview_every < 1 or args.preview_steps < 1, "--preview-every and --preview-steps must be >= 1"),
+            (
+                args.preview_every < 1 or args.preview_steps < 1,
+                "--preview-every and --preview-steps must be >= 1",
+            ),
         ]
         for failed, message in problems:
             if failed:
@@ -237,22 +470,48 @@ def main(argv=None):
         clips = datasets.find_clips(args.data)
         config = model_io.load_config(args.model)
         if config.quantization:
-            raise ValueError(f"{args.model} is quantized ({config.quantization['bits']} bits); fine-tuning reads the floating-point model (add --quantize {config.quantization['bits']} to train over a quantized copy).")
+            raise ValueError(
+                f"{args.model} is quantized ({config.quantization['bits']} bits); fine-tuning reads the floating-point model (add --quantize {config.quantization['bits']} to train over a quantized copy)."
+            )
         window_seconds = config.sample_size / config.sample_rate
         seconds = window_seconds if args.crop_seconds is None else args.crop_seconds
         ratio = config.vae.downsampling_ratio
-        window = math.ceil(seconds * config.sample_rate / ratio) * ratio  # whole latents
+        window = (
+            math.ceil(seconds * config.sample_rate / ratio) * ratio
+        )  # whole latents
         if not (0 < seconds <= window_seconds + 1e-9 and window <= config.sample_size):
-            raise ValueError(f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window.")
-        if args.preview_prompt is not None and not 0 < args.preview_seconds <= window_seconds + 1e-9:
-            raise ValueError(f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's window.")
-        cache = None if args.no_cache else Path(args.cache or Path(args.data) / ".stable-audio-cache")
-        if args.dtype is None:
-            args.dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
+            raise ValueError(
+                f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window."
+            )
+        if (
+            args.preview_prompt is not None
+            and not 0 < args.preview_seconds <= window_seconds + 1e-9
+        ):
+            raise ValueError(
+                f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's window."
+            )
+        cache = (
+            None
+            if args.no_cache
+            else Path(args.cache or Path(args.data) / ".stable-audio-cache")
+        )
+        args.dtype = dtype_name(args.dtype, "bfloat16")
         models = model_io.load(args.model, dtype=getattr(mx, args.dtype))
-        clips = prepare_clips(models, clips, window, args, cache, model_key(args.model), leader and args.verbose, save=leader)
-        texts = encode_captions(models, [c.caption for c in clips] + [args.preview_prompt] * (args.preview_prompt is not None))
+        clips = prepare_clips(
+            models,
+            clips,
+            window,
+            args,
+            cache,
+            model_key(args.model),
+            leader and args.verbose,
+            save=leader,
+        )
+        texts = encode_captions(
+            models,
+            [c.caption for c in clips]
+            + [args.preview_prompt] * (args.preview_prompt is not None),
+        )
         del models.t5, models.vae.encoder  # done with; the decoder stays for previews
         if args.preview_prompt is None:
             del models.vae
@@ -260,24 +519,62 @@ def main(argv=None):
             model_io.quantize_dit(models.dit, 64, args.quantize)
 
         model = trainer.FineTuned(
-            models.dit, models.conditioner, models.config.dit.objective, args.rank, args.alpha,
-            args.adapter_type, args.include, args.exclude, key=mx.random.key(args.seed),
+            models.dit,
+            models.conditioner,
+            models.config.dit.objective,
+            args.rank,
+            args.alpha,
+            args.adapter_type,
+            args.include,
+            args.exclude,
+            key=mx.random.key(args.seed),
         )
         # linear warm-up from lr / warmup, then constant
         warmup = max(args.warmup, 1)
         schedule = optim.join_schedules(
-            [optim.linear_schedule(args.learning_rate / warmup, args.learning_rate, warmup), lambda _: args.learning_rate], [warmup]
+            [
+                optim.linear_schedule(
+                    args.learning_rate / warmup, args.learning_rate, warmup
+                ),
+                lambda _: args.learning_rate,
+            ],
+            [warmup],
         )
         optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
         models.dit.checkpoint_blocks = args.grad_checkpoint
-        settings = {k: getattr(args, k) for k in ("model", "data", "rank", "alpha", "adapter_type", "include", "exclude",
-                                                  "batch_size", "grad_accumulate", "learning_rate", "warmup", "weight_decay",
-                                                  "timestep_sampler", "crop_seconds", "phase_flip", "seed", "quantize", "dtype")}
+        settings = {
+            k: getattr(args, k)
+            for k in (
+                "model",
+                "data",
+                "rank",
+                "alpha",
+                "adapter_type",
+                "include",
+                "exclude",
+                "batch_size",
+                "grad_accumulate",
+                "learning_rate",
+                "warmup",
+                "weight_decay",
+                "timestep_sampler",
+                "crop_seconds",
+                "phase_flip",
+                "seed",
+                "quantize",
+                "dtype",
+            )
+        }
         settings["processes"] = world
         optimizer.init(model.trainable_parameters())
         first = 1
         if args.resume:
-            first = load_checkpoint(checkpoint_path(args.output), model, optimizer, settings) + 1
+            first = (
+                load_checkpoint(
+                    checkpoint_path(args.output), model, optimizer, settings
+                )
+                + 1
+            )
             if leader:
                 print(f"[INFO] Resuming at step {first}")
         step = trainer.training_step(model, optimizer)
@@ -285,28 +582,47 @@ def main(argv=None):
 
         latents = window // ratio
         start, losses = time.perf_counter(), []
-        progress = tqdm(range(first, args.steps + 1), desc="Training", initial=first - 1, total=args.steps, disable=not leader)
+        progress = tqdm(
+            range(first, args.steps + 1),
+            desc="Training",
+            initial=first - 1,
+            total=args.steps,
+            disable=not leader,
+        )
         for i in progress:
             loss = step(batches_at(clips, texts, i, args, config, latents, world, rank))
             mx.eval(loss, state)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"The loss became {losses[-1]} at step {i}: lower --learning-rate, or use --dtype float32.")
-            progress.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{len(losses) / (time.perf_counter() - start):.2f}",
-                                 peak=f"{mx.get_peak_memory() / 1e9:.2f} GB")
-            if leader and ((args.save_every and i % args.save_every == 0) or i == args.steps):
-                lora.save_adapter(args.output, model.adapter_tensors(), model.lora_config)
-                save_checkpoint(checkpoint_path(args.output), model, optimizer, i, settings)
-            if leader and args.preview_prompt is not None and (i % args.preview_every == 0 or i == args.steps):
-                progress.write(f"[INFO] Preview: {write_preview(models, texts[args.preview_prompt], args, i)}")
+                raise FloatingPointError(
+                    f"The loss became {losses[-1]} at step {i}: lower --learning-rate, or use --dtype float32."
+                )
+            progress.set_postfix(
+                loss=f"{np.mean(losses[-20:]):.4f}",
+                it_s=f"{len(losses) / (time.perf_counter() - start):.2f}",
+                peak=f"{mx.get_peak_memory() / 1e9:.2f} GB",
+            )
+            if leader and (
+                (args.save_every and i % args.save_every == 0) or i == args.steps
+            ):
+                lora.save_adapter(
+                    args.output, model.adapter_tensors(), model.lora_config
+                )
+                save_checkpoint(
+                    checkpoint_path(args.output), model, optimizer, i, settings
+                )
+            if (
+                leader
+                and args.preview_prompt is not None
+                and (i % args.preview_every == 0 or i == args.steps)
+            ):
+                progress.write(
+                    f"[INFO] Preview: {write_preview(models, texts[args.preview_prompt], args, i)}"
+                )
         if losses and leader:
-            print(f"[INFO] Wrote {args.output} ({len(clips)} clips; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})")
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except (RuntimeError, MemoryError) as e:  # MLX's own failures: out of memory, most likely
-        sys.exit(f"error: MLX failed ({first_line(e)}); if memory ran out, lower --batch-size or --crop-seconds, or add --grad-checkpoint or --quantize 8.")
-    except KeyboardInterrupt:
-        sys.exit("Interrupted; the adapter and checkpoint files hold the last --save-every step, if any (go on with --resume).")
+            print(
+                f"[INFO] Wrote {args.output} ({len(clips)} clips; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})"
+            )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,24 @@ import statistics
 import time
 
 import torch
-from diffusers import AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+from diffusers import (
+    AutoencoderOobleck,
+    CosineDPMSolverMultistepScheduler,
+    StableAudioDiTModel,
+    StableAudioPipeline,
+)
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
-from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+from diffusers.pipelines.stable_audio.modeling_stable_audio import (
+    StableAudioProjectionModel,
+)
 from transformers import T5Config, T5EncoderModel
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "tf32": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "tf32": torch.float32,
+}
 
 
 def cuda_seconds(fn, repeats: int, warm_up: bool = True) -> float:
@@ -33,24 +45,58 @@ def cuda_seconds(fn, repeats: int, warm_up: bool = True) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="tf32: float32 weights, TF32 matmuls and convolutions (default: float16)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float16",
+        help="tf32: float32 weights, TF32 matmuls and convolutions (default: float16)",
+    )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     # PyTorch's default is true float32; stable-audio-tools also turns TF32 off to generate
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.dtype == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+        args.dtype == "tf32"
+    )
     torch.manual_seed(0)
     device = "cuda"
     # diffusers' defaults are Stable Audio Open 1.0's shapes
     dit = StableAudioDiTModel().to(device, dtype).eval()
     vae = AutoencoderOobleck().to(device, dtype).eval()
-    projection = StableAudioProjectionModel(text_encoder_dim=768, conditioning_dim=768, min_value=0, max_value=512).to(device, dtype)
-    t5 = T5EncoderModel(T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128)).to(device, dtype).eval()
-    scheduler = CosineDPMSolverMultistepScheduler(
-        sigma_min=0.3, sigma_max=500, solver_order=2, prediction_type="v_prediction", sigma_data=1.0, sigma_schedule="exponential"
+    projection = StableAudioProjectionModel(
+        text_encoder_dim=768, conditioning_dim=768, min_value=0, max_value=512
+    ).to(device, dtype)
+    t5 = (
+        T5EncoderModel(
+            T5Config(
+                d_model=768,
+                d_ff=3072,
+                num_layers=12,
+                num_heads=12,
+                d_kv=64,
+                vocab_size=32128,
+            )
+        )
+        .to(device, dtype)
+        .eval()
     )
-    pipe = StableAudioPipeline(vae=vae, text_encoder=t5, projection_model=projection, tokenizer=None, transformer=dit, scheduler=scheduler)
+    scheduler = CosineDPMSolverMultistepScheduler(
+        sigma_min=0.3,
+        sigma_max=500,
+        solver_order=2,
+        prediction_type="v_prediction",
+        sigma_data=1.0,
+        sigma_schedule="exponential",
+    )
+    pipe = StableAudioPipeline(
+        vae=vae,
+        text_encoder=t5,
+        projection_model=projection,
+        tokenizer=None,
+        transformer=dit,
+        scheduler=scheduler,
+    )
     pipe.set_progress_bar_config(disable=True)
     tokens = torch.randint(0, 32000, (1, 128), device=device)
     mask = (torch.arange(128, device=device) < 20).long()[None]
@@ -59,15 +105,24 @@ def main():
     def generate(steps):
         text = t5(tokens, attention_mask=mask)[0]
         return pipe(
-            prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text), attention_mask=mask, negative_attention_mask=mask,
-            audio_end_in_s=47.0, num_inference_steps=steps, guidance_scale=7.0,
-            generator=torch.Generator(device).manual_seed(0), output_type="pt",
+            prompt_embeds=text,
+            negative_prompt_embeds=torch.zeros_like(text),
+            attention_mask=mask,
+            negative_attention_mask=mask,
+            audio_end_in_s=47.0,
+            num_inference_steps=steps,
+            guidance_scale=7.0,
+            generator=torch.Generator(device).manual_seed(0),
+            output_type="pt",
         ).audios
 
     generate(2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = [cuda_seconds(lambda: generate(args.steps), 1, warm_up=False) for _ in range(args.runs)]
+    times = [
+        cuda_seconds(lambda: generate(args.steps), 1, warm_up=False)
+        for _ in range(args.runs)
+    ]
     peak = torch.cuda.max_memory_allocated() / 2**30
 
     latents = 1024
@@ -75,14 +130,36 @@ def main():
     t = torch.full((2,), 0.5, device=device, dtype=dtype)
     context = torch.randn(2, 130, 768, device=device, dtype=dtype)
     global_embed = torch.randn(2, 1, 1536, device=device, dtype=dtype)
-    rope = get_1d_rotary_pos_embed(dit.config.attention_head_dim // 2, latents + 1, use_real=True, repeat_interleave_real=False)
+    rope = get_1d_rotary_pos_embed(
+        dit.config.attention_head_dim // 2,
+        latents + 1,
+        use_real=True,
+        repeat_interleave_real=False,
+    )
     with torch.no_grad():
-        forward = cuda_seconds(lambda: dit(x, t, encoder_hidden_states=context, global_hidden_states=global_embed, rotary_embedding=rope), 10)
+        forward = cuda_seconds(
+            lambda: dit(
+                x,
+                t,
+                encoder_hidden_states=context,
+                global_hidden_states=global_embed,
+                rotary_embedding=rope,
+            ),
+            10,
+        )
         decode = cuda_seconds(lambda: vae.decode(x[:1]), 3)
-    print(json.dumps({
-        "dtype": args.dtype, "torch": torch.__version__, "end_to_end_s": statistics.median(times),
-        "dit_forward_s": forward, "decode_s": decode, "peak_GiB": peak,
-    }))
+    print(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "torch": torch.__version__,
+                "end_to_end_s": statistics.median(times),
+                "dit_forward_s": forward,
+                "decode_s": decode,
+                "peak_GiB": peak,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

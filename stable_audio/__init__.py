@@ -2,9 +2,20 @@
 
 from .audio import resample
 from .model_io import DEFAULT_REPO, Config, load, load_config
-from .pipeline import DEFAULTS, ArgumentError, Conditioning, StableAudio, check_arguments, check_finite, check_lora, limit_memory, settings
+from .pipeline import Conditioning, StableAudio, check_finite, limit_memory
+from .settings import DEFAULTS, ArgumentError, Settings
 
 __all__ = [
-    "ArgumentError", "DEFAULTS", "DEFAULT_REPO", "Conditioning", "Config", "StableAudio", "check_arguments", "check_lora",
-    "check_finite", "limit_memory", "load", "load_config", "resample", "settings",
+    "ArgumentError",
+    "Conditioning",
+    "Config",
+    "DEFAULTS",
+    "DEFAULT_REPO",
+    "Settings",
+    "StableAudio",
+    "check_finite",
+    "limit_memory",
+    "load",
+    "load_config",
+    "resample",
 ]

@@ -10,7 +10,11 @@ import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
 # The file types we write, by extension: soundfile's format and its sample encoding
-FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".mp3": ("MP3", "MPEG_LAYER_III")}
+FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+}
 LEVELS = ("peak", "clamp", "none")
 
 
@@ -57,17 +61,22 @@ def write_audio(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = 
     if (subtype or encoding) != "FLOAT":
         audio = np.clip(audio, -1, 1)  # integer and MPEG encodings would wrap around
     try:
-        sf.write(tmp, audio.T, sample_rate, subtype=subtype or encoding, format=file_format)
+        sf.write(
+            tmp, audio.T, sample_rate, subtype=subtype or encoding, format=file_format
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) -> np.ndarray:
+def resample(
+    audio: np.ndarray, rate: int, new_rate: int, length: int = None
+) -> np.ndarray:
     """(channels, samples) at `rate` Hz to `new_rate` Hz by windowed-sinc interpolation,
     the design of torchaudio's Resample that stable-audio-tools uses: a Hann window over
     6 zero crossings, cut off at 0.99 of the lower Nyquist frequency. With `length`, only
-    the first `length` output samples are made (and only the input they need is read)."""
+    the first `length` output samples are made (and only the input they need is read).
+    """
     if rate == new_rate:
         return audio[:, :length]
     g = math.gcd(rate, new_rate)
@@ -75,11 +84,15 @@ def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) ->
     cutoff = min(up, down) * 0.99
     width = math.ceil(6 * down / cutoff)
     if up * (2 * width + down) > 2**24:
-        raise ValueError(f"Cannot resample {rate} Hz to {new_rate} Hz (their ratio is too fine); convert the file first.")
+        raise ValueError(
+            f"Cannot resample {rate} Hz to {new_rate} Hz (their ratio is too fine); convert the file first."
+        )
     # kernel[j, i]: the weight of input sample i (of a frame) in output phase j
     t = (-np.arange(up)[:, None] / up + np.arange(-width, width + down) / down) * cutoff
     t = np.clip(t, -6, 6)
-    kernel = (np.sinc(t) * np.cos(t * np.pi / 12) ** 2 * cutoff / down).astype(np.float32)
+    kernel = (np.sinc(t) * np.cos(t * np.pi / 12) ** 2 * cutoff / down).astype(
+        np.float32
+    )
     n = math.ceil(audio.shape[1] * up / down)
     n = n if length is None else min(n, length)
     audio = audio[:, : math.ceil(n * down / up) + width + down]
@@ -90,15 +103,20 @@ def resample(audio: np.ndarray, rate: int, new_rate: int, length: int = None) ->
     return np.einsum("cfk,pk->cfp", frames, kernel).reshape(len(audio), -1)[:, :n]
 
 
-def prepare_audio(audio, sample_rate: int, model_rate: int, length: int, channels: int) -> np.ndarray:
+def prepare_audio(
+    audio, sample_rate: int, model_rate: int, length: int, channels: int
+) -> np.ndarray:
     """Audio (channels, samples) or (samples,) at `sample_rate` made ready for the encoder
     as stable-audio-tools makes init audio ready: resampled to `model_rate`, cut or
     zero-padded at the end to `length` samples, mono doubled to stereo (or extra channels
-    dropped, or stereo averaged for a mono model). Returns (channels, length) float32."""
+    dropped, or stereo averaged for a mono model). Returns (channels, length) float32.
+    """
     audio = np.asarray(audio, dtype=np.float32)
     audio = audio[None] if audio.ndim == 1 else audio
     if audio.ndim != 2 or audio.size == 0:
-        raise ValueError(f"Audio must be (channels, samples) with some samples; got shape {audio.shape}.")
+        raise ValueError(
+            f"Audio must be (channels, samples) with some samples; got shape {audio.shape}."
+        )
     if not np.isfinite(audio).all():
         raise ValueError("The audio holds NaN or infinite samples.")
     audio = resample(audio, sample_rate, model_rate, length=length)

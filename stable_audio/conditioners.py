@@ -9,7 +9,9 @@ import mlx.nn as nn
 
 
 def unsupported(what: str, value, supported):
-    raise ValueError(f"Unsupported {what} {value!r} in model_config.json (supported: {supported}).")
+    raise ValueError(
+        f"Unsupported {what} {value!r} in model_config.json (supported: {supported})."
+    )
 
 
 @dataclass
@@ -39,8 +41,16 @@ class ConditionerConfig:
                 text_id, max_length = entry["id"], c.get("max_length", 128)
             elif kind == "number":
                 low, high = c.get("min_val", 0), c.get("max_val", 1)
-                if not (type(low) in (int, float) and type(high) in (int, float) and low < high):
-                    unsupported(f"{entry['id']} min_val, max_val", (low, high), "numbers, min_val < max_val")
+                if not (
+                    type(low) in (int, float)
+                    and type(high) in (int, float)
+                    and low < high
+                ):
+                    unsupported(
+                        f"{entry['id']} min_val, max_val",
+                        (low, high),
+                        "numbers, min_val < max_val",
+                    )
                 numbers[entry["id"]] = (low, high)
             else:
                 unsupported("conditioner type", kind, "t5, number")
@@ -53,7 +63,9 @@ class ConditionerConfig:
                 unsupported(key, diffusion[key], "none")
         for i in cross_ids + global_ids:
             if i != text_id and i not in numbers:
-                raise ValueError(f"model_config.json uses conditioning id {i!r}, which it does not define.")
+                raise ValueError(
+                    f"model_config.json uses conditioning id {i!r}, which it does not define."
+                )
         if text_id in global_ids:
             unsupported("global conditioning on", text_id, "number conditioners")
         return cls(cond_dim, text_id, max_length, numbers, cross_ids, global_ids)
@@ -97,9 +109,19 @@ class Conditioner(nn.Module):
         """
         cond = {self.config.text_id: text * text_mask[..., None].astype(text.dtype)}
         for key, embedder in self.numbers.items():
-            values = numbers[key]  # a list, or an array (inside a compiled training step)
-            values = values.astype(mx.float32) if isinstance(values, mx.array) else mx.array(values, dtype=mx.float32)
+            values = numbers[
+                key
+            ]  # a list, or an array (inside a compiled training step)
+            values = (
+                values.astype(mx.float32)
+                if isinstance(values, mx.array)
+                else mx.array(values, dtype=mx.float32)
+            )
             cond[key] = embedder(values)[:, None]
-        cross = mx.concatenate([cond[k] for k in self.config.cross_attention_ids], axis=1)
-        global_cond = mx.concatenate([cond[k][:, 0] for k in self.config.global_ids], axis=-1)
+        cross = mx.concatenate(
+            [cond[k] for k in self.config.cross_attention_ids], axis=1
+        )
+        global_cond = mx.concatenate(
+            [cond[k][:, 0] for k in self.config.global_ids], axis=-1
+        )
         return cross, global_cond

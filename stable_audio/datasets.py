@@ -40,7 +40,9 @@ def _metadata_captions(folder: Path) -> dict:
                 try:
                     rows.append(json.loads(line))
                 except ValueError:
-                    raise ValueError(f"{path}, line {number}, is not valid JSON.") from None
+                    raise ValueError(
+                        f"{path}, line {number}, is not valid JSON."
+                    ) from None
     elif (folder / "metadata.csv").is_file():
         path = folder / "metadata.csv"
         with open(path, newline="", encoding="utf-8") as f:
@@ -49,8 +51,14 @@ def _metadata_captions(folder: Path) -> dict:
         return {}
     captions = {}
     for number, row in enumerate(rows, 1):
-        if not (isinstance(row, dict) and isinstance(row.get("file"), str) and isinstance(row.get("prompt"), str)):
-            raise ValueError(f"{path}, row {number}, lacks a \"file\" and a \"prompt\" (text).")
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("file"), str)
+            and isinstance(row.get("prompt"), str)
+        ):
+            raise ValueError(
+                f'{path}, row {number}, lacks a "file" and a "prompt" (text).'
+            )
         captions[row["file"]] = row["prompt"]
     return captions
 
@@ -60,9 +68,15 @@ def find_clips(folder) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"The data folder {folder} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+    )
     if not files:
-        raise ValueError(f"The data folder {folder} holds no audio files ({', '.join(AUDIO_SUFFIXES)}).")
+        raise ValueError(
+            f"The data folder {folder} holds no audio files ({', '.join(AUDIO_SUFFIXES)})."
+        )
     listed = _metadata_captions(folder)
     clips = []
     for path in files:
@@ -71,7 +85,9 @@ def find_clips(folder) -> list:
         elif path.with_suffix(".txt").is_file():
             caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
         else:
-            raise ValueError(f"{path} has no caption: add {path.with_suffix('.txt').name} or a row in metadata.jsonl.")
+            raise ValueError(
+                f"{path} has no caption: add {path.with_suffix('.txt').name} or a row in metadata.jsonl."
+            )
         clips.append((path, caption))
     return clips
 
@@ -79,11 +95,15 @@ def find_clips(folder) -> list:
 def load_clip(path, sample_rate: int, channels: int) -> np.ndarray:
     """A whole file as (channels, n) float32 at `sample_rate`."""
     rate, audio = read_audio(str(path))
-    length = math.ceil(audio.shape[1] * sample_rate / rate)  # the resampler's own length
+    length = math.ceil(
+        audio.shape[1] * sample_rate / rate
+    )  # the resampler's own length
     return prepare_audio(audio, rate, sample_rate, length, channels)
 
 
-def pad_crop(audio: np.ndarray, window: int, sample_rate: int, offset: int = 0) -> tuple:
+def pad_crop(
+    audio: np.ndarray, window: int, sample_rate: int, offset: int = 0
+) -> tuple:
     """PadCrop_Normalized_T: the `window` samples from `offset` (zero-padded at the end),
     the mask of the valid ones, seconds_start (the offset in whole seconds) and
     seconds_total (the whole file's length, rounded up)."""
@@ -131,8 +151,22 @@ class Clip:
     prepared: as recorded, and phase-flipped), its length in samples and latents, and the
     offsets a window may start at."""
 
-    def __init__(self, path, caption: str, posteriors: list, samples: int, peaks: np.ndarray, ratio: int, window: int):
-        self.path, self.caption, self.posteriors, self.samples = path, caption, posteriors, samples
+    def __init__(
+        self,
+        path,
+        caption: str,
+        posteriors: list,
+        samples: int,
+        peaks: np.ndarray,
+        ratio: int,
+        window: int,
+    ):
+        self.path, self.caption, self.posteriors, self.samples = (
+            path,
+            caption,
+            posteriors,
+            samples,
+        )
         self.latents = math.ceil(samples / ratio)  # the valid (unpadded) latents
         self.starts = crop_starts(peaks, samples, ratio, window // ratio)
         self.unsaved = None  # (cache file, tensors, metadata) not yet written
@@ -140,33 +174,72 @@ class Clip:
 
 def _cache_file(cache: Path, path: Path, model_key: str, settings: dict) -> Path:
     stat = path.stat()
-    identity = json.dumps([CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, model_key, settings])
-    return cache / f"{path.stem[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.safetensors"
+    identity = json.dumps(
+        [
+            CACHE_VERSION,
+            str(path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            model_key,
+            settings,
+        ]
+    )
+    return (
+        cache
+        / f"{path.stem[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.safetensors"
+    )
 
 
-def encode_clip(vae, path, caption: str, sample_rate: int, window: int, phase_flip: bool,
-                cache: Path = None, model_key: str = "", chunk: int = 128) -> Clip:
+def encode_clip(
+    vae,
+    path,
+    caption: str,
+    sample_rate: int,
+    window: int,
+    phase_flip: bool,
+    cache: Path = None,
+    model_key: str = "",
+    chunk: int = 128,
+) -> Clip:
     """`path` read at the model's rate and channels, zero-padded to whole latents and at
     least one window, encoded once (`chunk` latents at a time) to its posterior, and that
     kept for `cache` (a folder; None for none; see save_to_cache) under a name made of the
     file's own identity (path, size, time), the model's (`model_key`) and the
-    preparation's, so a later run reads it back instead. With `phase_flip`, the flipped audio is encoded too."""
+    preparation's, so a later run reads it back instead. With `phase_flip`, the flipped audio is encoded too.
+    """
     config = vae.config
     ratio, dtype = config.downsampling_ratio, vae.encoder.layers[0].weight.dtype
-    settings = {"rate": sample_rate, "channels": config.audio_channels, "window": window, "dtype": str(dtype)}
+    settings = {
+        "rate": sample_rate,
+        "channels": config.audio_channels,
+        "window": window,
+        "dtype": str(dtype),
+    }
     names = ["mean", "std"] + (["flipped_mean", "flipped_std"] if phase_flip else [])
     stored = cache and _cache_file(cache, Path(path), model_key, settings)
     if stored and stored.is_file():
         try:
             tensors, metadata = read_safetensors(stored, (mx.float32,), metadata=True)
-            posteriors = [(tensors[a], tensors[b]) for a, b in zip(names[::2], names[1::2])]
-            return Clip(path, caption, posteriors, int(metadata["samples"]), np.array(tensors["peaks"]), ratio, window)
+            posteriors = [
+                (tensors[a], tensors[b]) for a, b in zip(names[::2], names[1::2])
+            ]
+            return Clip(
+                path,
+                caption,
+                posteriors,
+                int(metadata["samples"]),
+                np.array(tensors["peaks"]),
+                ratio,
+                window,
+            )
         except (ValueError, KeyError, OSError):
             pass  # damaged or older: encode again
     audio = load_clip(path, sample_rate, config.audio_channels)
     length = max(math.ceil(audio.shape[1] / ratio), window // ratio)
     padded = np.zeros((length * ratio, audio.shape[0]), dtype=np.float32)
-    padded[: audio.shape[1]] = np.clip(audio, -1, 1).T  # 0.0.20 clamps to +-1 before encoding
+    padded[: audio.shape[1]] = np.clip(
+        audio, -1, 1
+    ).T  # 0.0.20 clamps to +-1 before encoding
     posteriors = []
     for sign in (1, -1)[: 1 + phase_flip]:
         mean, std = vae.posterior(mx.array(sign * padded[None]).astype(dtype), chunk)
@@ -174,9 +247,15 @@ def encode_clip(vae, path, caption: str, sample_rate: int, window: int, phase_fl
     peaks = block_peaks(audio, ratio, length)
     clip = Clip(path, caption, posteriors, audio.shape[1], peaks, ratio, window)
     if stored:  # written by save_to_cache once the whole preparation has succeeded
-        tensors = {n: a for n, a in zip(names, [x for pair in posteriors for x in pair])}
+        tensors = {
+            n: a for n, a in zip(names, [x for pair in posteriors for x in pair])
+        }
         tensors["peaks"] = mx.array(peaks)
-        clip.unsaved = (stored, tensors, {"samples": str(audio.shape[1]), "file": str(path)})
+        clip.unsaved = (
+            stored,
+            tensors,
+            {"samples": str(audio.shape[1]), "file": str(path)},
+        )
     return clip
 
 

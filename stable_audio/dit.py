@@ -23,7 +23,9 @@ def check_values(section: str, config):
         else:
             continue
         if not ok:
-            raise ValueError(f"Unsupported {section} {field.name} {value!r} (expected a positive {field.type.__name__}).")
+            raise ValueError(
+                f"Unsupported {section} {field.name} {value!r} (expected a positive {field.type.__name__})."
+            )
 
 
 @dataclass
@@ -62,11 +64,18 @@ class DiTConfig:
         attn_kwargs = dict(config.pop("attn_kwargs", None) or {})
         qk_norm = attn_kwargs.pop("qk_norm", "none")
         if qk_norm not in ("none", "ln") or attn_kwargs:
-            unsupported("DiT attn_kwargs", diffusion["config"]["attn_kwargs"], "qk_norm none or ln")
+            unsupported(
+                "DiT attn_kwargs",
+                diffusion["config"]["attn_kwargs"],
+                "qk_norm none or ln",
+            )
         for key, default in cls._FIXED.items():
             if config.pop(key, default) != default:
                 unsupported(f"DiT {key}", diffusion["config"][key], default)
-        names = set(cls.__dataclass_fields__) - {"qk_norm", "objective"}  # set from elsewhere
+        names = set(cls.__dataclass_fields__) - {
+            "qk_norm",
+            "objective",
+        }  # set from elsewhere
         unknown = sorted(set(config) - names)
         if unknown:
             unsupported("DiT option", unknown[0], ", ".join(sorted(names)))
@@ -77,7 +86,12 @@ class DiTConfig:
                 unsupported(f"DiT {key}", getattr(c, key), "> 0")
         head_dim, rest = divmod(c.embed_dim, c.num_heads)
         context_dim = c.embed_dim if c.project_cond_tokens else c.cond_token_dim
-        if rest or head_dim < 32 or context_dim % head_dim or c.num_heads % (context_dim // head_dim):
+        if (
+            rest
+            or head_dim < 32
+            or context_dim % head_dim
+            or c.num_heads % (context_dim // head_dim)
+        ):
             raise ValueError(
                 f"Unsupported DiT shape: {c.num_heads} heads of width {c.embed_dim} with a "
                 f"{context_dim}-wide context (heads must be >= 32 wide and divide evenly)."
@@ -85,10 +99,16 @@ class DiTConfig:
         return c
 
 
-def _sequential(layers, x):
+def _sequential(layers, x, level=None):
     for layer in layers:
-        x = layer(x)
+        x = adapted(layer, x, level)
     return x
+
+
+def adapted(layer, x: mx.array, level: mx.array = None) -> mx.array:
+    """`layer(x)`; a layer wrapped by adapters that the noise level gates (lora.LoRALinear)
+    is also given the level of the model evaluation, `level`."""
+    return layer(x, level) if level is not None and "lora_a" in layer else layer(x)
 
 
 class FourierFeatures(nn.Module):
@@ -97,14 +117,21 @@ class FourierFeatures(nn.Module):
         self.weight = mx.zeros((out_features // 2, 1))
 
     def __call__(self, t: mx.array) -> mx.array:
-        f = 2 * math.pi * t.astype(mx.float32)[:, None] @ self.weight.astype(mx.float32).T
+        f = (
+            2
+            * math.pi
+            * t.astype(mx.float32)[:, None]
+            @ self.weight.astype(mx.float32).T
+        )
         return mx.concatenate([mx.cos(f), mx.sin(f)], axis=-1)
 
 
 class Attention(nn.Module):
     """Self-attention with partial RoPE, or cross-attention with grouped kv heads."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int = None, qk_norm: bool = False):
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int = None, qk_norm: bool = False
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -123,33 +150,44 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
 
-    def keys_values(self, context: mx.array):
+    def keys_values(self, context: mx.array, level: mx.array = None):
         """Cross-attention keys and values, (B, kv heads, tokens, head_dim) each. Query head
         j uses kv head j // (heads / kv heads), which is how scaled_dot_product_attention
         groups them."""
-        k, v = map(self._heads, mx.split(self.to_kv(context), 2, axis=-1))
+        kv = adapted(self.to_kv, context, level)
+        k, v = map(self._heads, mx.split(kv, 2, axis=-1))
         return (self.k_norm(k) if "k_norm" in self else k), v
 
-    def __call__(self, x: mx.array, keys_values: tuple = None) -> mx.array:
-        """Self-attention, or cross-attention on precomputed `keys_values`."""
+    def __call__(
+        self, x: mx.array, keys_values: tuple = None, level: mx.array = None
+    ) -> mx.array:
+        """Self-attention, or cross-attention on precomputed `keys_values`; `level` is
+        the noise level, for gated adapters."""
         B, L, _ = x.shape
         # after the qk norms, as in the reference: rotate-half RoPE on the leading dims;
         # position 0 is the prepended token
-        rope = partial(mx.fast.rope, dims=self.rope_dims, traditional=False, base=1e4, scale=1.0, offset=0)
+        rope = partial(
+            mx.fast.rope,
+            dims=self.rope_dims,
+            traditional=False,
+            base=1e4,
+            scale=1.0,
+            offset=0,
+        )
         if keys_values is not None:
-            q, (k, v) = self._heads(self.to_q(x)), keys_values
+            q, (k, v) = self._heads(adapted(self.to_q, x, level)), keys_values
             q = self.q_norm(q) if "q_norm" in self else q
         elif "q_norm" in self:
-            q, k, v = mx.split(self._heads(self.to_qkv(x)), 3, axis=1)
+            q, k, v = mx.split(self._heads(adapted(self.to_qkv, x, level)), 3, axis=1)
             q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
         else:
             # the queries' and keys' heads rotated in one call (one copy out of the fused
             # projection instead of one per tensor)
-            qkv = self._heads(self.to_qkv(x))
+            qkv = self._heads(adapted(self.to_qkv, x, level))
             q, k = mx.split(rope(qkv[:, : 2 * self.num_heads]), 2, axis=1)
             v = qkv[:, 2 * self.num_heads :]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return self.to_out(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return adapted(self.to_out, out.transpose(0, 2, 1, 3).reshape(B, L, -1), level)
 
 
 class FeedForward(nn.Module):
@@ -160,9 +198,9 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(dim, 2 * mult * dim)
         self.out = nn.Linear(mult * dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        value, gate = mx.split(self.proj(x), 2, axis=-1)
-        return self.out(value * nn.silu(gate))
+    def __call__(self, x: mx.array, level: mx.array = None) -> mx.array:
+        value, gate = mx.split(adapted(self.proj, x, level), 2, axis=-1)
+        return adapted(self.out, value * nn.silu(gate), level)
 
 
 class TransformerBlock(nn.Module):
@@ -175,18 +213,22 @@ class TransformerBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, keys_values: tuple) -> mx.array:
+    def __call__(
+        self, x: mx.array, keys_values: tuple, level: mx.array = None
+    ) -> mx.array:
         """Rows of `x` beyond the keys' batch have an all-zero context (the unconditional
-        half of guidance): their cross-attention output is exactly zero, so it is skipped."""
+        half of guidance): their cross-attention output is exactly zero, so it is skipped.
+        `level` is the noise level, for gated adapters."""
         # the residual stream stays float32; each branch, its norm included, runs in the
         # weights' dtype (the cast fuses into the residual add; a float16 norm's error is a
         # float32 one's, and it is one kernel instead of two)
         dtype = keys_values[0].dtype
-        x = x + self.self_attn(self.pre_norm(x.astype(dtype)))
+        x = x + self.self_attn(self.pre_norm(x.astype(dtype)), level=level)
         n = keys_values[0].shape[0]
-        y = self.cross_attn(self.cross_attend_norm(x[:n].astype(dtype)), keys_values)
+        y = self.cross_attend_norm(x[:n].astype(dtype))
+        y = self.cross_attn(y, keys_values, level)
         x = x + y if n == x.shape[0] else mx.concatenate([x[:n] + y, x[n:]])
-        return x + self.ff(self.ff_norm(x.astype(dtype)))
+        return x + self.ff(self.ff_norm(x.astype(dtype)), level)
 
 
 def checkpointed(block: nn.Module):
@@ -205,9 +247,15 @@ def checkpointed(block: nn.Module):
     def backward(primals, cotangent, output):
         params, h, (k, v) = primals
         names, values = zip(*tree_flatten(params)) if params else ((), ())
-        rerun = lambda h, k, v, *values: run(tree_unflatten(list(zip(names, values))), h, (k, v))
+        rerun = lambda h, k, v, *values: run(
+            tree_unflatten(list(zip(names, values))), h, (k, v)
+        )
         grads = mx.vjp(rerun, [mx.depends(h, cotangent), k, v, *values], [cotangent])[1]
-        return tree_unflatten(list(zip(names, grads[3:]))), grads[0], (grads[1], grads[2])
+        return (
+            tree_unflatten(list(zip(names, grads[3:]))),
+            grads[0],
+            (grads[1], grads[2]),
+        )
 
     return lambda h, keys_values: forward(block.trainable_parameters(), h, keys_values)
 
@@ -241,25 +289,49 @@ class DiT(nn.Module):
         ]
         self.project_out = nn.Linear(dim, io, bias=False)
         self.postprocess_conv = nn.Conv1d(io, io, 1, bias=False)
-        self.lora_noise_level = None  # set by lora.apply_adapter for interval-gated adapters
+        self.gated_adapters = (
+            False  # set by lora.apply_adapter: some follow the noise level
+        )
         self.checkpoint_blocks = False  # fine-tuning: recompute each block's activations in the backward pass
 
-    def prepare_conditioning(self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None) -> dict:
+    def prepare_conditioning(
+        self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None
+    ) -> dict:
         """What every sampler step of a generation reuses, computed once: each block's
         cross-attention keys and values (for the prompt, then the negative prompt's if any,
         along the batch) and the projected global vector."""
         dtype = self.dtype
-        tokens = cross if negative_cross is None else mx.concatenate([cross, negative_cross])
-        conditioning = {"tokens": tokens.astype(dtype), "global_cond": global_cond.astype(dtype)}
-        # adapters gated by the noise level change these projections from call to call
-        return conditioning if self.lora_noise_level is not None else self._project_conditioning(conditioning)
-
-    def _project_conditioning(self, conditioning: dict) -> dict:
-        context = _sequential(self.to_cond_embed, conditioning["tokens"])
-        return {
-            "keys_values": [layer.cross_attn.keys_values(context) for layer in self.layers],
-            "global": _sequential(self.to_global_embed, conditioning["global_cond"]),
+        tokens = (
+            cross if negative_cross is None else mx.concatenate([cross, negative_cross])
+        )
+        conditioning = {
+            "tokens": tokens.astype(dtype),
+            "global_cond": global_cond.astype(dtype),
         }
+        # adapters gated by the noise level change these projections from call to call
+        if self.gated_adapters:
+            return conditioning
+        return self._project_conditioning(conditioning)
+
+    def _project_conditioning(self, conditioning: dict, level=None) -> dict:
+        context = _sequential(self.to_cond_embed, conditioning["tokens"], level)
+        return {
+            "keys_values": [
+                layer.cross_attn.keys_values(context, level) for layer in self.layers
+            ],
+            "global": _sequential(
+                self.to_global_embed, conditioning["global_cond"], level
+            ),
+        }
+
+    def prompt_only(self, conditioning: dict, batch_size: int) -> dict:
+        """`conditioning` without a negative prompt's rows: for evaluations unguided."""
+        if "keys_values" in conditioning:
+            kv = [
+                (k[:batch_size], v[:batch_size]) for k, v in conditioning["keys_values"]
+            ]
+            return {**conditioning, "keys_values": kv}
+        return {**conditioning, "tokens": conditioning["tokens"][:batch_size]}
 
     @property
     def dtype(self):
@@ -274,21 +346,32 @@ class DiT(nn.Module):
         tokens. The weights may be float16, bfloat16 or quantized; the residual streams stay
         in float32, and the norms and matmuls run in the weights' dtype."""
         dtype = self.dtype
-        if self.lora_noise_level is not None:
-            self.lora_noise_level.value = self.noise_level(t[0].astype(mx.float32))
+        # gated adapters are given the evaluation's noise level, passed down explicitly
+        level = (
+            self.noise_level(t[0].astype(mx.float32)) if self.gated_adapters else None
+        )
         if "keys_values" not in conditioning:
-            conditioning = self._project_conditioning(conditioning)
+            conditioning = self._project_conditioning(conditioning, level)
         x = x.astype(dtype)
-        timestep = _sequential(self.to_timestep_embed, self.timestep_features(t).astype(dtype))
+        features = self.timestep_features(t).astype(dtype)
+        timestep = _sequential(self.to_timestep_embed, features, level)
         global_embed = conditioning["global"]
-        global_embed = mx.concatenate([global_embed] * (x.shape[0] // global_embed.shape[0]))
-        x = x + self.preprocess_conv(x)
+        global_embed = mx.concatenate(
+            [global_embed] * (x.shape[0] // global_embed.shape[0])
+        )
+        x = x + adapted(self.preprocess_conv, x, level)
         prepend = global_embed + timestep
-        h = mx.concatenate([prepend[:, None], self.project_in(x)], axis=1).astype(mx.float32)
+        h = mx.concatenate(
+            [prepend[:, None], adapted(self.project_in, x, level)], axis=1
+        )
+        h = h.astype(mx.float32)
         for layer, keys_values in zip(self.layers, conditioning["keys_values"]):
-            h = (checkpointed(layer) if self.checkpoint_blocks else layer)(h, keys_values)
-        y = self.project_out(h.astype(dtype))[:, 1:]
-        return (y + self.postprocess_conv(y)).astype(mx.float32)
+            if self.checkpoint_blocks:
+                h = checkpointed(layer)(h, keys_values)
+            else:
+                h = layer(h, keys_values, level)
+        y = adapted(self.project_out, h.astype(dtype), level)[:, 1:]
+        return (y + adapted(self.postprocess_conv, y, level)).astype(mx.float32)
 
     def noise_level(self, t):
         """Diffusion time t (a float, or an array) in stable-audio-tools 0.0.20's units for
@@ -296,65 +379,8 @@ class DiT(nn.Module):
         for flow."""
         if self.objective != "v":
             return t
-        return mx.sin(t * math.pi / 2) if isinstance(t, mx.array) else math.sin(t * math.pi / 2)
-
-    def guide(
-        self,
-        x: mx.array,
-        t: mx.array,
-        conditioning: dict,
-        cfg_scale: float = 1.0,
-        cfg_rescale: float = 0.0,
-        apg_scale: float = 0.0,
-        cfg_norm_threshold: float = 0.0,
-    ) -> tuple:
-        """The guided and the unconditional prediction (both float32), guidance computed
-        in one doubled batch as stable-audio-tools 0.0.20's DiT does it (SAT_0_0_20.md §1).
-
-        The unconditional branch sees all-zero cross-attention tokens (or the negative
-        prompt's, if `conditioning` holds them) but keeps the global token. Plain CFG is
-        uncond + cfg_scale (cond - uncond). With `apg_scale` a (APG) or
-        `cfg_norm_threshold` tau, guidance works on the denoised estimates x0 instead: their
-        difference d is scaled to norm <= tau, and a of its part parallel to the
-        conditional x0 is removed before x0_cond + (cfg_scale - 1) d; a = 0 and tau = 0
-        give plain CFG. `cfg_rescale` is the reference's scale_phi, applied after."""
-        B = x.shape[0]
-        if cfg_scale == 1.0:  # the prompt's conditioning alone
-            if "keys_values" in conditioning:
-                conditioning = {**conditioning, "keys_values": [(k[:B], v[:B]) for k, v in conditioning["keys_values"]]}
-            else:
-                conditioning = {**conditioning, "tokens": conditioning["tokens"][:B]}
-            v = self(x, t, conditioning)
-            return v, v
-        double = lambda a: mx.concatenate([a, a], axis=0)
-        cond, uncond = mx.split(self(double(x), double(t), conditioning), 2, axis=0)
-        if apg_scale == 0.0 and cfg_norm_threshold == 0.0:
-            guided = uncond + (cond - uncond) * cfg_scale  # what x0 space gives, exactly
-        else:
-            guided = self._projected_guidance(x, t, cond, uncond, cfg_scale, apg_scale, cfg_norm_threshold)
-        if cfg_rescale != 0.0:
-            ratio = mx.std(cond, axis=-1, keepdims=True, ddof=1) / mx.std(
-                guided, axis=-1, keepdims=True, ddof=1
-            )
-            guided = cfg_rescale * guided * ratio + (1 - cfg_rescale) * guided
-        return guided, uncond
-
-    def _projected_guidance(self, x, t, cond, uncond, cfg_scale, apg_scale, cfg_norm_threshold):
-        """APG and the norm threshold on x0 = alpha x - sigma v, in float32 (the reference
-        projects in float64, which Metal does not have)."""
-        t = t.astype(mx.float32)[:, None, None]
-        if self.objective == "v":
-            alpha, sigma = mx.cos(t * math.pi / 2), mx.sin(t * math.pi / 2)
-        else:
-            alpha, sigma = 1.0, t
-        x = x.astype(mx.float32)
-        norm = lambda a: mx.sqrt(mx.sum(a * a, axis=(1, 2), keepdims=True))
-        x0_cond = alpha * x - sigma * cond
-        diff = x0_cond - (alpha * x - sigma * uncond)
-        if cfg_norm_threshold > 0:
-            diff = diff * mx.minimum(1.0, cfg_norm_threshold / norm(diff))
-        if apg_scale != 0.0:
-            direction = x0_cond / mx.maximum(norm(x0_cond), 1e-12)
-            parallel = mx.sum(diff * direction, axis=(1, 2), keepdims=True) * direction
-            diff = apg_scale * (diff - parallel) + (1 - apg_scale) * diff
-        return (alpha * x - (x0_cond + (cfg_scale - 1) * diff)) / sigma
+        return (
+            mx.sin(t * math.pi / 2)
+            if isinstance(t, mx.array)
+            else math.sin(t * math.pi / 2)
+        )

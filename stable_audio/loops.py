@@ -8,11 +8,16 @@ receptive field reaches), so that the audio is one period of the clip repeated f
 The latent grid is 2048 samples, so a length in bars is rarely a whole number of
 latents: the clip is made at the nearest whole number of latents and its audio then
 resampled (band-limited, circularly, by FFT) to the exact length, which changes tempo
-and pitch by at most half a latent in the clip's length (0.29% for 4 bars at 120 BPM)."""
+and pitch by at most half a latent in the clip's length (0.29% for 4 bars at 120 BPM).
+"""
 
 import math
+from dataclasses import replace
 
+import mlx.core as mx
 import numpy as np
+
+from .decoding import decode_circular
 
 BPM_RANGE = (20.0, 400.0)
 MAX_BARS = 64
@@ -22,9 +27,13 @@ MAX_BEATS_PER_BAR = 16
 def loop_samples(bpm: float, bars: int, beats_per_bar: int, sample_rate: int) -> int:
     """The samples in `bars` bars of `beats_per_bar` beats at `bpm`, rounded to a sample."""
     if not (math.isfinite(bpm) and BPM_RANGE[0] <= bpm <= BPM_RANGE[1]):
-        raise ValueError(f"The tempo must be in [{BPM_RANGE[0]:g}, {BPM_RANGE[1]:g}] BPM.")
+        raise ValueError(
+            f"The tempo must be in [{BPM_RANGE[0]:g}, {BPM_RANGE[1]:g}] BPM."
+        )
     if not 1 <= bars <= MAX_BARS or not 1 <= beats_per_bar <= MAX_BEATS_PER_BAR:
-        raise ValueError(f"Bars must be in [1, {MAX_BARS}] and beats per bar in [1, {MAX_BEATS_PER_BAR}].")
+        raise ValueError(
+            f"Bars must be in [1, {MAX_BARS}] and beats per bar in [1, {MAX_BEATS_PER_BAR}]."
+        )
     return round(bars * beats_per_bar * 60 / bpm * sample_rate)
 
 
@@ -32,14 +41,11 @@ def seam_mask(length: int, window: int) -> np.ndarray:
     """(window,) True where the half-turned clip of `length` latents is regenerated: a
     quarter of the clip (at least 3 latents) around where its end now meets its start,
     and the window beyond the clip."""
-    seam, reach = length - length // 2, max(length // 8, 2)  # the clip's start is now at `seam`
+    seam, reach = length - length // 2, max(
+        length // 8, 2
+    )  # the clip's start is now at `seam`
     positions = np.arange(window)
     return (np.abs(positions - seam + 0.5) < reach) | (positions >= length)
-
-
-def circular_indices(length: int, context: int) -> np.ndarray:
-    """Latent indices of the clip with `context` latents of its other end on each side."""
-    return np.arange(-context, length + context) % length
 
 
 def stretch(audio: np.ndarray, samples: int) -> np.ndarray:
@@ -53,3 +59,58 @@ def stretch(audio: np.ndarray, samples: int) -> np.ndarray:
     resized = np.zeros((*audio.shape[:-1], samples // 2 + 1), dtype=complex)
     resized[..., :kept] = spectrum[..., :kept]
     return (np.fft.irfft(resized, samples, axis=-1) * (samples / m)).astype(np.float32)
+
+
+def sample(pipe, conditioning, clip: mx.array, settings):
+    """Fill `clip` (B, L, C), L at most the window's latents, with a loop: a window
+    sampled with the seed, then, turned half round, its seam regenerated with seed + 1.
+    Yields the latents after every sampler step of both passes."""
+    length, window = clip.shape[1], pipe.latent_shape()[1]
+    for x in pipe.generate_latents(conditioning, settings=settings):
+        yield x
+    half = length // 2
+    turned = mx.concatenate([x[:, half:length], x[:, :half], x[:, length:]], axis=1)
+    seam = (turned, mx.array(seam_mask(length, window)))
+    second = replace(settings, seed=(settings.seed + 1) % 2**64)
+    for y in pipe.generate_latents(conditioning, settings=second, inpaint=seam):
+        yield y
+    clip[:] = mx.concatenate(
+        [y[:, length - half : length], y[:, : length - half]], axis=1
+    )
+
+
+def decode(vae, clip: mx.array, samples: int) -> mx.array:
+    """Audio (B, channels, `samples`) of a loop's latents (B, L, C): decoded circularly,
+    then resampled to exactly `samples`."""
+    audio = np.array(decode_circular(vae, clip))
+    return mx.array(np.stack([stretch(a, samples) for a in audio]))
+
+
+class Loop:
+    """generate()'s mode for a seamless loop."""
+
+    def __init__(self, pipe, settings):
+        self.pipe, self.s = pipe, settings
+        self.samples = round(settings.seconds_total * pipe.sample_rate)
+        self.steps = 2 * settings.steps
+        # the nearest whole number of latents; decode() resamples to the exact length
+        length = max(round(self.samples / pipe.config.vae.downsampling_ratio), 1)
+        self.latents = mx.zeros(
+            (settings.batch_size, length, pipe.config.dit.io_channels)
+        )
+
+    def encode(self) -> list:
+        return []
+
+    def condition(self) -> list:
+        s, seconds = self.s, self.samples / self.pipe.sample_rate
+        self.conditioning = self.pipe.condition(
+            s.prompt, s.negative_prompt, s.seconds_start, seconds, s.batch_size
+        )
+        return [self.conditioning]
+
+    def sample(self):
+        return sample(self.pipe, self.conditioning, self.latents, self.s)
+
+    def decode(self) -> mx.array:
+        return decode(self.pipe.vae, self.latents, self.samples)

@@ -23,13 +23,25 @@ from mlx.utils import tree_unflatten
 from .model_io import FLOATS, RENAMES, read_safetensors, write_safetensors
 
 ADAPTER_TYPES = ("lora", "dora-rows")
-NOT_IMPLEMENTED = ("dora-cols", "bora", "lora-xs", "dora-rows-xs", "dora-cols-xs", "bora-xs")
+NOT_IMPLEMENTED = (
+    "dora-cols",
+    "bora",
+    "lora-xs",
+    "dora-rows-xs",
+    "dora-cols-xs",
+    "bora-xs",
+)
 TENSORS = {"lora": ("lora_A", "lora_B"), "dora-rows": ("lora_A", "lora_B", "magnitude")}
 KEY = ".parametrizations.weight.0."  # between a layer's name and its tensor's, in the files
 EPS = 1e-12
 BLOCK_LAYERS = (
-    "self_attn.to_qkv", "self_attn.to_out", "cross_attn.to_q", "cross_attn.to_kv", "cross_attn.to_out",
-    "ff.ff.0.proj", "ff.ff.2",
+    "self_attn.to_qkv",
+    "self_attn.to_out",
+    "cross_attn.to_q",
+    "cross_attn.to_kv",
+    "cross_attn.to_out",
+    "ff.ff.0.proj",
+    "ff.ff.2",
 )
 
 
@@ -39,8 +51,17 @@ def official_layers(depth: int, numbers) -> dict:
     include/exclude: relative to its DiTWrapper) and of its conditioner (the seconds
     embedders; T5 gets none), for a DiT of `depth` blocks and the number conditioners
     `numbers`. Our paths come from the checkpoint rename table."""
-    dit = [f"{e}.{i}" for e in ("to_timestep_embed", "to_cond_embed", "to_global_embed") for i in (0, 2)]
-    dit += ["preprocess_conv", "postprocess_conv", "transformer.project_in", "transformer.project_out"]
+    dit = [
+        f"{e}.{i}"
+        for e in ("to_timestep_embed", "to_cond_embed", "to_global_embed")
+        for i in (0, 2)
+    ]
+    dit += [
+        "preprocess_conv",
+        "postprocess_conv",
+        "transformer.project_in",
+        "transformer.project_out",
+    ]
     dit += [f"transformer.layers.{i}.{p}" for i in range(depth) for p in BLOCK_LAYERS]
     keys = {f"model.{n}": f"model.model.{n}.weight" for n in dit}
     for number in numbers:
@@ -62,7 +83,10 @@ def expand(pattern: str) -> list:
     for a, b in zip(map(int, parts[1::3]), map(int, parts[2::3])):
         step = 1 if b >= a else -1
         pools.append([str(n) for n in range(a, b + step, step)])
-    return ["".join(p + n for p, n in zip(parts[0::3], combo + ("",))) for combo in product(*pools)]
+    return [
+        "".join(p + n for p, n in zip(parts[0::3], combo + ("",)))
+        for combo in product(*pools)
+    ]
 
 
 def matches(name: str, patterns) -> bool:
@@ -72,7 +96,9 @@ def matches(name: str, patterns) -> bool:
 
 def picked(name: str, include=None, exclude=None) -> bool:
     """Whether include/exclude (None: no such list) pick a layer, exclude winning."""
-    return (include is None or matches(name, include)) and not (exclude is not None and matches(name, exclude))
+    return (include is None or matches(name, include)) and not (
+        exclude is not None and matches(name, exclude)
+    )
 
 
 def filter_patterns(layer_filter: str) -> list:
@@ -90,6 +116,35 @@ def parse_file_strength(text: str) -> tuple:
         except ValueError:
             pass
     return text, 1.0
+
+
+def check_lora(
+    path, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""
+):
+    """Refuse, with a one-line ValueError, an adapter file that is not there or a setting
+    that cannot apply (the file itself is checked when read, against the model)."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"The adapter file {path} does not exist."
+            if not Path(path).exists()
+            else f"The adapter {path} is not a file."
+        )
+    if not (type(strength) in (int, float) and math.isfinite(strength)):
+        raise ValueError(
+            f"The LoRA strength must be a finite number, not {strength!r}."
+        )
+    if interval is not None and not (
+        len(interval) == 2
+        and all(math.isfinite(v) for v in interval)
+        and 0 <= interval[0] <= interval[1] <= 1
+    ):
+        raise ValueError(
+            "The LoRA interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi t / 2) for v models, t for flow)."
+        )
+    if not isinstance(layer_filter, str):
+        raise ValueError(
+            "The LoRA layer filter must be a string of comma-separated patterns."
+        )
 
 
 @dataclass
@@ -142,29 +197,49 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
     try:
         settings = json.loads((metadata or {}).get("lora_config", "{}"))
     except ValueError:
-        raise ValueError(f"{path}: its lora_config metadata is not valid JSON.") from None
+        raise ValueError(
+            f"{path}: its lora_config metadata is not valid JSON."
+        ) from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: its lora_config metadata is not a JSON object.")
 
     kind = settings.get("adapter_type", "lora")
     if kind == "dora":  # 0.0.20's legacy name: the magnitudes' shape tells which
         magnitudes = [v for k, v in tensors.items() if k.endswith(".magnitude")]
-        kind = "dora-cols" if magnitudes and magnitudes[0].ndim == 2 and magnitudes[0].shape[0] == 1 else "dora-rows"
+        kind = (
+            "dora-cols"
+            if magnitudes and magnitudes[0].ndim == 2 and magnitudes[0].shape[0] == 1
+            else "dora-rows"
+        )
     if kind in NOT_IMPLEMENTED:
-        raise ValueError(f"{path} holds {kind} adapters, which are not implemented here (supported: {', '.join(ADAPTER_TYPES)}).")
+        raise ValueError(
+            f"{path} holds {kind} adapters, which are not implemented here (supported: {', '.join(ADAPTER_TYPES)})."
+        )
     if kind not in ADAPTER_TYPES:
-        raise ValueError(f"{path}: unknown adapter_type {kind!r} in its lora_config (supported: {', '.join(ADAPTER_TYPES)}).")
+        raise ValueError(
+            f"{path}: unknown adapter_type {kind!r} in its lora_config (supported: {', '.join(ADAPTER_TYPES)})."
+        )
     ranks = [v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")]
     rank = settings.get("rank", ranks[0] if ranks else None)  # as 0.0.20 infers it
     alpha = settings.get("alpha", rank)
     if type(rank) is not int or rank <= 0:
-        raise ValueError(f"{path} holds no adapter tensors." if rank is None else f"{path}: its lora_config rank {rank!r} is not a positive integer.")
+        raise ValueError(
+            f"{path} holds no adapter tensors."
+            if rank is None
+            else f"{path}: its lora_config rank {rank!r} is not a positive integer."
+        )
     if not _positive_number(alpha):
-        raise ValueError(f"{path}: its lora_config alpha {alpha!r} is not a positive number.")
+        raise ValueError(
+            f"{path}: its lora_config alpha {alpha!r} is not a positive number."
+        )
     include, exclude = settings.get("include"), settings.get("exclude")
     for what, patterns in (("include", include), ("exclude", exclude)):
-        if patterns is not None and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
-            raise ValueError(f"{path}: its lora_config {what} is not a list of strings.")
+        if patterns is not None and not (
+            isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)
+        ):
+            raise ValueError(
+                f"{path}: its lora_config {what} is not a list of strings."
+            )
 
     layers = official_layers(len(dit.layers), conditioner.numbers)
     claimed = [name for name in layers if picked(name, include, exclude)]
@@ -173,14 +248,29 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
     for key, value in tensors.items():
         layer, sep, name = key.rpartition(KEY)
         if not sep or layer not in layers:
-            raise ValueError(f"{path}: unexpected tensor {key} (this model has no such layer: is the file for another model?).")
+            raise ValueError(
+                f"{path}: unexpected tensor {key} (this model has no such layer: is the file for another model?)."
+            )
         if name not in TENSORS[kind]:
-            raise ValueError(f"{path}: unexpected tensor {key} (a {kind} adapter has {', '.join(TENSORS[kind])}).")
+            raise ValueError(
+                f"{path}: unexpected tensor {key} (a {kind} adapter has {', '.join(TENSORS[kind])})."
+            )
         if layer not in claimed:
-            raise ValueError(f"{path}: tensor {key} is for a layer that its lora_config's include/exclude leave out.")
-        out_dim, in_dim = _dense_shape(_module(modules[layers[layer][0]], layers[layer][1]))
-        expected = {"lora_A": (rank, in_dim), "lora_B": (out_dim, rank), "magnitude": (out_dim,)}[name]
-        if name == "magnitude" and value.shape == (out_dim, 1):  # 0.0.20 squeezes 2-D magnitudes
+            raise ValueError(
+                f"{path}: tensor {key} is for a layer that its lora_config's include/exclude leave out."
+            )
+        out_dim, in_dim = _dense_shape(
+            _module(modules[layers[layer][0]], layers[layer][1])
+        )
+        expected = {
+            "lora_A": (rank, in_dim),
+            "lora_B": (out_dim, rank),
+            "magnitude": (out_dim,),
+        }[name]
+        if name == "magnitude" and value.shape == (
+            out_dim,
+            1,
+        ):  # 0.0.20 squeezes 2-D magnitudes
             value = value.reshape(out_dim)
         if tuple(value.shape) != expected:
             raise ValueError(
@@ -189,33 +279,54 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
             )
         value = value.astype(mx.float32)
         if not mx.all(mx.isfinite(value)).item():
-            raise ValueError(f"{path}: tensor {key} holds NaN or Inf: the file is damaged.")
+            raise ValueError(
+                f"{path}: tensor {key} holds NaN or Inf: the file is damaged."
+            )
         found.setdefault(layer, {})[name] = value
     if not found:
         raise ValueError(f"{path} holds no adapter tensors.")
     for layer in claimed:
         missing = [n for n in TENSORS[kind] if n not in found.get(layer, {})]
         if missing:
-            raise ValueError(f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its lora_config claims.")
-    return AdapterFile(path, kind, rank, alpha, settings, {name: found[name] for name in claimed})
+            raise ValueError(
+                f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its lora_config claims."
+            )
+    return AdapterFile(
+        path, kind, rank, alpha, settings, {name: found[name] for name in claimed}
+    )
 
 
-def initial_tensors(dit, conditioner, rank: int, adapter_type: str = "lora", include=None, exclude=None, key=None) -> dict:
+def initial_tensors(
+    dit,
+    conditioner,
+    rank: int,
+    adapter_type: str = "lora",
+    include=None,
+    exclude=None,
+    key=None,
+) -> dict:
     """A new adapter's tensors, {official layer name: {tensor name: array}}, on the layers
     `include`/`exclude` pick, initialised as 0.0.20 does: A ~ U(+-1/sqrt(fan_in))
     (kaiming_uniform with a = sqrt 5), B = 0, DoRA magnitudes the norms of W's rows."""
     modules = {"dit": dit, "conditioner": conditioner}
     keys = iter(mx.random.split(mx.random.key(0) if key is None else key, 10_000))
     layers = {}
-    for name, (component, path) in official_layers(len(dit.layers), conditioner.numbers).items():
+    for name, (component, path) in official_layers(
+        len(dit.layers), conditioner.numbers
+    ).items():
         if not picked(name, include, exclude):
             continue
         layer = _module(modules[component], path)
         out_dim, in_dim = _dense_shape(layer)
         bound = 1 / math.sqrt(in_dim)
-        tensors = {"lora_A": mx.random.uniform(-bound, bound, (rank, in_dim), key=next(keys)), "lora_B": mx.zeros((out_dim, rank))}
+        tensors = {
+            "lora_A": mx.random.uniform(-bound, bound, (rank, in_dim), key=next(keys)),
+            "lora_B": mx.zeros((out_dim, rank)),
+        }
         if adapter_type == "dora-rows":
-            tensors["magnitude"] = mx.linalg.norm(_dense_weight(_chain(layer)[1]), axis=1)
+            tensors["magnitude"] = mx.linalg.norm(
+                _dense_weight(_chain(layer)[1]), axis=1
+            )
         layers[name] = tensors
     return layers
 
@@ -225,11 +336,21 @@ def save_adapter(path, layers: dict, lora_config: dict):
     {official layer name: {tensor name: array}} as float16 tensors under the official keys,
     with `lora_config` (rank, alpha, adapter_type, include, exclude) as JSON metadata. The
     file appears only when complete (written under a temporary name, then renamed)."""
-    tensors = {f"{layer}{KEY}{name}": value.astype(mx.float16) for layer, named in layers.items() for name, value in named.items()}
+    tensors = {
+        f"{layer}{KEY}{name}": value.astype(mx.float16)
+        for layer, named in layers.items()
+        for name, value in named.items()
+    }
     write_safetensors(path, tensors, {"lora_config": json.dumps(lora_config)})
 
 
-def adapted_weight(weight: mx.array, lora_a: mx.array, lora_b: mx.array, scale: float, magnitude: mx.array = None) -> mx.array:
+def adapted_weight(
+    weight: mx.array,
+    lora_a: mx.array,
+    lora_b: mx.array,
+    scale: float,
+    magnitude: mx.array = None,
+) -> mx.array:
     """The weight (out, in) an adapter makes of `weight` (SAT_0_0_20.md §4.1)."""
     v = weight + scale * (lora_b @ lora_a)
     if magnitude is None:
@@ -249,30 +370,31 @@ def _chain(layer) -> tuple:
 def _dense_weight(layer) -> mx.array:
     """A plain or quantized layer's weight as a float32 (out, in) matrix."""
     if isinstance(layer, nn.QuantizedLinear):
-        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits)
+        w = mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            layer.group_size,
+            layer.bits,
+        )
     else:
         w = layer.weight
     return w.astype(mx.float32).reshape(w.shape[0], -1)
 
 
-class NoiseLevel:
-    """The noise level (DiT.noise_level) of the DiT evaluation being computed: the DiT sets
-    it at the start of each call, and interval-gated adapters read it."""
-
-    value = None
-
-
 class LoRALinear(nn.Module):
     """A layer with an adapter that stays beside its weight: over a quantized weight (which
-    it cannot be merged into), or active only while the noise level is in `interval` (then
-    switched inside the compiled step, by the level the DiT sets in `noise_level`).
+    it cannot be merged into), or active only while the noise level is in `interval`
+    (then switched inside the compiled step, by the level the DiT passes to each call).
 
     It computes base(x) + s (x A^T) B^T, and for DoRA scales each output row by
     m / ||V|| (V as in adapted_weight). For a frozen adapter that factor is precomputed,
     for each combination of the gated adapters under it; for one being trained
     (`frozen=False`, a single adapter over its layer) it is computed from A, B and m."""
 
-    def __init__(self, base, lora_a, lora_b, scale, magnitude=None, interval=None, noise_level=None, frozen=True):
+    def __init__(
+        self, base, lora_a, lora_b, scale, magnitude=None, interval=None, frozen=True
+    ):
         super().__init__()
         self.base = base
         self.lora_a = lora_a
@@ -280,41 +402,53 @@ class LoRALinear(nn.Module):
         self.scale = scale
         self.gated = interval is not None
         self.low, self.high = interval or (0.0, 1.0)
-        self.noise_level = noise_level
         if magnitude is not None:
             self.magnitude = magnitude
         if magnitude is not None and frozen:
             inner, layer = _chain(base)
             gated = [a for a in inner if a.gated]
             scales = []
-            for active in product((False, True), repeat=len(gated)):  # bit j: gated[j] is on
+            for active in product(
+                (False, True), repeat=len(gated)
+            ):  # bit j: gated[j] is on
                 on = dict(zip(map(id, gated), reversed(active)))
                 w = _dense_weight(layer)
                 for a in inner:
                     if on.get(id(a), True):
-                        w = adapted_weight(w, a.lora_a, a.lora_b, a.scale, a.get("magnitude"))
+                        w = adapted_weight(
+                            w, a.lora_a, a.lora_b, a.scale, a.get("magnitude")
+                        )
                 v_norm = mx.linalg.norm(w + scale * (lora_b @ lora_a), axis=1)
                 scales.append(magnitude / (v_norm + EPS))
             self.row_scales = mx.stack(scales)
             mx.eval(self.row_scales)
 
-    def active(self) -> mx.array:
-        level = self.noise_level.value
+    def active(self, level: mx.array) -> mx.array:
         return (self.low <= level) & (level <= self.high)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
+    def __call__(self, x: mx.array, level: mx.array = None) -> mx.array:
+        """The adapted layer's output; `level` is the noise level of the DiT evaluation,
+        which gated adapters (and those stacked over them) need."""
+        y = self.base(x, level) if isinstance(self.base, LoRALinear) else self.base(x)
         h = x @ self.lora_a.astype(x.dtype).T
         if self.gated:  # off: a zero update (and for DoRA a unit row scale)
-            on = self.active()
+            on = self.active(level)
             h = h * on.astype(h.dtype)
         b = self.lora_b.astype(x.dtype).T
         if "magnitude" not in self:
-            return mx.addmm(y, h, b, alpha=self.scale)  # the update added in the matmul's epilogue
+            return mx.addmm(
+                y, h, b, alpha=self.scale
+            )  # the update added in the matmul's epilogue
         inner, layer = _chain(self.base)
         if "row_scales" in self:
             gated = [a for a in inner if a.gated]
-            row = sum((a.active().astype(mx.int32) * (1 << j) for j, a in enumerate(gated)), mx.array(0))
+            row = sum(
+                (
+                    a.active(level).astype(mx.int32) * (1 << j)
+                    for j, a in enumerate(gated)
+                ),
+                mx.array(0),
+            )
             scale = mx.take(self.row_scales, row, axis=0)
         else:  # being trained: the norm follows A, B and m
             v = _dense_weight(layer) + self.scale * (self.lora_b @ self.lora_a)
@@ -327,7 +461,14 @@ class LoRALinear(nn.Module):
         return out if bias is None else out + bias
 
 
-def apply_adapter(dit, conditioner, adapter: AdapterFile, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""):
+def apply_adapter(
+    dit,
+    conditioner,
+    adapter: AdapterFile,
+    strength: float = 1.0,
+    interval: tuple = None,
+    layer_filter: str = "",
+):
     """Apply `adapter` at `strength` on top of what is applied already. `interval` (MIN,
     MAX) limits it to the DiT evaluations whose noise level is within it (the
     conditioner's adapters, as in 0.0.20, are never gated); `layer_filter` (0.0.20's
@@ -336,8 +477,8 @@ def apply_adapter(dit, conditioner, adapter: AdapterFile, strength: float = 1.0,
     weights; the others wrap their layers."""
     if strength == 0:  # 0.0.20: LoRA adds zero, DoRA returns W unchanged
         return
-    if interval is not None and dit.lora_noise_level is None:
-        dit.lora_noise_level = NoiseLevel()
+    if interval is not None:
+        dit.gated_adapters = True
     layers = official_layers(len(dit.layers), conditioner.numbers)
     patterns = filter_patterns(layer_filter)
     modules = {"dit": dit, "conditioner": conditioner}
@@ -345,7 +486,9 @@ def apply_adapter(dit, conditioner, adapter: AdapterFile, strength: float = 1.0,
     scale = adapter.scale * strength
     for name, tensors in adapter.layers.items():
         component, path = layers[name]
-        if component == "dit" and matches(name[len("model.") :], patterns):  # named as under DiffusionTransformer
+        if component == "dit" and matches(
+            name[len("model.") :], patterns
+        ):  # named as under DiffusionTransformer
             continue
         layer = _module(modules[component], path)
         gated = interval if component == "dit" else None
@@ -355,8 +498,7 @@ def apply_adapter(dit, conditioner, adapter: AdapterFile, strength: float = 1.0,
             layer.weight = w.reshape(layer.weight.shape).astype(layer.weight.dtype)
             mx.eval(layer.weight)  # one layer at a time: the old weight is freed now
         else:
-            wrapped[component].append((path, LoRALinear(layer, a, b, scale, m, gated, dit.lora_noise_level)))
+            wrapped[component].append((path, LoRALinear(layer, a, b, scale, m, gated)))
     for component, items in wrapped.items():
         if items:
             modules[component].update_modules(tree_unflatten(items))
-

@@ -1,6 +1,7 @@
+"""Configs, the checkpoint rename table, strict loading, and quantization."""
+
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,23 +12,16 @@ from mlx.utils import tree_flatten
 
 from .conditioners import Conditioner, ConditionerConfig
 from .dit import DiT, DiTConfig, check_values
+from .hub import (
+    COMPONENTS,
+    DEFAULT_REPO,
+    PICKLED,
+    RELEASED_FILES,
+    is_converted,
+    resolve,
+)
 from .t5 import T5Config, T5Encoder, Tokenizer
 from .vae import VAE, VAEConfig
-
-DEFAULT_REPO = "stabilityai/stable-audio-open-1.0"
-PICKLED = "model.ckpt"  # read only when asked (convert.py --allow-pickle): unpickling can run code
-
-# The files of the released Hub repo that we read (it also holds model.ckpt and diffusers folders)
-RELEASED_FILES = {
-    "config": "model_config.json",
-    "weights": "model.safetensors",
-    "t5_config": "text_encoder/config.json",
-    "t5_weights": "text_encoder/model.safetensors",
-    "tokenizer": "tokenizer/spiece.model",
-}
-# The files convert.py writes: one safetensors file per component
-COMPONENTS = ("t5", "conditioner", "dit", "vae")
-CONVERTED_FILES = ["config.json", "spiece.model"] + [f"{c}.safetensors" for c in COMPONENTS]
 
 # Checkpoint name fragments -> MLX parameter names, applied in order
 RENAMES = [
@@ -43,7 +37,10 @@ RENAMES = [
     (".ff.ff.0.proj.", ".ff.proj."),
     (".ff.ff.2.", ".ff.out."),
     # text_encoder/model.safetensors: the T5 encoder
-    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.", "t5.relative_attention_bias."),
+    (
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.",
+        "t5.relative_attention_bias.",
+    ),
     ("encoder.block.", "t5.blocks."),
     (".layer.0.SelfAttention.", ".attention."),
     (".layer.0.layer_norm.", ".attention_norm."),
@@ -82,19 +79,56 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     conditioner = ConditionerConfig.from_model_config(model)
     dit = DiTConfig.from_model_config(model)
     vae = VAEConfig.from_model_config(model)
-    for section, c in (("T5", t5), ("conditioning", conditioner), ("DiT", dit), ("autoencoder", vae)):
+    for section, c in (
+        ("T5", t5),
+        ("conditioning", conditioner),
+        ("DiT", dit),
+        ("autoencoder", vae),
+    ):
         check_values(section, c)
     number_widths = len(conditioner.global_ids) * conditioner.cond_dim
     checks = [
-        (t5.d_model == conditioner.cond_dim, "T5 width", t5.d_model, "cond_dim", conditioner.cond_dim),
-        (dit.cond_token_dim == conditioner.cond_dim, "DiT cond_token_dim", dit.cond_token_dim, "cond_dim", conditioner.cond_dim),
-        (dit.global_cond_dim == number_widths, "DiT global_cond_dim", dit.global_cond_dim, "global conditioning width", number_widths),
-        (dit.io_channels == vae.latent_dim, "DiT io_channels", dit.io_channels, "latent_dim", vae.latent_dim),
-        (model_config.get("audio_channels", 2) == vae.audio_channels, "audio_channels", model_config.get("audio_channels"), "autoencoder channels", vae.audio_channels),
+        (
+            t5.d_model == conditioner.cond_dim,
+            "T5 width",
+            t5.d_model,
+            "cond_dim",
+            conditioner.cond_dim,
+        ),
+        (
+            dit.cond_token_dim == conditioner.cond_dim,
+            "DiT cond_token_dim",
+            dit.cond_token_dim,
+            "cond_dim",
+            conditioner.cond_dim,
+        ),
+        (
+            dit.global_cond_dim == number_widths,
+            "DiT global_cond_dim",
+            dit.global_cond_dim,
+            "global conditioning width",
+            number_widths,
+        ),
+        (
+            dit.io_channels == vae.latent_dim,
+            "DiT io_channels",
+            dit.io_channels,
+            "latent_dim",
+            vae.latent_dim,
+        ),
+        (
+            model_config.get("audio_channels", 2) == vae.audio_channels,
+            "audio_channels",
+            model_config.get("audio_channels"),
+            "autoencoder channels",
+            vae.audio_channels,
+        ),
     ]
     for ok, a, a_value, b, b_value in checks:
         if not ok:
-            raise ValueError(f"Inconsistent model_config.json: {a} {a_value} does not match {b} {b_value}.")
+            raise ValueError(
+                f"Inconsistent model_config.json: {a} {a_value} does not match {b} {b_value}."
+            )
     return Config(
         sample_rate=model_config["sample_rate"],
         sample_size=model_config["sample_size"],
@@ -107,110 +141,6 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     )
 
 
-def first_line(error: Exception) -> str:
-    """An exception's message cut to its first line (its name if it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-LOCAL_COPY = "or download the folder elsewhere and pass its path instead (convert.py --hf-path, txt2audio.py --model)"
-
-
-def _transport_errors() -> tuple:
-    """The HTTP library's own failures (a dropped connection, say): requests' are OSErrors
-    (huggingface_hub 0.x); httpx's, under huggingface_hub 1.x and 2.x, are not."""
-    errors = [OSError]
-    for module in ("httpx", "httpx2"):
-        try:
-            errors.append(__import__(module).HTTPError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
-def _download(repo: str, patterns: list) -> Path:
-    """snapshot_download, its failures turned into one sentence that says what to do (the
-    messages are ours: huggingface_hub's span several lines). Written for huggingface_hub
-    0.36 to 2.x, whose errors differ: LocalEntryNotFoundError (nothing cached, and the
-    Hub not reached or failing) is an HfHubHTTPError in 0.x and only an OSError since."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    login = "log in with `hf auth login` or set HF_TOKEN"
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except GatedRepoError:
-        message = f"{repo} is gated: accept its licence on https://huggingface.co/{repo}, {login}, {LOCAL_COPY}."
-    except RepositoryNotFoundError:
-        message = f"{repo} is not on the Hugging Face Hub, or it is private and you are not logged in ({login}); check the name, {LOCAL_COPY}."
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        # LocalEntryNotFoundError: nothing cached, and the Hub answered with an error (its
-        # cause), could not be reached, or downloads are off
-        response = e.__cause__ if isinstance(e, LocalEntryNotFoundError) else e
-        status = getattr(getattr(response, "response", None), "status_code", None)
-        if status in (401, 403):
-            message = f"The Hugging Face Hub refused access to {repo} (HTTP {status}): accept its licence on https://huggingface.co/{repo}, {login} with a token that may read it, {LOCAL_COPY}."
-        elif status is not None:
-            message = f"The Hugging Face Hub failed to serve {repo} (HTTP {status}); try again later, {LOCAL_COPY}."
-        elif constants.HF_HUB_OFFLINE:
-            message = f"{repo} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE is set): unset it, {LOCAL_COPY}."
-        else:
-            message = f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached: check the connection, {LOCAL_COPY}."
-    except _transport_errors() as e:  # the connection dropped mid-download, the disk is full, ...
-        message = f"Downloading {repo} failed ({type(e).__name__}); run again to resume, {LOCAL_COPY}."
-    raise ValueError(message)
-
-
-def resolve(path_or_repo: str, configs_only: bool = False, allow_pickle: bool = False) -> Path:
-    """A local folder, or a Hub repo id downloaded (only the files we read) to the cache;
-    either way checked to hold every file of its layout."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        folder = path
-    elif path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
-        raise ValueError(f"{path_or_repo} is neither a model folder nor a Hugging Face repo id.")
-    else:
-        patterns = list(RELEASED_FILES.values()) + CONVERTED_FILES
-        if configs_only:
-            patterns = [p for p in patterns if p.endswith(".json")]
-        folder = _download(path_or_repo, patterns)
-        if allow_pickle and not configs_only and not (folder / RELEASED_FILES["weights"]).is_file():
-            folder = _download(path_or_repo, [PICKLED])
-    _check_layout(folder, path_or_repo, configs_only, allow_pickle)
-    return folder
-
-
-def _check_layout(folder: Path, name: str, configs_only: bool, allow_pickle: bool):
-    """Refuse a folder that lacks a file of its layout, before anything is read."""
-    if is_converted(folder):
-        files = list(CONVERTED_FILES)
-    elif (folder / RELEASED_FILES["config"]).is_file():
-        files = list(RELEASED_FILES.values())
-        if allow_pickle and (folder / PICKLED).is_file():
-            files.remove(RELEASED_FILES["weights"])
-    else:
-        raise ValueError(
-            f"{name} is not a Stable Audio model: it has neither model_config.json "
-            "(the released layout) nor config.json (a folder written by convert.py)."
-        )
-    missing = [f for f in files if not (folder / f).is_file() and (f.endswith(".json") or not configs_only)]
-    if not missing:
-        return
-    more = f" (and {len(missing) - 1} more of its files)" if len(missing) > 1 else ""
-    if missing[0] == RELEASED_FILES["weights"] and (folder / PICKLED).is_file():
-        raise ValueError(
-            f"{name} has no model.safetensors, only the pickled {PICKLED}, which is not read by default "
-            "(unpickling can run code): if you trust it, convert it once with "
-            f"`python convert.py --hf-path {name} --allow-pickle` (needs torch)."
-        )
-    if folder != Path(name).expanduser():  # a Hub snapshot
-        raise ValueError(
-            f"{name} lacks {missing[0]}{more}: the repo does not hold it, or it is not in the local "
-            "cache and the Hub could not be reached to download it."
-        )
-    raise ValueError(f"{folder} lacks {missing[0]}{more}: copy or download it again.")
-
-
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -218,27 +148,36 @@ def _read_json(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is damaged: it is not valid JSON ({e}).") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not an object.")
+        raise ValueError(
+            f"{path} is damaged: it holds a JSON {type(value).__name__}, not an object."
+        )
     return value
 
 
 def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
     """The tensors of a safetensors file (and with `metadata`, its metadata too), refused
     if it is cut short, damaged, or holds a dtype other than `dtypes`. mx.load checks the
-    header and every tensor's extent against the file's size without reading the data."""
+    header and every tensor's extent against the file's size without reading the data.
+    """
     try:
         tensors, stored = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         reason = str(e).split("] ", 1)[-1].split(". Perhaps")[0].rstrip(".")
         if "unsupported dtype" in reason:  # float64, say: a file from another tool
-            raise ValueError(f"{path} holds tensors of a type MLX cannot load ({reason}); expected float32, float16 or bfloat16.") from None
-        raise ValueError(f"{path} is damaged ({reason}): download or convert it again.") from None
+            raise ValueError(
+                f"{path} holds tensors of a type MLX cannot load ({reason}); expected float32, float16 or bfloat16."
+            ) from None
+        raise ValueError(
+            f"{path} is damaged ({reason}): download or convert it again."
+        ) from None
     if not isinstance(tensors, dict):  # a .npy file under this name, say
         raise ValueError(f"{path} is damaged: it is not a safetensors file.")
     for key, value in tensors.items():
         if value.dtype not in dtypes:
             allowed = ", ".join(str(d).split(".")[-1] for d in dtypes)
-            raise ValueError(f"Tensor {path.name}: {key} has dtype {str(value.dtype).split('.')[-1]}; expected {allowed}.")
+            raise ValueError(
+                f"Tensor {path.name}: {key} has dtype {str(value.dtype).split('.')[-1]}; expected {allowed}."
+            )
     return (tensors, stored) if metadata else tensors
 
 
@@ -246,7 +185,9 @@ def write_safetensors(path, tensors: dict, metadata: dict):
     """mx.save_safetensors, the file appearing only when complete (written under a
     temporary name beside it, then renamed)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent
+    )
     os.close(fd)
     try:
         mx.save_safetensors(tmp, tensors, metadata=metadata)
@@ -254,10 +195,6 @@ def write_safetensors(path, tensors: dict, metadata: dict):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and not (folder / "model_config.json").is_file()
 
 
 def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
@@ -277,7 +214,9 @@ def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
         dims = 2 * inv_freq.shape[0]
         expected = 1.0 / (10000.0 ** (mx.arange(0, dims, 2) / dims))
         if not mx.allclose(inv_freq, expected, rtol=1e-5).item():
-            raise ValueError(f"Unsupported RoPE frequencies in {origin['dit.rotary_pos_emb.inv_freq']} (base is not 10000).")
+            raise ValueError(
+                f"Unsupported RoPE frequencies in {origin['dit.rotary_pos_emb.inv_freq']} (base is not 10000)."
+            )
 
     # Weight norm: w = g * v / ||v||, the norm taken per index of dim 0 in PyTorch layout
     # (the output channel of a Conv1d, the input channel of a ConvTranspose1d)
@@ -304,13 +243,21 @@ def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 
-def _released_weights(folder: Path, models: dict, read_pickle=None) -> tuple[dict, dict]:
+def _released_weights(
+    folder: Path, models: dict, read_pickle=None
+) -> tuple[dict, dict]:
     tensors, files = {}, {}
     weights_file = RELEASED_FILES["weights"]
-    if not (folder / weights_file).is_file():  # _check_layout let it through: read_pickle is given
+    if not (
+        folder / weights_file
+    ).is_file():  # _check_layout let it through: read_pickle is given
         weights_file = PICKLED
     for file in (weights_file, RELEASED_FILES["t5_weights"]):
-        read = read_pickle(folder / file) if file == PICKLED else read_safetensors(folder / file, FLOATS)
+        read = (
+            read_pickle(folder / file)
+            if file == PICKLED
+            else read_safetensors(folder / file, FLOATS)
+        )
         for key, value in read.items():
             tensors[key], files[key] = value, file
     weights, origin = sanitize(tensors, models)
@@ -322,7 +269,9 @@ def _converted_weights(folder: Path) -> tuple[dict, dict]:
     for component in COMPONENTS:
         file = f"{component}.safetensors"
         # uint32: the packed weights of a quantized DiT
-        for key, value in read_safetensors(folder / file, FLOATS + (mx.uint32,)).items():
+        for key, value in read_safetensors(
+            folder / file, FLOATS + (mx.uint32,)
+        ).items():
             weights[f"{component}.{key}"] = value
             sources[f"{component}.{key}"] = f"{file}: {key}"
     return weights, sources
@@ -333,12 +282,18 @@ def load_strict(component: str, module: nn.Module, weights: dict, sources: dict)
     expected = dict(tree_flatten(module.parameters()))
     prefix = component + "."
     # popped, so the source tensors are freed once the (possibly cast) parameters exist
-    ours = {k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
+    ours = {
+        k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)
+    }
     for key, value in ours.items():
         if key not in expected:
-            raise ValueError(f"Unexpected tensor {sources[prefix + key]} (no such {component} parameter).")
+            raise ValueError(
+                f"Unexpected tensor {sources[prefix + key]} (no such {component} parameter)."
+            )
         if (value.dtype == mx.uint32) != (expected[key].dtype == mx.uint32):
-            raise ValueError(f"Tensor {sources[prefix + key]} has dtype {value.dtype}; the model expects {expected[key].dtype}.")
+            raise ValueError(
+                f"Tensor {sources[prefix + key]} has dtype {value.dtype}; the model expects {expected[key].dtype}."
+            )
         if value.shape != expected[key].shape:
             raise ValueError(
                 f"Tensor {sources[prefix + key]} has shape {tuple(value.shape)}; "
@@ -346,7 +301,9 @@ def load_strict(component: str, module: nn.Module, weights: dict, sources: dict)
             )
     missing = sorted(expected.keys() - ours.keys())
     if missing:
-        raise ValueError(f"The checkpoint has no tensor for {component} parameter {missing[0]} ({len(missing)} missing).")
+        raise ValueError(
+            f"The checkpoint has no tensor for {component} parameter {missing[0]} ({len(missing)} missing)."
+        )
     module.load_weights(list(ours.items()), strict=True)
 
 
@@ -379,12 +336,17 @@ def _read_config(folder: Path) -> Config:
         file = folder / "config.json"
         stored = _read_json(file)
         if stored.get("model_type") != "stable-audio":
-            raise ValueError(f"{file} is not a config written by convert.py (its model_type is {stored.get('model_type')!r}).")
+            raise ValueError(
+                f"{file} is not a config written by convert.py (its model_type is {stored.get('model_type')!r})."
+            )
         files = (file, file)
         configs = (stored.get("model_config"), stored.get("text_encoder"))
         quantization = stored.get("quantization")
     else:
-        files = (folder / RELEASED_FILES["config"], folder / RELEASED_FILES["t5_config"])
+        files = (
+            folder / RELEASED_FILES["config"],
+            folder / RELEASED_FILES["t5_config"],
+        )
         configs = tuple(_read_json(f) for f in files)
         quantization = None
     try:
@@ -395,7 +357,9 @@ def _read_config(folder: Path) -> Config:
         raise ValueError(f"{files[0].parent}: {e}") from None
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         # a value of another type, or a section missing, where the checks above did not look
-        raise ValueError(f"{files[0]} or {files[1].name} holds a value we cannot read ({type(e).__name__}: {e}).") from None
+        raise ValueError(
+            f"{files[0]} or {files[1].name} holds a value we cannot read ({type(e).__name__}: {e})."
+        ) from None
     config.quantization = quantization
     return config
 
@@ -428,15 +392,26 @@ def _quantize_as_stored(dit: nn.Module, weights: dict, sources: dict):
     the shapes of its packed weights and scales."""
 
     def settings(path: str, module: nn.Module):
-        scales, packed = weights.get(f"dit.{path}.scales"), weights.get(f"dit.{path}.weight")
+        scales, packed = weights.get(f"dit.{path}.scales"), weights.get(
+            f"dit.{path}.weight"
+        )
         if scales is None or not isinstance(module, nn.Linear):
             return False
         in_dims = module.weight.shape[1]
-        if packed is None or packed.ndim != 2 or scales.ndim != 2 or not scales.shape[1]:
-            raise ValueError(f"Tensor {sources[f'dit.{path}.scales']} belongs to no valid quantized weight.")
+        if (
+            packed is None
+            or packed.ndim != 2
+            or scales.ndim != 2
+            or not scales.shape[1]
+        ):
+            raise ValueError(
+                f"Tensor {sources[f'dit.{path}.scales']} belongs to no valid quantized weight."
+            )
         bits, group_size = packed.shape[1] * 32 // in_dims, in_dims // scales.shape[1]
         if bits not in (4, 8) or group_size not in (32, 64, 128):
-            raise ValueError(f"Tensor {sources[f'dit.{path}.weight']} is quantized as we cannot read ({bits} bits in groups of {group_size}).")
+            raise ValueError(
+                f"Tensor {sources[f'dit.{path}.weight']} is quantized as we cannot read ({bits} bits in groups of {group_size})."
+            )
         return {"group_size": group_size, "bits": bits}
 
     nn.quantize(dit, class_predicate=settings)
@@ -467,11 +442,17 @@ def load(
     folder = resolve(path_or_repo, allow_pickle=read_pickle is not None)
     config = _read_config(folder)
     if quantize and config.quantization:
-        raise ValueError(f"{path_or_repo} is already quantized ({config.quantization['bits']} bits).")
-    tokenizer_file = folder / ("spiece.model" if is_converted(folder) else RELEASED_FILES["tokenizer"])
+        raise ValueError(
+            f"{path_or_repo} is already quantized ({config.quantization['bits']} bits)."
+        )
+    tokenizer_file = folder / (
+        "spiece.model" if is_converted(folder) else RELEASED_FILES["tokenizer"]
+    )
     tokenizer = Tokenizer(tokenizer_file, config.conditioner.text_max_length)
     if tokenizer.sp.get_piece_size() > config.t5.vocab_size:
-        raise ValueError(f"{tokenizer_file} has {tokenizer.sp.get_piece_size()} tokens, more than T5's vocab_size {config.t5.vocab_size}.")
+        raise ValueError(
+            f"{tokenizer_file} has {tokenizer.sp.get_piece_size()} tokens, more than T5's vocab_size {config.t5.vocab_size}."
+        )
 
     models = build(config)
     if is_converted(folder):

@@ -34,7 +34,9 @@ class Evaluation:
     sigma: float  # the noise level the model is evaluated at, in the space's units
     at: dict  # the point evaluated, as {name in STATE: coefficient}
     update: dict  # the new x, as {name in TERMS: coefficient}
-    keep: tuple = ()  # the new h1, h2, ... (each as `update`); the others stay as they are
+    keep: (
+        tuple
+    ) = ()  # the new h1, h2, ... (each as `update`); the others stay as they are
 
 
 def _eval(sigma, update, keep=(), at=None) -> Evaluation:
@@ -48,11 +50,15 @@ def _pairs(sigmas):
 # ---------------------------------------------------------------- schedules
 
 
-def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0):
+def polyexponential_sigmas(
+    steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0
+):
     """k-diffusion's: `steps` noise levels from sigma_max to sigma_min, log-linear for
     rho = 1, then 0."""
     ramp = np.linspace(1, 0, steps) ** rho
-    sigmas = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    sigmas = np.exp(
+        ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)
+    )
     return [float(s) for s in sigmas] + [0.0]
 
 
@@ -76,7 +82,11 @@ def logsnr_times(steps: int, t_max: float = 1.0, schedule: str = "0.0.20"):
     the noise only falls; 0.0.20 maps its shortened u grid through the same curve, which
     re-noises above t_max at the second step. A t_max whose log-SNR is above 2 (t_max <
     0.12) stays there until the last step."""
-    start = LOGSNR_SCHEDULES[schedule] if t_max >= 1 else math.log((1 - t_max) / t_max + 1e-6)
+    start = (
+        LOGSNR_SCHEDULES[schedule]
+        if t_max >= 1
+        else math.log((1 - t_max) / t_max + 1e-6)
+    )
     t = 1 / (1 + np.exp(np.linspace(start, max(start, LOGSNR_END), steps + 1)))
     return [t_max] + [float(v) for v in t[1:-1]] + [0.0]
 
@@ -151,7 +161,9 @@ def _lms_coefficient(order: int, sigmas, i: int, j: int) -> float:
     basis = np.polynomial.Polynomial([1.0])
     for k in range(order):
         if k != j:
-            basis *= np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
+            basis *= np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (
+                sigmas[i - j] - sigmas[i - k]
+            )
     integral = basis.integ()
     return float(integral(sigmas[i + 1]) - integral(sigmas[i]))
 
@@ -159,7 +171,10 @@ def _lms_coefficient(order: int, sigmas, i: int, j: int) -> float:
 def k_lms(sigmas, order=4):
     """Linear multistep on the derivatives d = (x - D) / sigma; h1..h3 hold the last three."""
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
-        c = [_lms_coefficient(min(i + 1, order), sigmas, i, j) for j in range(min(i + 1, order))]
+        c = [
+            _lms_coefficient(min(i + 1, order), sigmas, i, j)
+            for j in range(min(i + 1, order))
+        ]
         update = {"x": 1 + c[0] / sigma, "D": -c[0] / sigma}
         update.update({f"h{j}": c[j] for j in range(1, len(c))})
         derivative = {"x": 1 / sigma, "D": -1 / sigma}
@@ -176,8 +191,15 @@ def k_heun(sigmas):
         dt = sigma_next - sigma
         derivative = {"x": 1 / sigma, "D": -1 / sigma}  # d, kept in h1
         # x + dt (d + d2) / 2, with d2 = (x + dt d - D2) / sigma_next
-        update = {"x": 1 + dt / (2 * sigma_next), "h1": dt / 2 + dt**2 / (2 * sigma_next), "D": -dt / (2 * sigma_next)}
-        yield [_eval(sigma, {"x": 1.0}, keep=(derivative,)), _eval(sigma_next, update, at={"x": 1.0, "h1": dt})]
+        update = {
+            "x": 1 + dt / (2 * sigma_next),
+            "h1": dt / 2 + dt**2 / (2 * sigma_next),
+            "D": -dt / (2 * sigma_next),
+        }
+        yield [
+            _eval(sigma, {"x": 1.0}, keep=(derivative,)),
+            _eval(sigma_next, update, at={"x": 1.0, "h1": dt}),
+        ]
 
 
 def k_dpm_2(sigmas):
@@ -191,15 +213,25 @@ def k_dpm_2(sigmas):
         dt_1, dt_2 = sigma_mid - sigma, sigma_next - sigma
         derivative = {"x": 1 / sigma, "D": -1 / sigma}
         # x + dt_2 d2, with d2 = (x + dt_1 d - D2) / sigma_mid
-        update = {"x": 1 + dt_2 / sigma_mid, "h1": dt_2 * dt_1 / sigma_mid, "D": -dt_2 / sigma_mid}
-        yield [_eval(sigma, {"x": 1.0}, keep=(derivative,)), _eval(sigma_mid, update, at={"x": 1.0, "h1": dt_1})]
+        update = {
+            "x": 1 + dt_2 / sigma_mid,
+            "h1": dt_2 * dt_1 / sigma_mid,
+            "D": -dt_2 / sigma_mid,
+        }
+        yield [
+            _eval(sigma, {"x": 1.0}, keep=(derivative,)),
+            _eval(sigma_mid, update, at={"x": 1.0, "h1": dt_1}),
+        ]
 
 
 def k_dpmpp_2s_ancestral(sigmas, eta=1.0, s_noise=1.0):
     """Ancestral DPM-Solver++(2S): a second-order step down to sigma_down through its
     log-midpoint, then noise sigma_up back up to sigma_next."""
     for sigma, sigma_next in _pairs(sigmas):
-        sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+        sigma_up = min(
+            sigma_next,
+            eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2),
+        )
         sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
         if sigma_down == 0:
             yield [_eval(sigma, {"D": 1.0})]
@@ -207,8 +239,15 @@ def k_dpmpp_2s_ancestral(sigmas, eta=1.0, s_noise=1.0):
         h = math.log(sigma / sigma_down)
         sigma_mid = sigma * math.exp(-h / 2)
         midpoint = {"x": sigma_mid / sigma, "h1": -math.expm1(-h / 2)}
-        update = {"x": sigma_down / sigma, "D": -math.expm1(-h), "noise": s_noise * sigma_up}
-        yield [_eval(sigma, {"x": 1.0}, keep=({"D": 1.0},)), _eval(sigma_mid, update, at=midpoint)]
+        update = {
+            "x": sigma_down / sigma,
+            "D": -math.expm1(-h),
+            "noise": s_noise * sigma_up,
+        }
+        yield [
+            _eval(sigma, {"x": 1.0}, keep=({"D": 1.0},)),
+            _eval(sigma_mid, update, at=midpoint),
+        ]
 
 
 # ---------------------------------------------------------------- v-DDIM, v models
@@ -223,8 +262,14 @@ def v_ddim(sigmas, cfg_pp=False):
     with `cfg_pp` (CFG++), eps is taken from the unconditional prediction. The last step
     (to t = 0) returns D."""
     for t, t_next in _pairs(sigmas):
-        (alpha, sigma), (alpha_next, sigma_next) = _alpha_sigma(t), _alpha_sigma(t_next)  # (1, 0) at t = 0
-        update = {"D": alpha_next, "x": sigma_next * sigma, "vu" if cfg_pp else "v": sigma_next * alpha}
+        (alpha, sigma), (alpha_next, sigma_next) = _alpha_sigma(t), _alpha_sigma(
+            t_next
+        )  # (1, 0) at t = 0
+        update = {
+            "D": alpha_next,
+            "x": sigma_next * sigma,
+            "vu" if cfg_pp else "v": sigma_next * alpha,
+        }
         yield [_eval(t, update)]
 
 
@@ -256,8 +301,18 @@ def rk4(times):
         update = {"x": 1.0, "h1": dt / 6, "h2": dt / 3, "h3": dt / 3, "v": dt / 6}
         yield [
             _eval(t, {"x": 1.0}, keep=(slope,)),
-            _eval(t + dt / 2, {"x": 1.0}, keep=({"h1": 1.0}, slope), at={"x": 1.0, "h1": dt / 2}),
-            _eval(t + dt / 2, {"x": 1.0}, keep=({"h1": 1.0}, {"h2": 1.0}, slope), at={"x": 1.0, "h2": dt / 2}),
+            _eval(
+                t + dt / 2,
+                {"x": 1.0},
+                keep=({"h1": 1.0}, slope),
+                at={"x": 1.0, "h1": dt / 2},
+            ),
+            _eval(
+                t + dt / 2,
+                {"x": 1.0},
+                keep=({"h1": 1.0}, {"h2": 1.0}, slope),
+                at={"x": 1.0, "h2": dt / 2},
+            ),
             _eval(max(t_next, 1e-5), update, at={"x": 1.0, "h3": dt}),
         ]
 
@@ -313,14 +368,23 @@ def uses_sigma_min(objective: str, sampler: str) -> bool:
     return samplers_for(objective)[sampler][0] == "k"
 
 
-def schedule(objective: str, sampler: str, steps: int, sigma_min: float, sigma_max: float, flow_schedule: str = "0.0.20"):
+def schedule(
+    objective: str,
+    sampler: str,
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    flow_schedule: str = "0.0.20",
+):
     """The noise levels of a generation, ending at 0, and the sampler's space."""
     space, kind, _ = samplers_for(objective)[sampler]
     if kind == "polyexponential":
         return space, polyexponential_sigmas(steps, sigma_min, sigma_max)
     if kind == "linear":
         return space, linear_times(steps, sigma_max)
-    return space, logsnr_times(steps, sigma_max, flow_schedule if space == "flow" else "0.0.20")
+    return space, logsnr_times(
+        steps, sigma_max, flow_schedule if space == "flow" else "0.0.20"
+    )
 
 
 def noised(space: str, latents, noise, sigma: float):
@@ -339,7 +403,12 @@ def denoiser(space: str, sigma: float) -> tuple:
     """(c_in, c_skip, c_out, t): the model sees c_in y at time t, and D = c_skip y + c_out v.
     In the k space this is k-diffusion's VDenoiser (t = atan(sigma) 2 / pi)."""
     if space == "k":
-        return 1 / math.sqrt(sigma**2 + 1), 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1), math.atan(sigma) * 2 / math.pi
+        return (
+            1 / math.sqrt(sigma**2 + 1),
+            1 / (sigma**2 + 1),
+            -sigma / math.sqrt(sigma**2 + 1),
+            math.atan(sigma) * 2 / math.pi,
+        )
     if space == "vp":
         alpha, s = _alpha_sigma(sigma)
         return 1.0, alpha, -s, sigma
@@ -364,7 +433,9 @@ def plan(objective: str, sampler: str, sigmas: list) -> list:
                     Q[i, TERMS.index(name)] = c
             P = [e.at.get(name, 0.0) for name in STATE]
             coefficients = [*denoiser(space, e.sigma), *P, *Q.ravel()]
-            rows.append((coefficients, coefficients[3], e.update.get("noise", 0.0) != 0))
+            rows.append(
+                (coefficients, coefficients[3], e.update.get("noise", 0.0) != 0)
+            )
         plans.append(rows)
     return plans
 
@@ -388,5 +459,8 @@ def evaluate(model, state: tuple, noise: mx.array, k: mx.array, used: tuple) -> 
     v, v_uncond = model(y * c_in, mx.broadcast_to(t, (y.shape[0],)))
     terms = (*state, c_skip * y + c_out * v, v, v_uncond, noise)
     Q = k[8:].reshape(len(STATE), len(TERMS))
-    rows = [[Q[i, j] * term for j, term in enumerate(terms) if used[4 + i * len(TERMS) + j]] for i in range(len(STATE))]
+    rows = [
+        [Q[i, j] * term for j, term in enumerate(terms) if used[4 + i * len(TERMS) + j]]
+        for i in range(len(STATE))
+    ]
     return tuple(sum(row) if row else mx.zeros_like(state[0]) for row in rows)

@@ -109,7 +109,9 @@ class T5Encoder(nn.Module):
             c.relative_attention_max_distance,
         )
         bias = self.relative_attention_bias(buckets).transpose(2, 0, 1)
-        bias = bias.astype(mx.float32) + mx.where(mask[:, None, None, :] > 0, 0.0, -1e30)
+        bias = bias.astype(mx.float32) + mx.where(
+            mask[:, None, None, :] > 0, 0.0, -1e30
+        )
         x = self.embed(tokens).astype(mx.float32)
         for block in self.blocks:
             x = block(x, bias)
@@ -132,7 +134,9 @@ class Tokenizer:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except RuntimeError:
-            raise ValueError(f"{model_file} is damaged: it is not a SentencePiece model.") from None
+            raise ValueError(
+                f"{model_file} is damaged: it is not a SentencePiece model."
+            ) from None
         self.model_proto = self.sp.serialized_model_proto()
         self.max_length = max_length
         self.eos_id = self.sp.piece_to_id("</s>")

@@ -5,12 +5,18 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-
 # stable-audio-tools' defaults for what a model_config.json leaves out
 OOBLECK_DEFAULTS = dict(
-    in_channels=2, out_channels=2, channels=128, latent_dim=32, c_mults=[1, 2, 4, 8],
-    strides=[2, 4, 8, 8], use_snake=False, antialias_activation=False,
-    use_nearest_upsample=False, final_tanh=True,
+    in_channels=2,
+    out_channels=2,
+    channels=128,
+    latent_dim=32,
+    c_mults=[1, 2, 4, 8],
+    strides=[2, 4, 8, 8],
+    use_snake=False,
+    antialias_activation=False,
+    use_nearest_upsample=False,
+    final_tanh=True,
 )
 
 
@@ -34,9 +40,13 @@ class VAEConfig:
             )
         config = pretransform.get("config", {})
         if config.get("bottleneck", {}).get("type") != "vae":
-            raise ValueError("Unsupported autoencoder bottleneck in model_config.json (supported: vae).")
+            raise ValueError(
+                "Unsupported autoencoder bottleneck in model_config.json (supported: vae)."
+            )
         if config.get("scale", 1.0) != 1.0:
-            raise ValueError("Unsupported pretransform scale in model_config.json (supported: 1.0).")
+            raise ValueError(
+                "Unsupported pretransform scale in model_config.json (supported: 1.0)."
+            )
         parts = []
         for part in (config.get("encoder", {}), config.get("decoder", {})):
             if part.get("type") != "oobleck":
@@ -45,20 +55,38 @@ class VAEConfig:
                 )
             c = {**OOBLECK_DEFAULTS, **part.get("config", {})}
             for key in ("c_mults", "strides"):
-                if not (isinstance(c[key], list) and c[key] and all(type(v) is int and v > 0 for v in c[key])):
-                    raise ValueError(f"Unsupported Oobleck {key}={c[key]!r} in model_config.json (expected a list of positive ints).")
+                if not (
+                    isinstance(c[key], list)
+                    and c[key]
+                    and all(type(v) is int and v > 0 for v in c[key])
+                ):
+                    raise ValueError(
+                        f"Unsupported Oobleck {key}={c[key]!r} in model_config.json (expected a list of positive ints)."
+                    )
             if len(c["c_mults"]) != len(c["strides"]):
-                raise ValueError("Unsupported Oobleck config in model_config.json: c_mults and strides differ in length.")
-            for key, value in {"use_snake": True, "antialias_activation": False, "use_nearest_upsample": False}.items():
+                raise ValueError(
+                    "Unsupported Oobleck config in model_config.json: c_mults and strides differ in length."
+                )
+            for key, value in {
+                "use_snake": True,
+                "antialias_activation": False,
+                "use_nearest_upsample": False,
+            }.items():
                 if c[key] != value:
-                    raise ValueError(f"Unsupported Oobleck {key}={c[key]!r} in model_config.json.")
+                    raise ValueError(
+                        f"Unsupported Oobleck {key}={c[key]!r} in model_config.json."
+                    )
             parts.append(c)
         e, d = parts
         same = ("channels", "c_mults", "strides")
         if any(e[k] != d[k] for k in same) or e["in_channels"] != d["out_channels"]:
-            raise ValueError("Unsupported autoencoder: encoder and decoder shapes differ.")
+            raise ValueError(
+                "Unsupported autoencoder: encoder and decoder shapes differ."
+            )
         if e["latent_dim"] != 2 * d["latent_dim"]:
-            raise ValueError("Unsupported autoencoder: the encoder must output mean and scale.")
+            raise ValueError(
+                "Unsupported autoencoder: the encoder must output mean and scale."
+            )
         return cls(
             audio_channels=d["out_channels"],
             channels=d["channels"],
@@ -82,7 +110,9 @@ class VAEConfig:
             field += 3 * (1 + 3 + 9) * rate  # residual units: k=7, dilations 1, 3, 9
             field += 2 * s * rate  # the strided conv, k=2s
             rate *= s
-        return math.ceil(field / rate) + 2  # the last conv, k=3, and the latent's own width
+        return (
+            math.ceil(field / rate) + 2
+        )  # the last conv, k=3, and the latent's own width
 
     @property
     def decoder_context(self) -> int:
@@ -141,8 +171,14 @@ class Upsample(nn.ConvTranspose1d):
         c_out, k, c_in = self.weight.shape
         s, p = self.stride, self.padding
         # phase r: taps r (input j) and r + s (input j - 1) of the original kernel
-        w = self.weight.reshape(c_out, 2, s, c_in)[:, ::-1].transpose(2, 0, 1, 3).reshape(s * c_out, 2, c_in)
-        y = mx.conv1d(x, w, padding=1)  # (B, L + 1, s * c_out): output (L + 1) s, before cropping
+        w = (
+            self.weight.reshape(c_out, 2, s, c_in)[:, ::-1]
+            .transpose(2, 0, 1, 3)
+            .reshape(s * c_out, 2, c_in)
+        )
+        y = mx.conv1d(
+            x, w, padding=1
+        )  # (B, L + 1, s * c_out): output (L + 1) s, before cropping
         B, n, _ = y.shape
         y = y.reshape(B, n * s, c_out)[:, p : n * s - p]
         return y + self.bias if "bias" in self else y

@@ -1,0 +1,311 @@
+"""The settings of one generation: what it takes, each model's defaults, and the one
+check that the Python API, txt2audio.py and app.py all run before any work."""
+
+import math
+import secrets
+from dataclasses import dataclass, fields, replace
+
+from . import sampler as samplers
+from .loops import loop_samples
+from .t5 import check_prompt
+
+# What each objective's released model is run with: SAO 1.0 (v; its model card's
+# recipe) and SAO Small (rectified flow, post-trained for 8 ping-pong steps, unguided)
+DEFAULTS = {
+    "v": dict(
+        steps=100, cfg_scale=7.0, sampler="dpmpp-3m-sde", sigma_min=0.3, sigma_max=500.0
+    ),
+    "rf_denoiser": dict(
+        steps=8, cfg_scale=1.0, sampler="pingpong", sigma_min=None, sigma_max=1.0
+    ),
+}
+# Samplers that count time (v-DDIM, "euler" on a v model, every flow sampler) start at 1
+TIME_DEFAULTS = dict(sigma_min=None, sigma_max=1.0)
+MAX_STEPS, MAX_BATCH = 10_000, 64
+MAX_SIGMA = 1e6  # beyond it, unit-scale latents vanish below float32 precision
+INTERVAL_UNITS = "noise levels: sin(pi t / 2) for v models, t for flow"
+
+
+class ArgumentError(ValueError):
+    """A one-line ValueError that names the setting at fault (None: no single one), so
+    that an interface can show the message beside that setting's field."""
+
+    def __init__(self, message: str, argument: str = None):
+        super().__init__(message)
+        self.argument = argument
+
+
+@dataclass
+class Settings:
+    """One generation. None stands for the model's default (DEFAULTS). Audio is given as
+    (sample_rate, samples (channels, n) or (n,))."""
+
+    prompt: str = ""
+    negative_prompt: str = None
+    # length and mode
+    seconds_start: float = 0.0
+    seconds_total: float = None  # beyond the window: a piece, made window by window
+    overlap: float = None  # seconds each window of a piece keeps (default: a quarter)
+    continue_audio: tuple = None  # extended to seconds_total
+    init_audio: tuple = None  # varied: sampling starts from it, noised
+    init_noise_level: float = 1.0  # replaces sigma_max
+    inpaint_audio: tuple = None  # kept, but for inpaint_ranges
+    inpaint_ranges: tuple = ()  # (start, end) seconds to regenerate
+    loop: bool = False  # a seamless loop of seconds_total, or of bars at bpm
+    bpm: float = None
+    bars: int = None
+    beats_per_bar: int = 4
+    # sampler and schedule
+    steps: int = None
+    sampler: str = None
+    sigma_min: float = None
+    sigma_max: float = None
+    flow_schedule: str = None  # a flow model's: "0.0.20" (None) or "0.0.19"
+    # guidance (stable-audio-tools 0.0.20's; the defaults are plain CFG)
+    cfg_scale: float = None
+    cfg_rescale: float = 0.0
+    apg_scale: float = 0.0
+    cfg_norm_threshold: float = 0.0
+    cfg_interval: tuple = (0.0, 1.0)  # guide only at noise levels in [MIN, MAX]
+    # seed and batch
+    seed: int = None  # None: a random one
+    batch_size: int = 1
+    compile: bool = False  # each model evaluation as one compiled function
+
+    def window(self, config) -> float:
+        return config.sample_size / config.sample_rate
+
+    def is_piece(self, config) -> bool:
+        """Whether it is made window by window: a continuation, or longer than a window."""
+        total = self.seconds_total or 0
+        return self.continue_audio is not None or total > self.window(config) + 1e-9
+
+    def resolved(self, config) -> "Settings":
+        """These settings with every default filled in for `config`'s model (a random
+        seed too), the loop's bars turned into seconds; idempotent."""
+        defaults = dict(DEFAULTS[config.dit.objective])
+        if not uses_sigma_min(config, self.sampler or defaults["sampler"]):
+            defaults.update(TIME_DEFAULTS)
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.init_audio is not None:
+            filled["sigma_max"] = self.init_noise_level
+        if self.bpm is not None and self.bars is not None:
+            rate = config.sample_rate
+            try:
+                samples = loop_samples(self.bpm, self.bars, self.beats_per_bar, rate)
+            except ValueError as e:
+                raise ArgumentError(str(e), "bpm") from None
+            filled.update(seconds_total=samples / rate, bpm=None, bars=None)
+        elif self.seconds_total is None:
+            filled["seconds_total"] = self.window(config)
+        if self.overlap is None:  # a quarter of the window, in whole seconds
+            filled["overlap"] = round(self.window(config) / 4)
+        if self.seed is None:
+            filled["seed"] = secrets.randbits(32)
+        return replace(self, **filled)
+
+    def check(self, config) -> "Settings":
+        """The settings resolved for `config`'s model, or an ArgumentError (a one-line
+        ValueError naming the field) for what it cannot do: before any work. Steps and
+        batch size are bounded too, so that absurd values fail here, not out of memory.
+        """
+        self._check_mode()
+        s = self.resolved(config)
+        try:
+            s._check_numbers(config)
+        except ArgumentError as e:  # the page's and the CLI's noise level, when given
+            if e.argument == "sigma_max" and s.init_audio is not None:
+                e.argument = "init_noise_level"
+            raise
+        return s
+
+    def _check_mode(self):
+        for name in ("prompt", "negative_prompt"):
+            try:
+                check_prompt(getattr(self, name) or "")
+            except ValueError as e:
+                raise ArgumentError(str(e), name) from None
+        if (self.bpm is None) != (self.bars is None) or (self.bpm and not self.loop):
+            missing = self.bpm is not None and self.bars is None
+            raise ArgumentError(
+                "BPM and bars go together, with a seamless loop.",
+                "bars" if missing else "bpm",
+            )
+        if self.bpm is not None and self.seconds_total is not None:
+            raise ArgumentError(
+                "Give seconds or BPM and bars, not both.", "seconds_total"
+            )
+        if self.init_audio is not None and self.inpaint_audio is not None:
+            raise ArgumentError("Give init audio or inpaint audio, not both.")
+        if self.inpaint_audio is not None and not self.inpaint_ranges:
+            raise ArgumentError(
+                "Inpainting needs at least one range to regenerate.", "inpaint_ranges"
+            )
+
+    def _check_numbers(self, config):
+        names = samplers.samplers_for(config.dit.objective)
+        if self.sampler in samplers.UNSUPPORTED:
+            raise ArgumentError(
+                f"The {self.sampler} sampler is not offered (its steps are adaptive); "
+                f"choose one of {', '.join(names)}.",
+                "sampler",
+            )
+        if self.sampler not in names:
+            raise ArgumentError(
+                f"Unknown sampler {self.sampler!r} for this model; "
+                f"choose one of {', '.join(names)}.",
+                "sampler",
+            )
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "inpaint_ranges":
+                value = [t for r in value for t in r]
+            numbers = (
+                value if field.name in ("cfg_interval", "inpaint_ranges") else [value]
+            )
+            if not all(math.isfinite(v) for v in numbers if _is_number(v)):
+                raise ArgumentError("Numbers must be finite.", field.name)
+        for failed, argument, message in self._problems(config):
+            if failed:
+                raise ArgumentError(message + ".", argument)
+
+    def _problems(self, config) -> list:
+        """(failed, the field at fault, message) of each range check, in order."""
+        window, ratio = self.window(config), config.vae.downsampling_ratio
+        latents = config.sample_size // ratio
+        numbers = config.conditioner.numbers
+        start_max = numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
+        longest = max(numbers.get("seconds_total", (0, window))[1], window)
+        total, piece = self.seconds_total, self.is_piece(config)
+        counts_noise = uses_sigma_min(config, self.sampler)
+        sigma_min, sigma_max = self.sigma_min, self.sigma_max
+        low, high = self.cfg_interval
+        schedules = samplers.LOGSNR_SCHEDULES
+        return [
+            (
+                piece
+                and (self.init_audio is not None or self.inpaint_audio is not None),
+                "seconds_total",
+                "Init and inpaint audio work within one window: a longer piece or a "
+                "continuation takes neither",
+            ),
+            (
+                self.loop
+                and (
+                    piece
+                    or self.init_audio is not None
+                    or self.inpaint_audio is not None
+                ),
+                "loop",
+                f"A loop is made within one window ({window:.2f} s), from nothing but "
+                "the prompt",
+            ),
+            (
+                not (
+                    0 < total <= longest + 1e-9 and total * config.sample_rate >= ratio
+                ),
+                "seconds_total",
+                f"seconds_total must be in [{ratio / config.sample_rate:.3g}, "
+                f"{longest:g}] (one latent to the range of the model's seconds; beyond "
+                f"its window, {window:.2f} s, a piece is made window by window)",
+            ),
+            (
+                total > window + 1e-9 and self.seconds_start != 0,
+                "seconds_start",
+                "seconds_start applies within one window; a longer piece sets each "
+                "window's itself",
+            ),
+            (
+                not 0 <= self.seconds_start <= start_max,
+                "seconds_start",
+                f"seconds_start must be in [0, {start_max:g}] for this model",
+            ),
+            (
+                not 1 <= self.steps <= MAX_STEPS,
+                "steps",
+                f"steps must be in [1, {MAX_STEPS}]",
+            ),
+            (
+                not counts_noise and sigma_min is not None,
+                "sigma_min",
+                f"sigma_min does not apply to the {self.sampler} sampler (its schedule "
+                "runs in time down to 0)",
+            ),
+            (
+                not counts_noise and not 0 < sigma_max <= 1,
+                "sigma_max",
+                "the noise level (sigma_max, init noise level) must be in (0, 1] for "
+                f"the {self.sampler} sampler",
+            ),
+            (
+                counts_noise and not 0 < sigma_min < sigma_max <= MAX_SIGMA,
+                "sigma_max",
+                "the noise levels must satisfy 0 < sigma_min < sigma_max <= "
+                f"{MAX_SIGMA:g} (the init noise level is sigma_max)",
+            ),
+            (
+                not 0 <= self.apg_scale <= 1,
+                "apg_scale",
+                "apg_scale must be in [0, 1]",
+            ),
+            (
+                self.cfg_norm_threshold < 0,
+                "cfg_norm_threshold",
+                "cfg_norm_threshold must be >= 0 (0: no threshold)",
+            ),
+            (
+                not 0 <= self.cfg_rescale <= 1,
+                "cfg_rescale",
+                "cfg_rescale must be in [0, 1]",
+            ),
+            (
+                not 0 <= low <= high <= 1,
+                "cfg_interval",
+                "the CFG interval must satisfy 0 <= MIN <= MAX <= 1 "
+                f"({INTERVAL_UNITS})",
+            ),
+            (
+                self.flow_schedule is not None and config.dit.objective == "v",
+                "flow_schedule",
+                "the flow schedule applies to rectified-flow models only",
+            ),
+            (
+                self.flow_schedule not in (None, *schedules),
+                "flow_schedule",
+                f"unknown flow schedule {self.flow_schedule!r}; choose one of "
+                f"{', '.join(schedules)}",
+            ),
+            (
+                not 1 <= self.batch_size <= MAX_BATCH,
+                "batch_size",
+                f"the number of audios must be in [1, {MAX_BATCH}]",
+            ),
+            (
+                not 0 <= self.seed < 2**64,
+                "seed",
+                "the seed must be in [0, 2**64)",
+            ),
+            (
+                any(not 0 <= a < b <= window + 1e-9 for a, b in self.inpaint_ranges),
+                "inpaint_ranges",
+                f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}",
+            ),
+            (
+                piece
+                and not 0 <= round(self.overlap * config.sample_rate / ratio) < latents,
+                "overlap",
+                f"The overlap must be in [0, {window:.2f}) seconds, leaving part of each "
+                "window to generate",
+            ),
+        ]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def uses_sigma_min(config, sampler: str) -> bool:
+    """Whether `sampler` (a known one) counts noise down to a sigma_min."""
+    objective = config.dit.objective
+    known = sampler in samplers.samplers_for(objective)
+    return known and samplers.uses_sigma_min(objective, sampler)

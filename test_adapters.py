@@ -1,0 +1,692 @@
+"""LoRA adapters. Without PyTorch: merged by convert.py against kept beside the weights
+(and quantized), the options of txt2audio.py, and damaged adapter files refused by name.
+Tier 2: each adapter type, stacked and interval-gated adapters on the full-width model, and
+the layer patterns, against stable-audio-tools 0.0.20."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import convert
+from conftest import (
+    NEGATIVE,
+    PARITY_RTOL,
+    PROMPTS,
+    _adapted_dit_error,
+    _listing,
+    _main,
+    _noise_source,
+    _patched,
+    _with_adapters,
+    rel_err,
+)
+from stable_audio import StableAudio
+from stable_audio.guidance import guide
+
+# ---------------------------------------------------------------- LoRA adapters, without PyTorch
+
+
+def _our_adapter(
+    model,
+    path: Path,
+    kind="lora",
+    rank=4,
+    alpha=4,
+    seed=0,
+    include=None,
+    exclude=None,
+    edit=None,
+) -> Path:
+    """A random adapter file for our model (a Components or a pipeline), by our writer,
+    on the layers that `include`/`exclude` pick; `edit(layers, lora_config)` may damage it.
+    """
+    from stable_audio import lora
+
+    rng = np.random.default_rng(seed)
+    shapes = {
+        c: dict(tree_flatten(getattr(model, c).parameters()))
+        for c in ("dit", "conditioner")
+    }
+    layers = {}
+    for name, (component, module) in lora.official_layers(
+        len(model.dit.layers), model.conditioner.numbers
+    ).items():
+        if (include is not None and not lora.matches(name, include)) or (
+            exclude is not None and lora.matches(name, exclude)
+        ):
+            continue
+        w = shapes[component][f"{module}.weight"]
+        out_dim, in_dim = w.shape[0], math.prod(w.shape[1:])
+        layers[name] = {
+            "lora_A": mx.array(
+                rng.uniform(-1, 1, (rank, in_dim)) / math.sqrt(in_dim), dtype=mx.float32
+            ),
+            "lora_B": mx.array(
+                rng.standard_normal((out_dim, rank)) * 0.05, dtype=mx.float32
+            ),
+        }
+        if kind == "dora-rows":
+            norms = mx.linalg.norm(w.astype(mx.float32).reshape(out_dim, -1), axis=1)
+            layers[name]["magnitude"] = norms * mx.array(
+                rng.uniform(0.5, 1.5, out_dim), dtype=mx.float32
+            )
+    lora_config = {"rank": rank, "alpha": alpha, "adapter_type": kind}
+    lora_config.update(
+        {k: v for k, v in (("include", include), ("exclude", exclude)) if v is not None}
+    )
+    if edit is not None:
+        edit(layers, lora_config)
+    lora.save_adapter(path, layers, lora_config)
+    return path
+
+
+def _guided(model, cfg_scale=7.0) -> mx.array:
+    """A model's guided DiT output on fixed inputs, conditioned by its own conditioner."""
+    pipe = model if isinstance(model, StableAudio) else StableAudio(model)
+    cond = pipe.condition(PROMPTS[0], NEGATIVE[0], seconds_start=1, seconds_total=0.01)
+    x, t = mx.random.normal((1, 16, 8), key=mx.random.key(1)), mx.array([0.4])
+    return guide(pipe.dit, x, t, pipe.dit.prepare_conditioning(*cond), cfg_scale)[0]
+
+
+def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path):
+    """convert.py --lora (merged) against the same adapters kept beside the weights (as
+    interval-gated ones are; the interval holds the noise level of t = 0.4), a LoRA with a
+    DoRA over it;
+    then merged and quantized to 8 bits, and kept beside 8-bit layers, each within the
+    error 8 bits give the plain model."""
+    from stable_audio import lora
+
+    plain = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
+    first = _our_adapter(plain, tmp_path / "first.safetensors", "lora", 4, 8, seed=1)
+    second = _our_adapter(
+        plain,
+        tmp_path / "second.safetensors",
+        "dora-rows",
+        2,
+        2,
+        seed=2,
+        include=["layers.1.", "to_global_embed", "seconds_total"],
+        exclude=["to_kv"],
+    )
+    loras = [(str(first), 0.7), (str(second), 1.3)]
+    convert.convert(
+        str(small_checkpoint), str(tmp_path / "merged"), "float32", loras=loras
+    )
+    stored = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert [
+        (e["file"], e["adapter_type"], e["rank"], e["alpha"], e["strength"])
+        for e in stored["loras_merged"]
+    ] == [
+        ("first.safetensors", "lora", 4, 8, 0.7),
+        ("second.safetensors", "dora-rows", 2, 2, 1.3),
+    ]
+    merged = _guided(StableAudio.from_pretrained(str(tmp_path / "merged")))
+
+    unmerged = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
+    for path, strength in loras:
+        unmerged.load_lora(path, strength, interval=(0.5, 1.0))
+    ff = unmerged.dit.layers[1].ff.proj
+    assert (
+        isinstance(ff, lora.LoRALinear)
+        and isinstance(ff.base, lora.LoRALinear)
+        and type(ff.base.base) is nn.Linear
+    )
+    err = rel_err(_guided(unmerged), merged)
+    print(f"LoRA + DoRA merged vs beside the weights: rel. error {err:.2e}")
+    assert err < PARITY_RTOL
+    assert rel_err(merged, _guided(plain)) > 0.1  # the adapters matter
+    off = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
+    for (
+        path,
+        strength,
+    ) in loras:  # outside its interval an adapter is absent (the conditioner's stays)
+        off.load_lora(path, strength, interval=(0.6, 1.0))
+    with_conditioner = StableAudio.from_pretrained(
+        str(small_checkpoint), dtype=mx.float32
+    )
+    for path, strength in loras:
+        with_conditioner.load_lora(
+            path, strength, layer_filter="transformer, to_,conv"
+        )  # every DiT layer filtered out
+    assert rel_err(_guided(off), _guided(with_conditioner)) < PARITY_RTOL
+
+    q8 = {"group_size": 64, "bits": 8}
+    convert.convert(str(small_checkpoint), str(tmp_path / "plain_q8"), "float32", q8)
+    bound = rel_err(
+        _guided(StableAudio.from_pretrained(str(tmp_path / "plain_q8"))), _guided(plain)
+    )
+    convert.convert(
+        str(small_checkpoint), str(tmp_path / "merged_q8"), "float32", q8, loras=loras
+    )
+    merged_q8 = rel_err(
+        _guided(StableAudio.from_pretrained(str(tmp_path / "merged_q8"))), merged
+    )
+    beside_q8 = StableAudio.from_pretrained(str(tmp_path / "plain_q8"))
+    for path, strength in loras:
+        beside_q8.load_lora(path, strength)
+    assert isinstance(beside_q8.dit.layers[1].ff.proj.base.base, nn.QuantizedLinear)
+    assert (
+        type(beside_q8.dit.project_in) is nn.Linear
+    )  # float layers take the adapter in
+    beside = rel_err(_guided(beside_q8), merged)
+    print(
+        f"8 bits: plain {bound:.2e}, merged {merged_q8:.2e}, adapters beside 8-bit layers {beside:.2e}"
+    )
+    assert 0 < merged_q8 < 1.5 * bound and 0 < beside < 1.5 * bound
+
+
+def test_lora_options_through_txt2audio(small_converted, small_checkpoint, tmp_path):
+    """--lora FILE:STRENGTH (twice), --lora-interval and --lora-layer-filter reach the
+    pipeline, and the result is that of the API with the same settings."""
+    import soundfile as sf
+
+    import txt2audio
+
+    plain = StableAudio.from_pretrained(str(small_converted))
+    adapter = _our_adapter(
+        plain, tmp_path / "style.safetensors", "dora-rows", 4, 4, seed=3
+    )
+    common = [
+        "warm pads",
+        "--model",
+        str(small_converted),
+        "--steps",
+        "3",
+        "--seconds-total",
+        "0.01",
+        "--seed",
+        "5",
+        "--raw",
+    ]
+    lora_args = [
+        "--lora",
+        f"{adapter}:0.6",
+        "--lora",
+        str(adapter),
+        "--lora-interval",
+        "0.2:0.9",
+        "--lora-interval",
+        "0:1",
+        "--lora-layer-filter",
+        "transformer.layers.[0-0].,to_cond_embed",
+    ]
+    assert (
+        _main(txt2audio, [*common, "--output", str(tmp_path / "a.wav"), *lora_args])
+        == ""
+    )
+    assert _main(txt2audio, [*common, "--output", str(tmp_path / "plain.wav")]) == ""
+    pipe = StableAudio.from_pretrained(str(small_converted))
+    pipe.load_lora(adapter, 0.6, (0.2, 0.9), "transformer.layers.[0-0].,to_cond_embed")
+    pipe.load_lora(adapter, 1.0, (0.0, 1.0), "transformer.layers.[0-0].,to_cond_embed")
+    expected = np.array(
+        pipe.generate("warm pads", steps=3, seconds_total=0.01, seed=5)
+    )[0].T
+    written, plain_audio = (
+        sf.read(tmp_path / "a.wav")[0],
+        sf.read(tmp_path / "plain.wav")[0],
+    )
+    assert np.abs(written - expected).max() < 1e-6
+    assert np.abs(written - plain_audio).max() > 1e-3
+
+
+def _damage_adapter(kind: str):
+    """(edit of the layers and lora_config, or of the written file) for each damage."""
+
+    def drop_b(layers, config):
+        del layers["model.transformer.layers.1.cross_attn.to_out"]["lora_B"]
+
+    def wrong_rank(layers, config):
+        a = layers["model.to_cond_embed.2"]["lora_A"]
+        layers["model.to_cond_embed.2"]["lora_A"] = a[:2]
+
+    def another_model(layers, config):
+        layers["model.transformer.layers.7.self_attn.to_qkv"] = layers[
+            "model.transformer.layers.0.self_attn.to_qkv"
+        ]
+
+    def unknown(layers, config):
+        layers["model.transformer.layers.0.self_attn.to_qkv"]["lora_C"] = layers[
+            "model.transformer.layers.0.self_attn.to_qkv"
+        ]["lora_A"]
+
+    def excluded(layers, config):
+        config["exclude"] = ["self_attn.to_out"]
+
+    def nan(layers, config):
+        layers["model.preprocess_conv"]["lora_B"] = layers["model.preprocess_conv"][
+            "lora_B"
+        ] * float("nan")
+
+    def settings(**changes):
+        return lambda layers, config: config.update(changes)
+
+    return {
+        "missing tensor": (
+            drop_b,
+            "has no tensor model.transformer.layers.1.cross_attn.to_out.parametrizations.weight.0.lora_B",
+        ),
+        "wrong rank": (
+            wrong_rank,
+            "tensor model.to_cond_embed.2.parametrizations.weight.0.lora_A has shape (2, 256)",
+        ),
+        "another model": (
+            another_model,
+            "unexpected tensor model.transformer.layers.7.self_attn.to_qkv",
+        ),
+        "unknown key": (
+            unknown,
+            "unexpected tensor model.transformer.layers.0.self_attn.to_qkv.parametrizations.weight.0.lora_C",
+        ),
+        "excluded layer": (excluded, "include/exclude leave out"),
+        "NaN": (
+            nan,
+            "model.preprocess_conv.parametrizations.weight.0.lora_B holds NaN",
+        ),
+        "bora": (
+            settings(adapter_type="bora"),
+            "holds bora adapters, which are not implemented",
+        ),
+        "lora-xs": (settings(adapter_type="lora-xs"), "holds lora-xs adapters"),
+        "unknown type": (settings(adapter_type="loha"), "unknown adapter_type 'loha'"),
+        "rank": (settings(rank=0), "rank 0 is not a positive integer"),
+        "include": (settings(include="layers"), "include is not a list of strings"),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "missing tensor",
+        "wrong rank",
+        "another model",
+        "unknown key",
+        "excluded layer",
+        "NaN",
+        "bora",
+        "lora-xs",
+        "unknown type",
+        "rank",
+        "include",
+        "not JSON",
+        "truncated",
+        "pickle",
+        "absent",
+    ],
+)
+def test_bad_adapter_files_are_refused_by_name(
+    small_converted, small_checkpoint, tmp_path, damage
+):
+    """Each damage: one line naming the file and the key, from txt2audio.py and from
+    convert.py, and nothing written."""
+    import txt2audio
+
+    files = tmp_path / "files"
+    files.mkdir()
+    path = files / "style.safetensors"
+    model = StableAudio.from_pretrained(str(small_converted))
+    if damage in ("not JSON", "truncated"):
+        _our_adapter(model, path)
+        data = path.read_bytes()
+        if damage == "truncated":
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            header = data[8 : 8 + int.from_bytes(data[:8], "little")].replace(
+                b'{\\"rank', b'{\\"ran\\"k'
+            )
+            path.write_bytes(
+                len(header).to_bytes(8, "little")
+                + header
+                + data[8 + int.from_bytes(data[:8], "little") :]
+            )
+        message = {
+            "truncated": "is damaged",
+            "not JSON": "lora_config metadata is not valid JSON",
+        }[damage]
+    elif damage == "pickle":
+        path = files / "style.ckpt"
+        path.write_bytes(b"not read")
+        message = "is a pickled checkpoint"
+    elif damage == "absent":
+        path, message = files / "nowhere.safetensors", "does not exist"
+    else:
+        edit, message = _damage_adapter(damage)
+        _our_adapter(model, path, edit=edit)
+    before = _listing(tmp_path)
+    out = tmp_path / "out.wav"
+    error = _main(
+        txt2audio,
+        [
+            "piano",
+            "--model",
+            str(small_converted),
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+            "--lora",
+            str(path),
+        ],
+    )
+    assert message in error and str(path) in error, error
+    error = _main(
+        convert,
+        [
+            "--hf-path",
+            str(small_checkpoint),
+            "--mlx-path",
+            str(tmp_path / "mlx"),
+            "--lora",
+            f"{path}:0.5",
+        ],
+    )
+    assert message in error and str(path) in error, error
+    assert _listing(tmp_path) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora", "{a}:nan"], "strength must be a finite number"),
+        (["--lora", "{a}", "--lora-interval", "0.5:2"], "interval must satisfy"),
+        (
+            [
+                "--lora",
+                "{a}",
+                "--lora-interval",
+                "0.1:0.2",
+                "--lora-interval",
+                "0.3:0.4",
+            ],
+            "once per --lora (1 times), not 2",
+        ),
+        (["--lora-layer-filter", "layers.0"], "--lora-layer-filter needs a --lora"),
+        (["--lora", "{tmp}"], "is not a file"),
+    ],
+)
+def test_lora_flags_are_checked(small_converted, tmp_path, args, message):
+    import txt2audio
+
+    adapter = _our_adapter(
+        StableAudio.from_pretrained(str(small_converted)), tmp_path / "a.safetensors"
+    )
+    args = [
+        a.replace("{a}", str(adapter)).replace("{tmp}", str(tmp_path)) for a in args
+    ]
+    error = _main(
+        txt2audio,
+        [
+            "piano",
+            "--model",
+            str(small_converted),
+            "--output",
+            str(tmp_path / "out.wav"),
+            *args,
+        ],
+    )
+    assert message in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+# ---------------------------------------------------------------- tier 2: LoRA adapters against the reference
+
+
+def _reference_layers(model) -> dict:
+    """{name: (weight as an (out, in) matrix)} of every layer stable-audio-tools 0.0.20
+    adapts (each Linear and Conv1d of the DiT wrapper and of the conditioner), named as
+    its adapter files name them. Read from the reference model, not from our code."""
+    nn = sys.modules["torch"].nn
+    layers = {}
+    for root in (model.model, model.conditioner):
+        for name, module in root.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                w = (
+                    module.parametrizations.weight.original
+                    if hasattr(module, "parametrizations")
+                    else module.weight
+                )
+                layers[name] = w.detach().reshape(w.shape[0], -1).numpy()
+    return layers
+
+
+def _random_adapter(
+    model, kind: str, rank: int, seed: int, include=None, exclude=None
+) -> dict:
+    """Random tensors of an adapter on the reference's layers, B non-zero (0.0.20 starts it
+    at zero) and of a size that changes each weight by about 30%; DoRA magnitudes of 0.5
+    to 1.5 times the rows' norms."""
+    from stable_audio.lora import matches
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, w in _reference_layers(model).items():
+        if (include is not None and not matches(name, include)) or (
+            exclude is not None and matches(name, exclude)
+        ):
+            continue
+        out_dim, in_dim = w.shape
+        b_std = 0.3 * w.std() * math.sqrt(3 * in_dim / rank)
+        layer = {
+            "lora_A": rng.uniform(-1, 1, (rank, in_dim)) / math.sqrt(in_dim),
+            "lora_B": rng.standard_normal((out_dim, rank)) * b_std,
+        }
+        if kind == "dora-rows":
+            layer["magnitude"] = np.linalg.norm(w, axis=1) * rng.uniform(
+                0.5, 1.5, out_dim
+            )
+        tensors[name] = {k: v.astype(np.float32) for k, v in layer.items()}
+    return tensors
+
+
+def _write_adapter(
+    model,
+    path: Path,
+    kind,
+    rank,
+    alpha,
+    seed,
+    writer="official",
+    include=None,
+    exclude=None,
+) -> Path:
+    """An adapter file written by 0.0.20's save_lora_safetensors or by ours."""
+    tensors = _random_adapter(model, kind, rank, seed, include, exclude)
+    lora_config = {"rank": rank, "alpha": alpha, "adapter_type": kind}
+    lora_config.update(
+        {k: v for k, v in (("include", include), ("exclude", exclude)) if v is not None}
+    )
+    if writer == "official":
+        from stable_audio_tools.models.lora import save_lora_safetensors
+
+        torch = sys.modules["torch"]
+        flat = {
+            f"{layer}.parametrizations.weight.0.{k}": torch.from_numpy(v)
+            for layer, named in tensors.items()
+            for k, v in named.items()
+        }
+        save_lora_safetensors(flat, lora_config, path)
+    else:
+        from stable_audio import lora
+
+        lora.save_adapter(
+            path,
+            {
+                layer: {k: mx.array(v) for k, v in named.items()}
+                for layer, named in tensors.items()
+            },
+            lora_config,
+        )
+    return path
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora-rows"])
+def test_adapters_match_reference(sao, tmp_path, kind):
+    """Each adapter type on all 180 layers of the full-width SAO 1.0 DiT and conditioner
+    (178 + the 2 seconds embedders), rank 8, alpha 16, strength 0.7, file written by
+    0.0.20: the DiT's output at cfg 1 and 7 against stable-audio-tools 0.0.20's."""
+    path = _write_adapter(sao.model, tmp_path / "a.safetensors", kind, 8, 16, seed=5)
+    with _with_adapters(sao, [(path, 0.7, None, "")]):
+        assert len(_reference_layers(sao.model)) == 180
+        for cfg_scale in (1.0, 7.0):
+            err, adapted = _adapted_dit_error(sao, cfg_scale)
+            print(f"{kind} adapter, DiT cfg {cfg_scale}: rel. error {err:.2e}")
+            assert err < PARITY_RTOL
+    # the reference did take the adapter (its loader drops what it cannot place, silently)
+    assert rel_err(adapted, _adapted_dit_error(sao, 7.0)[1]) > 0.1
+
+
+def test_stacked_adapters_match_reference(sao, tmp_path):
+    """Two adapters stacked at strengths 0.7 and 1.3 (a DoRA over a LoRA, on the layers
+    its include/exclude pick), one file written by 0.0.20 and one by us, both read by
+    both: the DiT's output at cfg 1 and 7. (The second's layers are among the first's:
+    0.0.20 loses a later adapter's tensors on layers an earlier one leaves out.)"""
+    first = _write_adapter(
+        sao.model, tmp_path / "first.safetensors", "lora", 8, 8, seed=6
+    )
+    second = _write_adapter(
+        sao.model,
+        tmp_path / "second.safetensors",
+        "dora-rows",
+        4,
+        8,
+        seed=7,
+        writer="ours",
+        include=[
+            "layers.[8-23].",
+            "to_timestep_embed",
+            "preprocess_conv",
+            "project_out",
+            "seconds_total",
+        ],
+        exclude=["cross_attn.to_q"],
+    )
+    with _with_adapters(sao, [(first, 0.7, None, "")]):
+        first_only = _adapted_dit_error(sao, 7.0)[1]
+    with _with_adapters(sao, [(first, 0.7, None, ""), (second, 1.3, None, "")]):
+        for cfg_scale in (1.0, 7.0):
+            err, adapted = _adapted_dit_error(sao, cfg_scale)
+            print(f"stacked adapters, DiT cfg {cfg_scale}: rel. error {err:.2e}")
+            assert err < PARITY_RTOL
+    assert rel_err(adapted, first_only) > 0.1  # the second one counts
+
+
+def test_gated_adapters_match_reference(sao, tmp_path):
+    """An 8-step generation (dpmpp-3m-sde, cfg 7) on the full-width SAO 1.0 model with a
+    LoRA active only at noise levels in [0.5, 0.995] (3 of the 8 evaluations) and kept off
+    some layers by a layer filter, under an always-on DoRA (whose row norms then depend on
+    the LoRA's state): the final latents against 0.0.20's generate_diffusion_cond with
+    lora_configs. Ours runs compiled, traced once for all 8 steps."""
+    torch = sys.modules["torch"]
+    from stable_audio_tools.inference import generation, sampling
+
+    gated = _write_adapter(
+        sao.model, tmp_path / "gated.safetensors", "lora", 8, 8, seed=8
+    )
+    under = _write_adapter(
+        sao.model, tmp_path / "dora.safetensors", "dora-rows", 4, 4, seed=9
+    )
+    layer_filter = "transformer.layers.[0-5].,  TO_GLOBAL_EMBED"
+    steps, seed, T = 8, 3, 32
+    theirs, ours = _noise_source(torch, (1, 64, T), steps, seed=11)
+    sde = sampling.K.sampling.sample_dpmpp_3m_sde
+    meta = [{"prompt": PROMPTS[0], "seconds_start": 1, "seconds_total": 20}]
+    with _with_adapters(
+        sao, [(gated, 1.0, (0.5, 0.995), layer_filter), (under, 0.8, None, "")]
+    ) as lora_configs:
+        with _patched(
+            sampling.K.sampling,
+            "sample_dpmpp_3m_sde",
+            lambda *a, **k: sde(*a, **k, noise_sampler=theirs),
+        ):
+            with torch.no_grad():
+                ref = generation.generate_diffusion_cond(
+                    sao.model,
+                    steps=steps,
+                    cfg_scale=7.0,
+                    conditioning=meta,
+                    batch_size=1,
+                    sample_size=T * 2048,
+                    seed=seed,
+                    device="cpu",
+                    sampler_type="dpmpp-3m-sde",
+                    sigma_min=0.3,
+                    sigma_max=500,
+                    apg_scale=0.0,
+                    lora_configs=lora_configs,
+                    return_latents=True,
+                )
+        torch.manual_seed(seed)
+        noise = mx.array(torch.randn([1, 64, T]).numpy()).transpose(0, 2, 1)
+        pipe = StableAudio(sao.ours)
+        traces = []
+        evaluate = pipe._evaluate
+        pipe._evaluate = lambda *args: traces.append(1) or evaluate(*args)
+        with _patched(sao.ours.config, "sample_size", T * 2048):
+            conditioning = pipe.condition(PROMPTS[0], seconds_start=1, seconds_total=20)
+            *_, latents = pipe.generate_latents(
+                conditioning,
+                steps=steps,
+                cfg_scale=7.0,
+                sampler="dpmpp-3m-sde",
+                sigma_min=0.3,
+                sigma_max=500,
+                noise=noise,
+                noise_sampler=ours,
+                compile=True,
+            )
+    err = rel_err(latents.transpose(0, 2, 1), ref)
+    print(
+        f"gated LoRA under a DoRA, 8 steps: final latents rel. error {err:.2e}, {len(traces)} trace(s)"
+    )
+    assert err < 1e-4
+    assert len(traces) == 1
+
+
+def test_layer_patterns_match_reference(reference):
+    """include/exclude and layer-filter patterns pick the layers 0.0.20's _matches_any and
+    filter_lora_layers pick (brackets, reversed ranges, layers.1 matching layers.10, case
+    and spaces in filters), on SAO 1.0's layer names."""
+    from stable_audio_tools.models.lora.model import _expand, _matches_any
+
+    from stable_audio import lora
+
+    names = list(
+        lora.official_layers(24, {"seconds_start": None, "seconds_total": None})
+    )
+    patterns = [
+        ["layers.[0-5]."],
+        ["layers[0-5]"],
+        ["layers.1"],
+        ["layers.[3-1].ff"],
+        ["to_kv", "conditioners"],
+        ["a[1-2]b[3-4]"],
+        [" to_q "],
+        [],
+    ]
+    for p in patterns:
+        assert [n for n in names if lora.matches(n, p)] == [
+            n for n in names if _matches_any(n, p)
+        ], p
+    for text in [
+        "transformer.layers.[0-5].,  TO_GLOBAL_EMBED",
+        "Self_Attn",
+        "",
+        "ff.ff.2,preprocess",
+    ]:
+        official = [x.lower().strip() for x in text.split(",") if len(x)]
+        expected = [
+            n
+            for n in names
+            if any(e in n[len("model.") :] for f in official for e in _expand(f))
+        ]
+        assert [
+            n
+            for n in names
+            if lora.matches(n[len("model.") :], lora.filter_patterns(text))
+        ] == expected, text

@@ -1,0 +1,727 @@
+"""Tier 1: the local app (app.py) run as users run it, on the small model: what it writes
+is what txt2audio.py writes; its queue; its refusals, in the command line's words; what it
+must not serve or take; audio to audio from uploads; and the page in a real browser."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HERE, _txt2audio
+
+# ---------------------------------------------------------------- tier 1: the local app (app.py)
+
+
+class AppServer:
+    """app.py run as users run it, on the small model: its address, output folder and process."""
+
+    def __init__(self, model: Path, output_dir: Path, *args):
+        self.output_dir = output_dir
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "app.py"),
+                "--model",
+                str(model),
+                "--port",
+                "0",
+                "--output-dir",
+                str(output_dir),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines = []
+        for (
+            line
+        ) in self.process.stdout:  # the process prints its address once it listens
+            self.lines.append(line)
+            if match := re.search(r"Serving on (http://127\.0\.0\.1:(\d+))", line):
+                self.url, self.port = match[1], int(match[2])
+                return
+        raise AssertionError(f"app.py did not start: {''.join(self.lines)}")
+
+    def request(self, method: str, path: str, body=None, headers=None, send_body=True):
+        """(status, parsed JSON or bytes, headers) of one request, its path sent exactly as given."""
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list, str)) and "Content-Type" not in headers:
+            body, headers["Content-Type"] = (
+                json.dumps(body).encode(),
+                "application/json",
+            )
+        elif isinstance(body, str):
+            body = body.encode()
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", headers.pop("Host", f"127.0.0.1:{self.port}"))
+        if body is not None and "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(body))
+        for k, v in headers.items():
+            connection.putheader(k, v)
+        connection.endheaders(body if body is not None and send_body else None)
+        response = connection.getresponse()
+        data = response.read()
+        connection.close()
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            data = json.loads(data)
+        return response.status, data, response
+
+    def generate(self, **form):
+        status, job, _ = self.request(
+            "POST", "/api/generate", {"prompt": "warm pads", **form}
+        )
+        assert status == 200, job
+        return job
+
+    def wait(self, job_id: str, until=("done", "failed", "cancelled"), timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, job, _ = self.request("GET", f"/api/jobs/{job_id}")
+            assert status == 200
+            if job["state"] in until if isinstance(until, tuple) else until(job):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(
+            f"generation {job_id} still {job['state']} after {timeout} s"
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and self.request("GET", "/")[0] == 200
+
+    def stop(self) -> str:
+        self.process.terminate()
+        rest = self.process.communicate(timeout=60)[0]
+        return "".join(self.lines) + rest
+
+
+@pytest.fixture(scope="module")
+def app_server(small_converted, tmp_path_factory):
+    server = AppServer(
+        small_converted,
+        tmp_path_factory.mktemp("app") / "results",
+        "--max-upload-mb",
+        "0.05",
+    )
+    yield server
+    log = server.stop()
+    assert (
+        server.process.returncode == 0 and "Traceback" not in log
+    ), log  # SIGTERM ends it cleanly
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_app_writes_what_txt2audio_writes(app_server, small_converted, tmp_path):
+    """A generation through the page's API: its progress counts the sampler's steps, and its
+    wav is byte for byte txt2audio's with the same settings, beside its spectrogram and
+    settings; /results/ serves them (whole, or the byte range a media element asks for).
+    """
+    import soundfile as sf
+
+    job = app_server.generate(seconds_total="0.01", steps="4", seed="3", format="wav")
+    assert job["state"] in ("queued", "running") and job["settings"]["seed"] == 3
+    done = app_server.wait(job["id"])
+    assert done["state"] == "done" and (done["step"], done["total"]) == (4, 4)
+    (result,) = done["results"]
+    out = tmp_path / "cli.wav"
+    cli = _txt2audio(
+        "warm pads",
+        "--model",
+        str(small_converted),
+        "--seconds-total",
+        "0.01",
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+        "--output",
+        str(out),
+    )
+    assert cli.returncode == 0, cli.stderr
+    written = app_server.output_dir / result["name"]
+    assert written.read_bytes() == out.read_bytes()
+    audio, rate = sf.read(written)
+    assert (
+        rate == 44100
+        and audio.shape == (441, 2)
+        and result["seconds"] == pytest.approx(0.01)
+    )
+    status, served, _ = app_server.request("GET", result["audio"])
+    assert status == 200 and served == written.read_bytes()
+    status, part, response = app_server.request(
+        "GET", result["audio"], headers={"Range": "bytes=4-11"}
+    )
+    assert (
+        status == 206
+        and part == served[4:12]
+        and response.getheader("Content-Range") == f"bytes 4-11/{len(served)}"
+    )
+    status, png, _ = app_server.request("GET", result["spectrogram"])
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    settings = json.loads(written.with_suffix(".json").read_text())
+    assert (
+        settings["prompt"] == "warm pads"
+        and settings["seed"] == 3
+        and settings["steps"] == 4
+    )
+    status, history, _ = app_server.request("GET", "/api/history")
+    assert result["name"] in [r["name"] for r in history]
+    # a seamless loop: two passes of the sampler, as txt2audio makes it
+    done = app_server.wait(
+        app_server.generate(seconds_total="0.01", steps="3", seed="4", loop=True)["id"]
+    )
+    assert done["state"] == "done" and done["total"] == 6, done["error"]
+    cli = _txt2audio(
+        "warm pads",
+        "--model",
+        str(small_converted),
+        "--seconds-total",
+        "0.01",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--loop",
+        "--output",
+        str(out),
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert (
+        app_server.output_dir / done["results"][0]["name"]
+    ).read_bytes() == out.read_bytes()
+    # flac, two at once: numbered, and the same seed again is written beside, never over
+    done = app_server.wait(
+        app_server.generate(
+            seconds_total="0.01", steps="2", seed="3", batch_size="2", format="flac"
+        )["id"]
+    )
+    names = [r["name"] for r in done["results"]]
+    assert len(names) == 2 and all(
+        n.endswith(".flac") and n != result["name"] for n in names
+    )
+    assert all(sf.read(app_server.output_dir / n)[0].shape == (441, 2) for n in names)
+
+
+def test_app_queues_cancels_and_never_overwrites(app_server):
+    """Requests made at once all finish, one at a time, into files of their own (the same
+    seed in the same second included); a queued generation is cancelled before it runs,
+    a running one between two steps; the server goes on."""
+    import concurrent.futures
+
+    long = app_server.generate(seconds_total="0.01", steps="10000", seed="1")
+    running = app_server.wait(
+        long["id"], until=lambda j: j["state"] == "running" and j["step"] > 0
+    )
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        jobs = list(
+            pool.map(
+                lambda _: app_server.generate(
+                    seconds_total="0.01", steps="2", seed="5"
+                ),
+                range(4),
+            )
+        )
+    positions = sorted(
+        app_server.request("GET", f"/api/jobs/{j['id']}")[1]["position"] for j in jobs
+    )
+    assert positions == [1, 2, 3, 4]  # all four wait behind the long one, in order
+    victim = jobs.pop()
+    assert (
+        app_server.request("POST", f"/api/jobs/{victim['id']}/cancel")[1]["state"]
+        == "cancelled"
+    )
+    status, cancelled, _ = app_server.request("POST", f"/api/jobs/{long['id']}/cancel")
+    assert status == 200
+    cancelled = app_server.wait(long["id"])
+    assert (
+        cancelled["state"] == "cancelled"
+        and running["step"] <= cancelled["step"] < 10000
+        and not cancelled["results"]
+    )
+    finished = [app_server.wait(j["id"]) for j in jobs]
+    assert all(j["state"] == "done" for j in finished)
+    names = [j["results"][0]["name"] for j in finished]
+    assert len(set(names)) == 3 and all(
+        (app_server.output_dir / n).is_file() for n in names
+    )
+    assert (
+        app_server.wait(victim["id"])["state"] == "cancelled"
+        and not app_server.wait(victim["id"])["results"]
+    )
+    assert app_server.request("POST", "/api/jobs/ffff/cancel")[0] == 404
+    assert app_server.alive()
+
+
+@pytest.mark.parametrize(
+    "form, argument, cli",
+    [
+        (dict(steps="0"), "steps", ["--steps", "0"]),
+        (dict(seconds_total="600"), "seconds_total", ["--seconds-total", "600"]),
+        (dict(seconds_total="NaN"), "seconds_total", ["--seconds-total", "nan"]),
+        (dict(sampler="ddim"), "sampler", ["--sampler", "ddim"]),
+        (dict(seed="-1"), "seed", ["--seed", "-1"]),
+        (dict(batch_size="0"), "batch_size", ["--n-audios", "0"]),
+        (dict(cfg_scale="inf"), "cfg_scale", ["--cfg-scale", "inf"]),
+        (
+            dict(seconds_total="1", overlap="5"),
+            "overlap",
+            ["--seconds-total", "1", "--overlap", "5"],
+        ),
+        (dict(loop=True, seconds_total="1"), "loop", None),
+        (
+            dict(loop=True, seconds_total="", bpm="1000", bars="1"),
+            "bpm",
+            ["--loop", "--bpm", "1000", "--bars", "1"],
+        ),
+        (dict(bpm="120", bars="4"), "bpm", None),
+        (dict(loop=True, bpm="120"), "bars", None),
+        (dict(steps="1.5"), "steps", None),
+        (dict(prompt=""), "prompt", None),
+        (dict(prompt="\ud800"), "prompt", None),
+        (dict(mode="variation"), "upload", None),
+        (dict(mode="paint"), "mode", None),
+        (dict(format="ogg"), "format", None),
+    ],
+)
+def test_app_refuses_bad_values_as_the_command_line_does(
+    app_server, small_converted, tmp_path, form, argument, cli
+):
+    """Each value the checks refuse comes back as a 400 naming its field, with the line the
+    command line prints for the same value; nothing is queued or written."""
+    before = _files(app_server.output_dir)
+    status, body, _ = app_server.request(
+        "POST",
+        "/api/generate",
+        {"prompt": "warm pads", "seconds_total": "0.01", **form},
+    )
+    assert (
+        status == 400 and body["field"] == argument and "\n" not in body["error"]
+    ), body
+    if cli is not None:
+        result = _txt2audio(
+            "warm pads",
+            "--model",
+            str(small_converted),
+            "--output",
+            str(tmp_path / "x.wav"),
+            *cli,
+        )
+        assert result.stderr.strip() == f"error: {body['error']}"
+    assert _files(app_server.output_dir) == before and app_server.alive()
+
+
+def test_app_refuses_what_it_must_not_serve_or_take(
+    app_server, small_converted, audio_files
+):
+    """Only the page, its two files and this run's results are served: traversal in every
+    spelling, folders and other Hosts are refused; uploads are bounded, of a type a web
+    page cannot send unasked, and read by soundfile (its own message if it cannot); the
+    process survives each."""
+    assert (
+        app_server.request("GET", "/")[0] == 200
+        and b"Generate" in app_server.request("GET", "/")[1]
+    )
+    assert (
+        app_server.request("GET", "/app.js")[0]
+        == app_server.request("GET", "/style.css")[0]
+        == 200
+    )
+    secret = app_server.output_dir.parent / "secret.txt"
+    secret.write_text("private")
+    for path in [
+        "/../README.md",
+        "/app.py",
+        "/web/index.html",
+        "/web/",
+        "/results/",
+        "/results",
+        "/results/../secret.txt",
+        "/results/..%2fsecret.txt",
+        "/results/%2e%2e/secret.txt",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/results/" + str(secret),
+        "//etc/passwd",
+        "/results/%2Fetc%2Fpasswd",
+        "/results/.\\..\\secret.txt",
+        "/api/jobs/../../app.py",
+        "/results/secret.txt",
+    ]:
+        status, body, _ = app_server.request("GET", path)
+        assert status == 404 and b"private" not in json.dumps(body).encode(), path
+    assert (
+        app_server.request("GET", "/", headers={"Host": "attacker.example:80"})[0]
+        == 400
+    )  # DNS rebinding
+    assert app_server.request("PUT", "/")[0] == 501
+    assert (
+        app_server.request(
+            "POST",
+            "/api/generate",
+            "not json",
+            headers={"Content-Type": "application/json"},
+        )[0]
+        == 400
+    )
+    assert (
+        app_server.request(
+            "POST",
+            "/api/generate",
+            b'{"prompt": "x"}',
+            headers={"Content-Type": "text/plain"},
+        )[0]
+        == 415
+    )
+    status, body, _ = app_server.request(
+        "POST",
+        "/api/upload",
+        b"x" * 10,
+        headers={"Content-Type": "application/octet-stream", "Content-Length": "60000"},
+        send_body=False,
+    )
+    assert status == 413 and body["field"] == "upload" and "0.05 MB" in body["error"]
+    garbage = (audio_files / "broken.wav").read_bytes()
+    status, body, _ = app_server.request(
+        "POST",
+        "/api/upload",
+        garbage,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "X-Filename": "broken.wav",
+        },
+    )
+    cli = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "txt2audio.py"),
+            "x",
+            "--model",
+            str(small_converted),
+            "--init-audio",
+            "broken.wav",
+        ],
+        cwd=audio_files,
+        capture_output=True,
+        text=True,
+    )
+    assert status == 400 and body["field"] == "upload" and "Traceback" not in cli.stderr
+    # the same words as the command line, which reads the file before the model
+    assert cli.stderr.strip() == f"error: {body['error']}"
+    assert app_server.alive()
+
+
+def test_app_audio_to_audio_from_uploads(
+    app_server, small_converted, audio_files, tmp_path
+):
+    """An uploaded file is varied, inpainted and continued as txt2audio does it."""
+    status, upload, _ = app_server.request(
+        "POST",
+        "/api/upload",
+        (audio_files / "stereo.flac").read_bytes(),
+        headers={
+            "Content-Type": "application/octet-stream",
+            "X-Filename": "stereo.flac",
+        },
+    )
+    assert (
+        status == 200
+        and upload["sample_rate"] == 44100
+        and upload["channels"] == 2
+        and upload["name"] == "stereo.flac"
+    )
+    cases = [
+        (
+            dict(mode="inpaint", inpaint_ranges="0:0.002, 0.008:0.01"),
+            [
+                "--inpaint-audio",
+                str(audio_files / "stereo.flac"),
+                "--inpaint-range",
+                "0:0.002",
+                "--inpaint-range",
+                "0.008:0.01",
+            ],
+        ),
+        (
+            dict(mode="variation", init_noise_level="3"),
+            [
+                "--init-audio",
+                str(audio_files / "stereo.flac"),
+                "--init-noise-level",
+                "3",
+            ],
+        ),
+        (
+            dict(mode="continue", seconds_total="0.03"),
+            ["--continue", str(audio_files / "stereo.flac"), "--seconds-total", "0.03"],
+        ),
+    ]
+    for form, cli in cases:
+        job = app_server.wait(
+            app_server.generate(steps="3", seed="2", upload=upload["id"], **form)["id"]
+        )
+        assert job["state"] == "done", job["error"]
+        out = tmp_path / "cli.wav"
+        result = _txt2audio(
+            "warm pads",
+            "--model",
+            str(small_converted),
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--output",
+            str(out),
+            *cli,
+        )
+        assert result.returncode == 0, result.stderr
+        assert (
+            app_server.output_dir / job["results"][0]["name"]
+        ).read_bytes() == out.read_bytes(), form
+    status, body, _ = app_server.request(
+        "POST",
+        "/api/generate",
+        {
+            "prompt": "x",
+            "mode": "inpaint",
+            "upload": upload["id"],
+            "inpaint_ranges": "2:1",
+        },
+    )
+    assert status == 400 and body["field"] == "inpaint_ranges"
+
+
+def _browser():
+    """Headless Chromium under ChromeDriver (Debian's chromium and chromium-driver)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary = next(
+        filter(
+            None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
+        ),
+        None,
+    )
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        if os.environ.get("CI"):
+            pytest.fail(
+                "CI needs Chromium and ChromeDriver: apt-get install -y chromium chromium-driver"
+            )
+        pytest.skip(
+            "no Chromium and ChromeDriver here (Debian: apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,1350",
+        "--autoplay-policy=no-user-gesture-required",
+        "--mute-audio",
+    ):
+        options.add_argument(argument)
+    # without the tests' OpenBLAS preload, which makes Chromium's GPU process give up
+    environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    return webdriver.Chrome(service=Service(driver, env=environment), options=options)
+
+
+def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_path):
+    """Chromium opens the page, types a prompt, clicks Generate, watches the progress bar
+    fill, and plays the result: an audio element of the requested length, whose file is a
+    44.1 kHz stereo wav. Then "use this seed" fills the seed; a file is uploaded, a range
+    drawn on its waveform, and it is inpainted as txt2audio does it; and a bad value
+    shows the command line's message beside its field, writing nothing. The screenshot is the
+    README's picture (APP_SCREENSHOT=web/screenshot.png writes it there)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 120, poll_frequency=0.02)
+        browser.get(app_server.url)
+        wait.until(
+            lambda b: b.execute_script("return document.body.dataset.ready === 'true'")
+        )
+        assert (
+            browser.find_element(By.ID, "sampler").get_attribute("value") == ""
+        )  # the model's default
+        before = len(browser.find_elements(By.CSS_SELECTOR, ".result"))
+        browser.find_element(By.ID, "prompt").send_keys("warm analog pads, slow attack")
+        for name, value in (("seconds_total", "0.01"), ("steps", "300"), ("seed", "7")):
+            browser.find_element(By.ID, name).send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        job_id = (
+            wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".job"))
+            .get_attribute("id")
+            .removeprefix("job-")
+        )
+        seen = []
+
+        def bar(
+            b,
+        ):  # what the progress bar shows, until the generation leaves the queue
+            shown = b.execute_script(
+                "const p = document.querySelector('.job progress'); return p ? [p.value, p.max] : null"
+            )
+            return shown is None or seen.append(tuple(shown))
+
+        wait.until(bar)
+        steps = [value for value, total in seen if total == 300]
+        assert len(set(steps)) >= 2 and steps == sorted(
+            steps
+        ), seen  # it moved forward with the steps
+        assert app_server.request("GET", f"/api/jobs/{job_id}")[1]["step"] == 300
+        wait.until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result")) == before + 1
+        )
+        played = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const audio = document.querySelector('.result audio');
+            fetch(audio.src).then(r => r.arrayBuffer()).then(bytes => {
+                const header = new DataView(bytes);
+                const report = () => done({duration: audio.duration, ended: audio.ended, currentTime: audio.currentTime,
+                    rate: header.getUint32(24, true), channels: header.getUint16(22, true), src: audio.src});
+                audio.addEventListener('ended', report);
+                audio.play().catch(error => done({error: String(error)}));
+            });""")
+        assert "error" not in played, played
+        assert played["ended"] and played["duration"] == pytest.approx(
+            441 / 44100, abs=1e-4
+        ), played
+        assert (played["rate"], played["channels"]) == (44100, 2)
+        name = played["src"].rsplit("/", 1)[1]
+        assert (
+            (app_server.output_dir / name).is_file()
+            and name.endswith(".wav")
+            and "seed7" in name
+        )
+        browser.find_element(By.ID, "seed").clear()
+        browser.find_element(By.CSS_SELECTOR, ".result .use-seed").click()
+        assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"
+        images = browser.execute_script(
+            "return [...document.querySelectorAll('.result img')].map(i => i.naturalWidth)"
+        )
+        assert images and images[0] == 1024  # the spectrogram arrived
+
+        # inpainting an uploaded file, its range drawn on the waveform: txt2audio's file
+        Select(browser.find_element(By.ID, "mode")).select_by_value("inpaint")
+        browser.find_element(By.ID, "upload").send_keys(
+            str(audio_files / "stereo.flac")
+        )
+        wait.until(lambda b: "44100 Hz" in b.find_element(By.ID, "upload-info").text)
+        canvas = browser.find_element(By.ID, "waveform")
+        wait.until(
+            lambda b: b.execute_script(
+                "const c = arguments[0]; return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v)",
+                canvas,
+            )
+        )
+        width = canvas.size["width"]
+        ActionChains(browser).move_to_element_with_offset(
+            canvas, -width // 4, 0
+        ).click_and_hold().move_by_offset(width // 8, 0).release().perform()
+        ranges = browser.find_element(By.ID, "inpaint_ranges").get_attribute("value")
+        start, end = (float(t) for t in ranges.split(":"))
+        window = 512 / 44100  # the file is longer: the canvas spans the window
+        assert start == pytest.approx(
+            window / 4, abs=window / 50
+        ) and end == pytest.approx(window * 3 / 8, abs=window / 50), ranges
+        for name, value in (("steps", "3"), ("seed", "2")):
+            browser.find_element(By.ID, name).clear()
+            browser.find_element(By.ID, name).send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        wait.until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result")) == before + 2
+        )
+        newest = browser.find_element(By.CSS_SELECTOR, ".result").get_attribute(
+            "data-name"
+        )
+        out = tmp_path / "inpainted.wav"
+        cli = _txt2audio(
+            "warm analog pads, slow attack",
+            "--model",
+            str(small_converted),
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--seconds-total",
+            "0.01",
+            "--inpaint-audio",
+            str(audio_files / "stereo.flac"),
+            "--inpaint-range",
+            ranges,
+            "--output",
+            str(out),
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert (app_server.output_dir / newest).read_bytes() == out.read_bytes()
+        screenshot = Path(os.environ.get("APP_SCREENSHOT") or tmp_path / "app.png")
+        browser.save_screenshot(str(screenshot))
+        assert screenshot.read_bytes()[:4] == b"\x89PNG"
+
+        before = _files(app_server.output_dir)
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("0")
+        browser.find_element(By.ID, "generate").click()
+        message = wait.until(lambda b: b.find_element(By.ID, "error-steps").text)
+        cli = _txt2audio(
+            "warm pads",
+            "--model",
+            str(small_converted),
+            "--steps",
+            "0",
+            "--output",
+            str(tmp_path / "x.wav"),
+        )
+        assert cli.stderr.strip() == f"error: {message}"
+        assert "invalid" in steps.get_attribute("class") and not browser.find_elements(
+            By.CSS_SELECTOR, ".job"
+        )
+        assert _files(app_server.output_dir) == before
+    finally:
+        browser.quit()
+
+
+def test_app_refuses_bad_command_lines(small_converted, tmp_path):
+    """app.py's own bad input: one line, before anything is loaded or served."""
+    busy = AppServer(small_converted, tmp_path / "out")
+    try:
+        for args, message in [
+            (["--port", str(busy.port)], "Cannot listen on 127.0.0.1"),
+            (["--port", "70000"], "--port must be in"),
+            (["--output-dir", str(HERE / "app.py")], "is a file"),
+            (["--dtype", "float8"], "Unknown dtype"),
+            (["--lora", str(tmp_path / "none.safetensors")], "does not exist"),
+            (["--max-upload-mb", "0"], "--max-upload-mb must be"),
+        ]:
+            argv = [
+                sys.executable,
+                str(HERE / "app.py"),
+                "--model",
+                str(small_converted),
+                "--port",
+                "0",
+                *args,
+            ]
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert result.returncode != 0 and "Traceback" not in result.stderr
+            assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    finally:
+        log = busy.stop()
+    assert busy.process.returncode == 0 and "Stopped." in log
