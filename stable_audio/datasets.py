@@ -1,5 +1,6 @@
 """Fine-tuning data: a folder of audio files and their captions, prepared as
-stable-audio-tools 0.0.20 prepares its training audio (SAT_0_0_20.md §5 "Data").
+stable-audio-tools 0.0.20 prepares its training audio (stable_audio_tools/data/dataset.py,
+SampleDataset; docs/reference.md, "Fine-tuning").
 
 Captions come from a same-named .txt beside each file, or from a metadata.jsonl or
 metadata.csv in the folder with "file" and "prompt" columns. Each file is read at any

@@ -1,5 +1,6 @@
 """LoRA and DoRA adapters on the DiT and the seconds conditioners, read and written in
-stable-audio-tools 0.0.20's file format (SAT_0_0_20.md §4).
+stable-audio-tools 0.0.20's file format (stable_audio_tools/models/lora/; docs/reference.md,
+"Adapters").
 
 An adapter turns a layer's weight W (out, in) into
     lora:       W + s B A
@@ -351,7 +352,8 @@ def adapted_weight(
     scale: float,
     magnitude: mx.array = None,
 ) -> mx.array:
-    """The weight (out, in) an adapter makes of `weight` (SAT_0_0_20.md §4.1)."""
+    """The weight (out, in) an adapter makes of `weight` (LoRAParametrization in
+    stable_audio_tools/models/lora/model.py)."""
     v = weight + scale * (lora_b @ lora_a)
     if magnitude is None:
         return v

@@ -76,7 +76,8 @@ LOGSNR_END = 2.0
 def logsnr_times(steps: int, t_max: float = 1.0, schedule: str = "0.0.20"):
     """Times t = sigmoid(-logSNR), logSNR evenly spaced from the schedule's start up to 2,
     beginning at t_max and ending at 0: for t_max = 1, 0.0.20's t = sigmoid(8.2 u - 2)
-    on u evenly spaced from 1 to 0 (SAT_0_0_20.md §3), or 0.0.19's grid.
+    on u evenly spaced from 1 to 0 (stable_audio_tools/inference/sampling.py,
+    LogSNRShift), or 0.0.19's grid.
 
     Below 1 (init audio) the grid starts at t_max's own log-SNR, as 0.0.19 did, so that
     the noise only falls; 0.0.20 maps its shortened u grid through the same curve, which
@@ -333,7 +334,7 @@ def flow_dpmpp(times):
 
 # ---------------------------------------------------------------- by name
 
-# name: (space, schedule, steps); the official names (SAT_0_0_20.md §2). On a v model
+# name: (space, schedule, steps); the official names (docs/reference.md). On a v model
 # "euler" is 0.0.20's default DDIM path on the log-SNR grid (k-diffusion's Euler, 0.0.19's
 # "euler", is gone from 0.0.20, and from here).
 SAMPLERS = {

@@ -1,6 +1,6 @@
 """LoRA fine-tuning: trainable adapters on the DiT and the seconds conditioners, and the
 training objective of stable-audio-tools 0.0.20's DiffusionCondTrainingWrapper
-(SAT_0_0_20.md §5) with its defaults: cfg dropout of the cross-attention tokens, and
+(stable_audio_tools/training/diffusion.py, DiffusionCondTrainingWrapper) with its defaults: cfg dropout of the cross-attention tokens, and
 the MSE over the valid (unpadded) latent frames."""
 
 import math
