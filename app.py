@@ -28,8 +28,8 @@ import numpy as np
 from stable_audio import DEFAULTS, ArgumentError, Settings, StableAudio, load_config
 from stable_audio.audio import FORMATS, read_audio, set_level, write_audio
 from stable_audio.cli import (
-    DTYPES,
     add_lora_arguments,
+    add_model_arguments,
     dtype,
     first_line,
     lora_settings,
@@ -606,24 +606,7 @@ def arguments():
         default="outputs",
         help="Folder the results are written to, created if missing; nothing in it is overwritten (default: %(default)s)",
     )
-    add(
-        "--dtype",
-        help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)",
-    )
-    add(
-        "--vae-dtype", default="float32", help="dtype of the VAE (default: %(default)s)"
-    )
-    add(
-        "--quantize",
-        type=int,
-        choices=(4, 8),
-        help="Quantize a floating-point DiT to 4 or 8 bits at load time",
-    )
-    add(
-        "--compile",
-        action="store_true",
-        help="Compile each sampler step with mx.compile",
-    )
+    add_model_arguments(p)
     add_lora_arguments(p)  # applied to every generation
     add(
         "--max-upload-mb",

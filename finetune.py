@@ -269,359 +269,402 @@ def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
     return step
 
 
-def main(argv=None):
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument(
-        "--model",
-        default=hub.DEFAULT_REPO,
-        help="Converted folder, released folder or Hub repo, in floating point (default: %(default)s)",
-    )
-    p.add_argument(
-        "--data",
-        required=True,
-        help="Folder of audio files, each captioned by a same-named .txt or a row of metadata.jsonl / metadata.csv",
-    )
-    p.add_argument(
-        "--output", required=True, help="The adapter file to write (.safetensors)"
-    )
-    p.add_argument("--force", action="store_true", help="Replace --output if it exists")
-    p.add_argument(
-        "--rank", type=int, default=8, help="Adapter rank (default: %(default)s)"
-    )
-    p.add_argument(
+SETTINGS = (  # what a checkpoint must have been trained with to be resumed
+    "model",
+    "data",
+    "rank",
+    "alpha",
+    "adapter_type",
+    "include",
+    "exclude",
+    "batch_size",
+    "grad_accumulate",
+    "learning_rate",
+    "warmup",
+    "weight_decay",
+    "timestep_sampler",
+    "crop_seconds",
+    "phase_flip",
+    "seed",
+    "quantize",
+    "dtype",
+)
+
+
+def _adapter(group):
+    add = group.add_argument
+    add("--rank", type=int, default=8, help="Adapter rank (default: %(default)s)")
+    add(
         "--alpha",
         type=float,
         help="Adapter alpha; the update is scaled by alpha / rank (default: the rank)",
     )
-    p.add_argument(
+    add(
         "--adapter-type",
         choices=lora.ADAPTER_TYPES,
         default="lora",
         help="lora or dora-rows (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--include",
         action="append",
         help="Adapt only layers whose stable-audio-tools name contains this (repeatable; e.g. 'transformer.layers.[0-11].')",
     )
-    p.add_argument(
+    add(
         "--exclude",
         action="append",
         help="Leave out layers whose name contains this (repeatable; wins over --include)",
     )
-    p.add_argument(
+
+
+def _training(group):
+    add = group.add_argument
+    add(
         "--steps",
         type=int,
         default=1000,
         help="Training steps (optimizer updates) (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--batch-size",
         type=int,
         default=1,
         help="Examples per micro-batch and process (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--grad-accumulate",
         type=int,
         default=1,
         help="Micro-batches whose gradients make one step (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--learning-rate",
         type=float,
         default=1e-4,
         help="AdamW's learning rate after warm-up (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--warmup",
         type=int,
         default=100,
         help="Steps of linear learning-rate warm-up (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--weight-decay",
         type=float,
         default=1e-3,
         help="AdamW's weight decay (default: %(default)s, SAO 1.0's)",
     )
-    p.add_argument(
+    add(
         "--timestep-sampler",
         choices=trainer.TIMESTEP_SAMPLERS,
         default="uniform",
         help="How t is drawn, as 0.0.20's option of that name (default: %(default)s, 0.0.20's)",
     )
-    p.add_argument(
+    add(
         "--crop-seconds",
         type=float,
         help="Train on windows of this length (default: the model's whole window)",
     )
-    p.add_argument(
+    add(
         "--phase-flip",
         action="store_true",
         help="Invert the waveform of half the examples, as 0.0.20's PhaseFlipper (encodes each file twice)",
     )
-    p.add_argument(
+    add("--seed", type=int, default=0, help="Random seed (default: %(default)s)")
+
+
+def _data(group):
+    add = group.add_argument
+    add(
         "--cache",
         help="Folder of the encoded files' latents, reused by later runs (default: .stable-audio-cache in --data)",
     )
-    p.add_argument(
+    add(
         "--no-cache",
         action="store_true",
         help="Encode the files afresh, keeping nothing on disk",
     )
-    p.add_argument(
+    add(
         "--strict",
         action="store_true",
         help="Refuse a file that cannot be read, instead of skipping it",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="Random seed (default: %(default)s)"
-    )
-    p.add_argument(
+
+
+def _saving(group):
+    add = group.add_argument
+    add(
         "--save-every",
         type=int,
         default=0,
         help="Also write the adapter, and a checkpoint for --resume beside it, every N steps (default: only at the end)",
     )
-    p.add_argument(
+    add(
         "--resume",
         action="store_true",
         help="Go on from the checkpoint beside --output (same data, model and settings)",
     )
-    p.add_argument(
+    add(
         "--preview-prompt",
         help="Every --preview-every steps, write this prompt's audio (fixed seed) beside --output",
     )
-    p.add_argument(
+    add(
         "--preview-every",
         type=int,
         default=250,
         help="Steps between previews (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--preview-seconds",
         type=float,
         default=10.0,
         help="Length of a preview (default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--preview-steps",
         type=int,
         default=50,
         help="Sampler steps of a preview (default: %(default)s)",
     )
-    p.add_argument(
+
+
+def _runtime(group):
+    add = group.add_argument
+    add(
         "--grad-checkpoint",
         action="store_true",
         help="Recompute each DiT block in the backward pass: less memory, more time",
     )
-    p.add_argument(
+    add(
         "--quantize",
         type=int,
         choices=(4, 8),
         help="Quantize the frozen DiT to 4 or 8 bits (QLoRA)",
     )
-    p.add_argument(
+    add(
         "--dtype",
         choices=DTYPES,
         help="dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the CPU)",
     )
-    p.add_argument(
+    add(
         "-v",
         "--verbose",
         action="store_true",
         help="Show the data preparation's progress",
     )
-    args = p.parse_args(argv)
-    group = (
-        mx.distributed.init()
-    )  # under mlx.launch: one of several processes, data parallel
+
+
+def arguments():
+    p = parser(__doc__.splitlines()[0])
+    add = p.add_argument
+    add(
+        "--model",
+        default=hub.DEFAULT_REPO,
+        help="Converted folder, released folder or Hub repo, in floating point (default: %(default)s)",
+    )
+    add(
+        "--data",
+        required=True,
+        help="Folder of audio files, each captioned by a same-named .txt or a row of metadata.jsonl / metadata.csv",
+    )
+    add("--output", required=True, help="The adapter file to write (.safetensors)")
+    add("--force", action="store_true", help="Replace --output if it exists")
+    _adapter(p.add_argument_group("the adapter"))
+    _training(p.add_argument_group("training"))
+    _data(p.add_argument_group("the data's latent cache"))
+    _saving(p.add_argument_group("checkpoints and previews"))
+    _runtime(p.add_argument_group("precision and memory"))
+    return p
+
+
+def check(args):
+    """Refuse bad flags before anything is read."""
+    check_output(args.output, args.force or args.resume)
+    if args.resume and not checkpoint_path(args.output).is_file():
+        raise ValueError(
+            f"There is no checkpoint {checkpoint_path(args.output)} to resume from."
+        )
+    problems = [
+        (args.rank < 1, "--rank must be >= 1"),
+        (args.steps < 1, "--steps must be >= 1"),
+        (
+            args.batch_size < 1 or args.grad_accumulate < 1,
+            "--batch-size and --grad-accumulate must be >= 1",
+        ),
+        (not args.learning_rate > 0, "--learning-rate must be > 0"),
+        (
+            args.warmup < 0 or args.save_every < 0,
+            "--warmup and --save-every must be >= 0",
+        ),
+        (args.alpha is not None and not args.alpha > 0, "--alpha must be > 0"),
+        (
+            args.preview_every < 1 or args.preview_steps < 1,
+            "--preview-every and --preview-steps must be >= 1",
+        ),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message + ".")
+
+
+def crop_samples(args, config) -> int:
+    """The crop's length in samples, whole latents; a quantized model refused."""
+    if config.quantization:
+        bits = config.quantization["bits"]
+        raise ValueError(
+            f"{args.model} is quantized ({bits} bits); fine-tuning reads the "
+            f"floating-point model (add --quantize {bits} to train over a quantized copy)."
+        )
+    window_seconds = config.sample_size / config.sample_rate
+    seconds = window_seconds if args.crop_seconds is None else args.crop_seconds
+    ratio = config.vae.downsampling_ratio
+    window = math.ceil(seconds * config.sample_rate / ratio) * ratio  # whole latents
+    if not (0 < seconds <= window_seconds + 1e-9 and window <= config.sample_size):
+        raise ValueError(
+            f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window."
+        )
+    if (
+        args.preview_prompt is not None
+        and not 0 < args.preview_seconds <= window_seconds + 1e-9
+    ):
+        raise ValueError(
+            f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's window."
+        )
+    return window
+
+
+def prepare(args, clips, window: int, leader: bool) -> tuple:
+    """The models, the clips encoded (or read from the cache) and the captions'
+    conditioning; T5 and the encoder freed, the DiT quantized if asked."""
+    cache = (
+        None
+        if args.no_cache
+        else Path(args.cache or Path(args.data) / ".stable-audio-cache")
+    )
+    args.dtype = dtype_name(args.dtype, "bfloat16")
+    models = model_io.load(args.model, dtype=getattr(mx, args.dtype))
+    clips = prepare_clips(
+        models,
+        clips,
+        window,
+        args,
+        cache,
+        model_key(args.model),
+        leader and args.verbose,
+        save=leader,
+    )
+    texts = encode_captions(
+        models,
+        [c.caption for c in clips]
+        + [args.preview_prompt] * (args.preview_prompt is not None),
+    )
+    del models.t5, models.vae.encoder  # done with; the decoder stays for previews
+    if args.preview_prompt is None:
+        del models.vae
+    if args.quantize:
+        model_io.quantize_dit(models.dit, 64, args.quantize)
+    return models, clips, texts
+
+
+def optimizer(args):
+    """AdamW, its learning rate warming up linearly from lr / warmup, then constant."""
+    warmup = max(args.warmup, 1)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(
+                args.learning_rate / warmup, args.learning_rate, warmup
+            ),
+            lambda _: args.learning_rate,
+        ],
+        [warmup],
+    )
+    return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+
+
+def train(args, models, clips, texts, window: int, group):
     world, rank = group.size(), group.rank()
     leader = rank == 0  # writes the files and shows the progress
+    config = models.config
+    model = trainer.FineTuned(
+        models.dit,
+        models.conditioner,
+        config.dit.objective,
+        args.rank,
+        args.alpha,
+        args.adapter_type,
+        args.include,
+        args.exclude,
+        key=mx.random.key(args.seed),
+    )
+    adam = optimizer(args)
+    models.dit.checkpoint_blocks = args.grad_checkpoint
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    settings["processes"] = world
+    adam.init(model.trainable_parameters())
+    first = 1
+    if args.resume:
+        path = checkpoint_path(args.output)
+        first = load_checkpoint(path, model, adam, settings) + 1
+        if leader:
+            print(f"[INFO] Resuming at step {first}")
+    step = trainer.training_step(model, adam)
+    state = [model.state, adam.state]
 
-    with one_line_errors(MEMORY_ADVICE, INTERRUPTED):
-        check_output(args.output, args.force or args.resume)
-        if args.resume and not checkpoint_path(args.output).is_file():
-            raise ValueError(
-                f"There is no checkpoint {checkpoint_path(args.output)} to resume from."
+    latents = window // config.vae.downsampling_ratio
+    start, losses = time.perf_counter(), []
+    progress = tqdm(
+        range(first, args.steps + 1),
+        desc="Training",
+        initial=first - 1,
+        total=args.steps,
+        disable=not leader,
+    )
+    for i in progress:
+        loss = step(batches_at(clips, texts, i, args, config, latents, world, rank))
+        mx.eval(loss, state)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(
+                f"The loss became {losses[-1]} at step {i}: lower --learning-rate, or "
+                "use --dtype float32."
             )
-        problems = [
-            (args.rank < 1, "--rank must be >= 1"),
-            (args.steps < 1, "--steps must be >= 1"),
-            (
-                args.batch_size < 1 or args.grad_accumulate < 1,
-                "--batch-size and --grad-accumulate must be >= 1",
-            ),
-            (not args.learning_rate > 0, "--learning-rate must be > 0"),
-            (
-                args.warmup < 0 or args.save_every < 0,
-                "--warmup and --save-every must be >= 0",
-            ),
-            (args.alpha is not None and not args.alpha > 0, "--alpha must be > 0"),
-            (
-                args.preview_every < 1 or args.preview_steps < 1,
-                "--preview-every and --preview-steps must be >= 1",
-            ),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise ValueError(message + ".")
+        progress.set_postfix(
+            loss=f"{np.mean(losses[-20:]):.4f}",
+            it_s=f"{len(losses) / (time.perf_counter() - start):.2f}",
+            peak=f"{mx.get_peak_memory() / 1e9:.2f} GB",
+        )
+        if leader and (
+            (args.save_every and i % args.save_every == 0) or i == args.steps
+        ):
+            lora.save_adapter(args.output, model.adapter_tensors(), model.lora_config)
+            save_checkpoint(checkpoint_path(args.output), model, adam, i, settings)
+        if (
+            leader
+            and args.preview_prompt is not None
+            and (i % args.preview_every == 0 or i == args.steps)
+        ):
+            preview = write_preview(models, texts[args.preview_prompt], args, i)
+            progress.write(f"[INFO] Preview: {preview}")
+    return losses
+
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
+    group = mx.distributed.init()  # under mlx.launch: one of several, data parallel
+    leader = group.rank() == 0
+    with one_line_errors(MEMORY_ADVICE, INTERRUPTED):
+        check(args)
         clips = datasets.find_clips(args.data)
         config = model_io.load_config(args.model)
-        if config.quantization:
-            raise ValueError(
-                f"{args.model} is quantized ({config.quantization['bits']} bits); fine-tuning reads the floating-point model (add --quantize {config.quantization['bits']} to train over a quantized copy)."
-            )
-        window_seconds = config.sample_size / config.sample_rate
-        seconds = window_seconds if args.crop_seconds is None else args.crop_seconds
-        ratio = config.vae.downsampling_ratio
-        window = (
-            math.ceil(seconds * config.sample_rate / ratio) * ratio
-        )  # whole latents
-        if not (0 < seconds <= window_seconds + 1e-9 and window <= config.sample_size):
-            raise ValueError(
-                f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window."
-            )
-        if (
-            args.preview_prompt is not None
-            and not 0 < args.preview_seconds <= window_seconds + 1e-9
-        ):
-            raise ValueError(
-                f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's window."
-            )
-        cache = (
-            None
-            if args.no_cache
-            else Path(args.cache or Path(args.data) / ".stable-audio-cache")
-        )
-        args.dtype = dtype_name(args.dtype, "bfloat16")
-        models = model_io.load(args.model, dtype=getattr(mx, args.dtype))
-        clips = prepare_clips(
-            models,
-            clips,
-            window,
-            args,
-            cache,
-            model_key(args.model),
-            leader and args.verbose,
-            save=leader,
-        )
-        texts = encode_captions(
-            models,
-            [c.caption for c in clips]
-            + [args.preview_prompt] * (args.preview_prompt is not None),
-        )
-        del models.t5, models.vae.encoder  # done with; the decoder stays for previews
-        if args.preview_prompt is None:
-            del models.vae
-        if args.quantize:
-            model_io.quantize_dit(models.dit, 64, args.quantize)
-
-        model = trainer.FineTuned(
-            models.dit,
-            models.conditioner,
-            models.config.dit.objective,
-            args.rank,
-            args.alpha,
-            args.adapter_type,
-            args.include,
-            args.exclude,
-            key=mx.random.key(args.seed),
-        )
-        # linear warm-up from lr / warmup, then constant
-        warmup = max(args.warmup, 1)
-        schedule = optim.join_schedules(
-            [
-                optim.linear_schedule(
-                    args.learning_rate / warmup, args.learning_rate, warmup
-                ),
-                lambda _: args.learning_rate,
-            ],
-            [warmup],
-        )
-        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
-        models.dit.checkpoint_blocks = args.grad_checkpoint
-        settings = {
-            k: getattr(args, k)
-            for k in (
-                "model",
-                "data",
-                "rank",
-                "alpha",
-                "adapter_type",
-                "include",
-                "exclude",
-                "batch_size",
-                "grad_accumulate",
-                "learning_rate",
-                "warmup",
-                "weight_decay",
-                "timestep_sampler",
-                "crop_seconds",
-                "phase_flip",
-                "seed",
-                "quantize",
-                "dtype",
-            )
-        }
-        settings["processes"] = world
-        optimizer.init(model.trainable_parameters())
-        first = 1
-        if args.resume:
-            first = (
-                load_checkpoint(
-                    checkpoint_path(args.output), model, optimizer, settings
-                )
-                + 1
-            )
-            if leader:
-                print(f"[INFO] Resuming at step {first}")
-        step = trainer.training_step(model, optimizer)
-        state = [model.state, optimizer.state]
-
-        latents = window // ratio
-        start, losses = time.perf_counter(), []
-        progress = tqdm(
-            range(first, args.steps + 1),
-            desc="Training",
-            initial=first - 1,
-            total=args.steps,
-            disable=not leader,
-        )
-        for i in progress:
-            loss = step(batches_at(clips, texts, i, args, config, latents, world, rank))
-            mx.eval(loss, state)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(
-                    f"The loss became {losses[-1]} at step {i}: lower --learning-rate, or use --dtype float32."
-                )
-            progress.set_postfix(
-                loss=f"{np.mean(losses[-20:]):.4f}",
-                it_s=f"{len(losses) / (time.perf_counter() - start):.2f}",
-                peak=f"{mx.get_peak_memory() / 1e9:.2f} GB",
-            )
-            if leader and (
-                (args.save_every and i % args.save_every == 0) or i == args.steps
-            ):
-                lora.save_adapter(
-                    args.output, model.adapter_tensors(), model.lora_config
-                )
-                save_checkpoint(
-                    checkpoint_path(args.output), model, optimizer, i, settings
-                )
-            if (
-                leader
-                and args.preview_prompt is not None
-                and (i % args.preview_every == 0 or i == args.steps)
-            ):
-                progress.write(
-                    f"[INFO] Preview: {write_preview(models, texts[args.preview_prompt], args, i)}"
-                )
+        window = crop_samples(args, config)
+        models, clips, texts = prepare(args, clips, window, leader)
+        losses = train(args, models, clips, texts, window, group)
         if losses and leader:
+            before, after = np.mean(losses[:20]), np.mean(losses[-20:])
             print(
-                f"[INFO] Wrote {args.output} ({len(clips)} clips; loss {np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f})"
+                f"[INFO] Wrote {args.output} ({len(clips)} clips; loss {before:.4f} -> "
+                f"{after:.4f})"
             )
 
 

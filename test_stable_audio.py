@@ -60,9 +60,9 @@ from stable_audio import (
     hub,
     long_form,
     model_io,
-    window,
 )
 from stable_audio import sampler as sampler_lib
+from stable_audio import window
 from stable_audio.audio import prepare_audio
 from stable_audio.dit import DiT
 from stable_audio.guidance import guide

@@ -11,8 +11,8 @@ from tqdm import tqdm
 from stable_audio import DEFAULT_REPO, Settings, StableAudio, limit_memory, load_config
 from stable_audio.audio import FORMATS, LEVELS, read_audio, set_level, write_audio
 from stable_audio.cli import (
-    DTYPES,
     add_lora_arguments,
+    add_model_arguments,
     dtype,
     lora_settings,
     one_line_errors,
@@ -26,16 +26,8 @@ from stable_audio.spectrogram import write_spectrogram
 MEMORY_ADVICE = "if memory ran out, try --low-memory, --quantize 8 or fewer --n-audios."
 
 
-def arguments():
-    p = parser("Generate audio from text with Stable Audio Open.")
-    add = p.add_argument
-    add("prompt")
-    add(
-        "--model",
-        default=DEFAULT_REPO,
-        help="Converted folder, released folder or Hub repo (default: %(default)s)",
-    )
-    add("--negative-prompt", help="What the audio should not sound like")
+def _length(group):
+    add = group.add_argument
     add(
         "--seconds-start",
         type=float,
@@ -75,6 +67,10 @@ def arguments():
         default=4,
         help="Beats in a bar, with --bpm (default: %(default)s)",
     )
+
+
+def _sampling(group):
+    add = group.add_argument
     add(
         "--steps",
         type=int,
@@ -128,6 +124,10 @@ def arguments():
         "--flow-schedule",
         help="SAO Small's schedule: 0.0.20 (stable-audio-tools 0.0.20's, the default) or 0.0.19",
     )
+
+
+def _audio(group):
+    add = group.add_argument
     add(
         "--init-audio",
         metavar="FILE",
@@ -154,7 +154,10 @@ def arguments():
         metavar="START:END",
         help="Seconds of --inpaint-audio to regenerate; repeat for several ranges",
     )
-    add_lora_arguments(p)
+
+
+def _output(group):
+    add = group.add_argument
     add("--seed", type=int, help="Random seed (default: a random one, printed)")
     add(
         "--n-audios",
@@ -180,34 +183,19 @@ def arguments():
         help="Also write each output's spectrogram beside it, as a PNG of the same name",
     )
     add(
-        "--dtype",
-        help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a GPU, float32 on the CPU)",
-    )
-    add(
-        "--vae-dtype",
-        default="float32",
-        help="dtype of the VAE decoder (default: %(default)s)",
-    )
-    add(
-        "--quantize",
-        type=int,
-        choices=(4, 8),
-        help="Quantize a floating-point DiT to 4 or 8 bits at load time",
-    )
-    add(
-        "--compile",
+        "--raw",
         action="store_true",
-        help="Compile each sampler step (DiT, guidance and update) with mx.compile",
+        help="Write the decoder's float output as is (32-bit float WAV; --normalize none)",
     )
+
+
+def _runtime(group):
+    add = group.add_argument
+    add_model_arguments(group)
     add(
         "--low-memory",
         action="store_true",
         help="Keep memory within 0.5 GB of the weights, a little slower",
-    )
-    add(
-        "--raw",
-        action="store_true",
-        help="Write the decoder's float output as is (32-bit float WAV; --normalize none)",
     )
     add(
         "-v",
@@ -215,6 +203,24 @@ def arguments():
         action="store_true",
         help="Print the time and peak memory of each stage",
     )
+
+
+def arguments():
+    p = parser("Generate audio from text with Stable Audio Open.")
+    add = p.add_argument
+    add("prompt")
+    add(
+        "--model",
+        default=DEFAULT_REPO,
+        help="Converted folder, released folder or Hub repo (default: %(default)s)",
+    )
+    add("--negative-prompt", help="What the audio should not sound like")
+    _length(p.add_argument_group("length and mode"))
+    _sampling(p.add_argument_group("sampler and guidance"))
+    _audio(p.add_argument_group("audio to audio"))
+    add_lora_arguments(p.add_argument_group("adapters"))
+    _output(p.add_argument_group("seed, batch and output"))
+    _runtime(p.add_argument_group("precision and memory"))
     return p
 
 
@@ -272,12 +278,12 @@ def settings(args, config) -> Settings:
     given = {f.name: getattr(args, f.name) for f in fields(Settings)}
     s = Settings(**given)
     if args.overlap is not None and not s.is_piece(config):
-        window = s.window(config)
+        window = s.window_seconds(config)
         raise ValueError(
             "--overlap applies to --continue, or to a --seconds-total beyond the window "
             f"({window:.2f} s)."
         )
-    window = None if s.is_piece(config) else s.window(config)
+    window = None if s.is_piece(config) else s.window_seconds(config)
     audio = {
         name: read_audio(path, None if name == "continue_audio" else window)
         for name, path in given.items()

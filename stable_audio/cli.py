@@ -66,6 +66,32 @@ def parse_interval(text: str) -> tuple:
     return parse_range(text, INTERVAL)
 
 
+def add_model_arguments(group):
+    """How the model is loaded and run: precision, quantization, compilation."""
+    add = group.add_argument
+    add(
+        "--dtype",
+        help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a "
+        "GPU, float32 on the CPU)",
+    )
+    add(
+        "--vae-dtype",
+        default="float32",
+        help="dtype of the VAE decoder (default: %(default)s)",
+    )
+    add(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="Quantize a floating-point DiT to 4 or 8 bits at load time",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="Compile each sampler step (DiT, guidance and update) with mx.compile",
+    )
+
+
 def add_lora_arguments(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--lora",

@@ -161,6 +161,18 @@ class AdapterFile:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def described(self, strength: float, interval: tuple, layer_filter: str) -> dict:
+        """What an interface shows of the adapter as applied."""
+        return {
+            "file": self.path.name,
+            "adapter_type": self.adapter_type,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "strength": strength,
+            "interval": interval,
+            "layer_filter": layer_filter,
+        }
+
 
 def _dense_shape(layer) -> tuple:
     """(out, in) of a layer's weight viewed as a matrix (a 1x1 conv's too)."""

@@ -92,17 +92,7 @@ class StableAudio:
         lora.apply_adapter(
             self.dit, self.conditioner, adapter, strength, gate, layer_filter
         )
-        self.adapters.append(
-            {
-                "file": Path(path).name,
-                "adapter_type": adapter.adapter_type,
-                "rank": adapter.rank,
-                "alpha": adapter.alpha,
-                "strength": strength,
-                "interval": interval,
-                "layer_filter": layer_filter,
-            }
-        )
+        self.adapters.append(adapter.described(strength, interval, layer_filter))
 
     @property
     def sample_rate(self) -> int:
@@ -175,21 +165,11 @@ class StableAudio:
         s = replace(settings or Settings(), **fields).resolved(self.config)
         objective = self.config.dit.objective
         shape = self.latent_shape(conditioning.cross.shape[0])
-        init_key, step_key = mx.random.split(mx.random.key(s.seed))
-        if noise is None:
-            noise = mx.random.normal(shape, key=init_key)
-        if noise_sampler is None:
-            step_keys = iter(mx.random.split(step_key, s.steps))
-            noise_sampler = lambda *_: mx.random.normal(shape, key=next(step_keys))
-
-        space, sigmas = samplers.schedule(
-            objective,
-            s.sampler,
-            s.steps,
-            s.sigma_min,
-            s.sigma_max,
-            s.flow_schedule or "0.0.20",
-        )
+        seeded = samplers.seeded_noise(shape, s.seed, s.steps)
+        noise = seeded[0] if noise is None else noise
+        noise_sampler = noise_sampler or seeded[1]
+        schedule = (s.steps, s.sigma_min, s.sigma_max, s.flow_schedule or "0.0.20")
+        space, sigmas = samplers.schedule(objective, s.sampler, *schedule)
         plan = samplers.plan(objective, s.sampler, sigmas)
         used = samplers.used_terms(plan)
         guidance = (s.cfg_rescale, s.apg_scale, s.cfg_norm_threshold)

@@ -388,6 +388,18 @@ def schedule(
     )
 
 
+def seeded_noise(shape: tuple, seed: int, steps: int) -> tuple:
+    """The initial N(0, 1) latents and a noise_sampler(sigma, sigma_next) of N(0, 1)
+    draws for the stochastic steps, both from `seed`."""
+    init_key, step_key = mx.random.split(mx.random.key(seed))
+    step_keys = iter(mx.random.split(step_key, steps))
+
+    def noise_sampler(sigma, sigma_next):
+        return mx.random.normal(shape, key=next(step_keys))
+
+    return mx.random.normal(shape, key=init_key), noise_sampler
+
+
 def noised(space: str, latents, noise, sigma: float):
     """Clean latents brought to noise level `sigma` of the space, as its sampler sees
     them: alpha x0 + sigma eps."""

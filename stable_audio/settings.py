@@ -72,13 +72,16 @@ class Settings:
     batch_size: int = 1
     compile: bool = False  # each model evaluation as one compiled function
 
-    def window(self, config) -> float:
+    def window_seconds(self, config) -> float:
         return config.sample_size / config.sample_rate
 
     def is_piece(self, config) -> bool:
         """Whether it is made window by window: a continuation, or longer than a window."""
         total = self.seconds_total or 0
-        return self.continue_audio is not None or total > self.window(config) + 1e-9
+        return (
+            self.continue_audio is not None
+            or total > self.window_seconds(config) + 1e-9
+        )
 
     def resolved(self, config) -> "Settings":
         """These settings with every default filled in for `config`'s model (a random
@@ -97,9 +100,9 @@ class Settings:
                 raise ArgumentError(str(e), "bpm") from None
             filled.update(seconds_total=samples / rate, bpm=None, bars=None)
         elif self.seconds_total is None:
-            filled["seconds_total"] = self.window(config)
+            filled["seconds_total"] = self.window_seconds(config)
         if self.overlap is None:  # a quarter of the window, in whole seconds
-            filled["overlap"] = round(self.window(config) / 4)
+            filled["overlap"] = round(self.window_seconds(config) / 4)
         if self.seed is None:
             filled["seed"] = secrets.randbits(32)
         return replace(self, **filled)
@@ -112,7 +115,11 @@ class Settings:
         self._check_mode()
         s = self.resolved(config)
         try:
-            s._check_numbers(config)
+            s._check_sampler_name(config)
+            s._check_finite()
+            s._check_length(config)
+            s._check_sampling(config)
+            s._check_guidance()
         except ArgumentError as e:  # the page's and the CLI's noise level, when given
             if e.argument == "sigma_max" and s.init_audio is not None:
                 e.argument = "init_noise_level"
@@ -125,179 +132,164 @@ class Settings:
                 check_prompt(getattr(self, name) or "")
             except ValueError as e:
                 raise ArgumentError(str(e), name) from None
-        if (self.bpm is None) != (self.bars is None) or (self.bpm and not self.loop):
-            missing = self.bpm is not None and self.bars is None
-            raise ArgumentError(
-                "BPM and bars go together, with a seamless loop.",
-                "bars" if missing else "bpm",
-            )
-        if self.bpm is not None and self.seconds_total is not None:
-            raise ArgumentError(
-                "Give seconds or BPM and bars, not both.", "seconds_total"
-            )
+        bpm = self.bpm is not None
+        if bpm != (self.bars is not None) or (bpm and not self.loop):
+            missing = bpm and self.bars is None
+            message = "BPM and bars go together, with a seamless loop."
+            raise ArgumentError(message, "bars" if missing else "bpm")
+        require(
+            not bpm or self.seconds_total is None,
+            "seconds_total",
+            "Give seconds or BPM and bars, not both",
+        )
         if self.init_audio is not None and self.inpaint_audio is not None:
             raise ArgumentError("Give init audio or inpaint audio, not both.")
-        if self.inpaint_audio is not None and not self.inpaint_ranges:
-            raise ArgumentError(
-                "Inpainting needs at least one range to regenerate.", "inpaint_ranges"
-            )
+        require(
+            self.inpaint_audio is None or self.inpaint_ranges,
+            "inpaint_ranges",
+            "Inpainting needs at least one range to regenerate",
+        )
 
-    def _check_numbers(self, config):
+    def _check_sampler_name(self, config):
         names = samplers.samplers_for(config.dit.objective)
-        if self.sampler in samplers.UNSUPPORTED:
-            raise ArgumentError(
-                f"The {self.sampler} sampler is not offered (its steps are adaptive); "
-                f"choose one of {', '.join(names)}.",
-                "sampler",
-            )
-        if self.sampler not in names:
-            raise ArgumentError(
-                f"Unknown sampler {self.sampler!r} for this model; "
-                f"choose one of {', '.join(names)}.",
-                "sampler",
-            )
+        choose = f"choose one of {', '.join(names)}"
+        require(
+            self.sampler not in samplers.UNSUPPORTED,
+            "sampler",
+            f"The {self.sampler} sampler is not offered (its steps are adaptive); {choose}",
+        )
+        require(
+            self.sampler in names,
+            "sampler",
+            f"Unknown sampler {self.sampler!r} for this model; {choose}",
+        )
+
+    def _check_finite(self):
         for field in fields(self):
             value = getattr(self, field.name)
             if field.name == "inpaint_ranges":
                 value = [t for r in value for t in r]
-            numbers = (
-                value if field.name in ("cfg_interval", "inpaint_ranges") else [value]
-            )
-            if not all(math.isfinite(v) for v in numbers if _is_number(v)):
-                raise ArgumentError("Numbers must be finite.", field.name)
-        for failed, argument, message in self._problems(config):
-            if failed:
-                raise ArgumentError(message + ".", argument)
+            if field.name not in ("cfg_interval", "inpaint_ranges"):
+                value = [value]
+            finite = all(math.isfinite(v) for v in value if _is_number(v))
+            require(finite, field.name, "Numbers must be finite")
 
-    def _problems(self, config) -> list:
-        """(failed, the field at fault, message) of each range check, in order."""
-        window, ratio = self.window(config), config.vae.downsampling_ratio
-        latents = config.sample_size // ratio
+    def _check_length(self, config):
+        window, rate = self.window_seconds(config), config.sample_rate
+        ratio = config.vae.downsampling_ratio
         numbers = config.conditioner.numbers
         start_max = numbers.get("seconds_start", (0, 0))[1]  # 0: not conditioned on it
         longest = max(numbers.get("seconds_total", (0, window))[1], window)
         total, piece = self.seconds_total, self.is_piece(config)
+        audio = self.init_audio is not None or self.inpaint_audio is not None
+        require(
+            not (piece and audio),
+            "seconds_total",
+            "Init and inpaint audio work within one window: a longer piece or a "
+            "continuation takes neither",
+        )
+        require(
+            not (self.loop and (piece or audio)),
+            "loop",
+            f"A loop is made within one window ({window:.2f} s), from nothing but "
+            "the prompt",
+        )
+        require(
+            0 < total <= longest + 1e-9 and total * rate >= ratio,
+            "seconds_total",
+            f"seconds_total must be in [{ratio / rate:.3g}, {longest:g}] (one latent "
+            "to the range of the model's seconds; beyond its window, "
+            f"{window:.2f} s, a piece is made window by window)",
+        )
+        require(
+            total <= window + 1e-9 or self.seconds_start == 0,
+            "seconds_start",
+            "seconds_start applies within one window; a longer piece sets each "
+            "window's itself",
+        )
+        require(
+            0 <= self.seconds_start <= start_max,
+            "seconds_start",
+            f"seconds_start must be in [0, {start_max:g}] for this model",
+        )
+        kept = round(self.overlap * rate / ratio)
+        require(
+            not piece or 0 <= kept < config.sample_size // ratio,
+            "overlap",
+            f"The overlap must be in [0, {window:.2f}) seconds, leaving part of "
+            "each window to generate",
+        )
+        require(
+            all(0 <= a < b <= window + 1e-9 for a, b in self.inpaint_ranges),
+            "inpaint_ranges",
+            f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}",
+        )
+
+    def _check_sampling(self, config):
         counts_noise = uses_sigma_min(config, self.sampler)
         sigma_min, sigma_max = self.sigma_min, self.sigma_max
-        low, high = self.cfg_interval
+        require(
+            1 <= self.steps <= MAX_STEPS, "steps", f"steps must be in [1, {MAX_STEPS}]"
+        )
+        require(
+            counts_noise or sigma_min is None,
+            "sigma_min",
+            f"sigma_min does not apply to the {self.sampler} sampler (its schedule "
+            "runs in time down to 0)",
+        )
+        require(
+            counts_noise or 0 < sigma_max <= 1,
+            "sigma_max",
+            "the noise level (sigma_max, init noise level) must be in (0, 1] for "
+            f"the {self.sampler} sampler",
+        )
+        require(
+            not counts_noise or 0 < sigma_min < sigma_max <= MAX_SIGMA,
+            "sigma_max",
+            "the noise levels must satisfy 0 < sigma_min < sigma_max <= "
+            f"{MAX_SIGMA:g} (the init noise level is sigma_max)",
+        )
         schedules = samplers.LOGSNR_SCHEDULES
-        return [
-            (
-                piece
-                and (self.init_audio is not None or self.inpaint_audio is not None),
-                "seconds_total",
-                "Init and inpaint audio work within one window: a longer piece or a "
-                "continuation takes neither",
-            ),
-            (
-                self.loop
-                and (
-                    piece
-                    or self.init_audio is not None
-                    or self.inpaint_audio is not None
-                ),
-                "loop",
-                f"A loop is made within one window ({window:.2f} s), from nothing but "
-                "the prompt",
-            ),
-            (
-                not (
-                    0 < total <= longest + 1e-9 and total * config.sample_rate >= ratio
-                ),
-                "seconds_total",
-                f"seconds_total must be in [{ratio / config.sample_rate:.3g}, "
-                f"{longest:g}] (one latent to the range of the model's seconds; beyond "
-                f"its window, {window:.2f} s, a piece is made window by window)",
-            ),
-            (
-                total > window + 1e-9 and self.seconds_start != 0,
-                "seconds_start",
-                "seconds_start applies within one window; a longer piece sets each "
-                "window's itself",
-            ),
-            (
-                not 0 <= self.seconds_start <= start_max,
-                "seconds_start",
-                f"seconds_start must be in [0, {start_max:g}] for this model",
-            ),
-            (
-                not 1 <= self.steps <= MAX_STEPS,
-                "steps",
-                f"steps must be in [1, {MAX_STEPS}]",
-            ),
-            (
-                not counts_noise and sigma_min is not None,
-                "sigma_min",
-                f"sigma_min does not apply to the {self.sampler} sampler (its schedule "
-                "runs in time down to 0)",
-            ),
-            (
-                not counts_noise and not 0 < sigma_max <= 1,
-                "sigma_max",
-                "the noise level (sigma_max, init noise level) must be in (0, 1] for "
-                f"the {self.sampler} sampler",
-            ),
-            (
-                counts_noise and not 0 < sigma_min < sigma_max <= MAX_SIGMA,
-                "sigma_max",
-                "the noise levels must satisfy 0 < sigma_min < sigma_max <= "
-                f"{MAX_SIGMA:g} (the init noise level is sigma_max)",
-            ),
-            (
-                not 0 <= self.apg_scale <= 1,
-                "apg_scale",
-                "apg_scale must be in [0, 1]",
-            ),
-            (
-                self.cfg_norm_threshold < 0,
-                "cfg_norm_threshold",
-                "cfg_norm_threshold must be >= 0 (0: no threshold)",
-            ),
-            (
-                not 0 <= self.cfg_rescale <= 1,
-                "cfg_rescale",
-                "cfg_rescale must be in [0, 1]",
-            ),
-            (
-                not 0 <= low <= high <= 1,
-                "cfg_interval",
-                "the CFG interval must satisfy 0 <= MIN <= MAX <= 1 "
-                f"({INTERVAL_UNITS})",
-            ),
-            (
-                self.flow_schedule is not None and config.dit.objective == "v",
-                "flow_schedule",
-                "the flow schedule applies to rectified-flow models only",
-            ),
-            (
-                self.flow_schedule not in (None, *schedules),
-                "flow_schedule",
-                f"unknown flow schedule {self.flow_schedule!r}; choose one of "
-                f"{', '.join(schedules)}",
-            ),
-            (
-                not 1 <= self.batch_size <= MAX_BATCH,
-                "batch_size",
-                f"the number of audios must be in [1, {MAX_BATCH}]",
-            ),
-            (
-                not 0 <= self.seed < 2**64,
-                "seed",
-                "the seed must be in [0, 2**64)",
-            ),
-            (
-                any(not 0 <= a < b <= window + 1e-9 for a, b in self.inpaint_ranges),
-                "inpaint_ranges",
-                f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}",
-            ),
-            (
-                piece
-                and not 0 <= round(self.overlap * config.sample_rate / ratio) < latents,
-                "overlap",
-                f"The overlap must be in [0, {window:.2f}) seconds, leaving part of each "
-                "window to generate",
-            ),
-        ]
+        require(
+            self.flow_schedule is None or config.dit.objective != "v",
+            "flow_schedule",
+            "the flow schedule applies to rectified-flow models only",
+        )
+        require(
+            self.flow_schedule in (None, *schedules),
+            "flow_schedule",
+            f"unknown flow schedule {self.flow_schedule!r}; choose one of "
+            f"{', '.join(schedules)}",
+        )
+        require(
+            1 <= self.batch_size <= MAX_BATCH,
+            "batch_size",
+            f"the number of audios must be in [1, {MAX_BATCH}]",
+        )
+        require(0 <= self.seed < 2**64, "seed", "the seed must be in [0, 2**64)")
+
+    def _check_guidance(self):
+        low, high = self.cfg_interval
+        require(0 <= self.apg_scale <= 1, "apg_scale", "apg_scale must be in [0, 1]")
+        require(
+            self.cfg_norm_threshold >= 0,
+            "cfg_norm_threshold",
+            "cfg_norm_threshold must be >= 0 (0: no threshold)",
+        )
+        require(
+            0 <= self.cfg_rescale <= 1, "cfg_rescale", "cfg_rescale must be in [0, 1]"
+        )
+        require(
+            0 <= low <= high <= 1,
+            "cfg_interval",
+            f"the CFG interval must satisfy 0 <= MIN <= MAX <= 1 ({INTERVAL_UNITS})",
+        )
+
+
+def require(ok: bool, argument: str, message: str):
+    """An ArgumentError naming `argument`, with `message`, unless `ok`."""
+    if not ok:
+        raise ArgumentError(message + ".", argument)
 
 
 def _is_number(value) -> bool:
