@@ -17,7 +17,8 @@ from safetensors.numpy import save_file
 
 import convert
 from conftest import HERE, _copy_folder
-from stable_audio import hub, model_io
+from stable_audio import hub as checkpoints
+from stable_audio import model_io
 
 # ---------------------------------------------------------------- tier 1: hardening
 
@@ -93,7 +94,7 @@ def test_resolve_refuses_what_is_neither_folder_nor_repo(tmp_path):
         str(tmp_path / "a" / "b" / "c"),
     ):
         with pytest.raises(ValueError, match="neither"):
-            hub.resolve(bad)
+            checkpoints.resolve(bad)
     with pytest.raises(
         ValueError, match="neither model_config.json .* nor config.json"
     ):
@@ -255,7 +256,7 @@ def test_download_through_a_fake_hub(small_checkpoint, tmp_path):
     assert set(hub.authorizations) == {f"Bearer {TOKEN}"}  # the token was used, ...
     assert TOKEN not in result.stdout + result.stderr  # ... never shown
     convert.convert(str(small_checkpoint), str(tmp_path / "local"))
-    for file in hub.CONVERTED_FILES:
+    for file in checkpoints.CONVERTED_FILES:
         assert (tmp_path / "from hub" / file).read_bytes() == (
             tmp_path / "local" / file
         ).read_bytes(), file
@@ -626,7 +627,7 @@ def test_pickles_only_when_asked(small_checkpoint, tmp_path):
     finally:
         hub.close()
     convert.convert(str(small_checkpoint), str(tmp_path / "reference"))
-    for file in hub.CONVERTED_FILES:
+    for file in checkpoints.CONVERTED_FILES:
         assert (out / file).read_bytes() == (
             tmp_path / "reference" / file
         ).read_bytes(), file

@@ -316,6 +316,13 @@ class Phases:
             self.bar = tqdm(total=total, desc="Sampling")
             self.first_step = time.perf_counter() - self.start
         self.bar.update(1)
+        if done == total:
+            self.close()
+
+    def close(self):
+        """The progress bar ended, before any message that follows it."""
+        if self.bar is not None:
+            self.bar.close()
 
     def phase(self, name: str):
         if name == "audio encoding":
@@ -323,7 +330,6 @@ class Phases:
         if name == "text encoding":
             del self.pipe.t5  # not needed any more
         if name == "sampling":
-            self.bar.close()
             if self.args.verbose:
                 what = "with compilation" if self.s.compile else "eager"
                 print(f"[INFO] First step ({what}): {self.first_step:.2f} s")
@@ -371,7 +377,12 @@ def main(argv=None):
         phases = Phases(pipe, s, args)
         phases.start = start
         phases.report("Loading")
-        audio = pipe.generate(settings=s, progress=phases.progress, phase=phases.phase)
+        try:
+            audio = pipe.generate(
+                settings=s, progress=phases.progress, phase=phases.phase
+            )
+        finally:
+            phases.close()  # a failure's message comes after the bar
         write(np.array(audio), args, pipe.sample_rate)
 
 

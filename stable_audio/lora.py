@@ -207,6 +207,33 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
             "to .safetensors with stable-audio-tools' convert_lora_ckpt_to_safetensors."
         )
     tensors, metadata = read_safetensors(path, FLOATS, metadata=True)
+    settings = _lora_config(path, metadata)
+    kind, rank, alpha = _kind_rank_alpha(path, settings, tensors)
+    include, exclude = _patterns(path, settings)
+    layers = official_layers(len(dit.layers), conditioner.numbers)
+    claimed = [name for name in layers if picked(name, include, exclude)]
+    modules = {"dit": dit, "conditioner": conditioner}
+    found = {}
+    for key, value in tensors.items():
+        layer, name, value = _checked(
+            path, key, value, kind, rank, layers, claimed, modules
+        )
+        found.setdefault(layer, {})[name] = value
+    if not found:
+        raise ValueError(f"{path} holds no adapter tensors.")
+    for layer in claimed:
+        missing = [n for n in TENSORS[kind] if n not in found.get(layer, {})]
+        if missing:
+            raise ValueError(
+                f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its lora_config claims."
+            )
+    return AdapterFile(
+        path, kind, rank, alpha, settings, {name: found[name] for name in claimed}
+    )
+
+
+def _lora_config(path: Path, metadata: dict) -> dict:
+    """The file's lora_config metadata (rank, alpha, adapter_type, include, exclude)."""
     try:
         settings = json.loads((metadata or {}).get("lora_config", "{}"))
     except ValueError:
@@ -215,7 +242,24 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
         ) from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: its lora_config metadata is not a JSON object.")
+    return settings
 
+
+def _patterns(path: Path, settings: dict) -> tuple:
+    """The file's include and exclude lists (None: not given)."""
+    for what in ("include", "exclude"):
+        patterns = settings.get(what)
+        if patterns is not None and not (
+            isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)
+        ):
+            raise ValueError(
+                f"{path}: its lora_config {what} is not a list of strings."
+            )
+    return settings.get("include"), settings.get("exclude")
+
+
+def _kind_rank_alpha(path: Path, settings: dict, tensors: dict) -> tuple:
+    """The adapter type, rank and alpha, as 0.0.20 infers what the file leaves out."""
     kind = settings.get("adapter_type", "lora")
     if kind == "dora":  # 0.0.20's legacy name: the magnitudes' shape tells which
         magnitudes = [v for k, v in tensors.items() if k.endswith(".magnitude")]
@@ -245,68 +289,43 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
         raise ValueError(
             f"{path}: its lora_config alpha {alpha!r} is not a positive number."
         )
-    include, exclude = settings.get("include"), settings.get("exclude")
-    for what, patterns in (("include", include), ("exclude", exclude)):
-        if patterns is not None and not (
-            isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)
-        ):
-            raise ValueError(
-                f"{path}: its lora_config {what} is not a list of strings."
-            )
+    return kind, rank, alpha
 
-    layers = official_layers(len(dit.layers), conditioner.numbers)
-    claimed = [name for name in layers if picked(name, include, exclude)]
-    modules = {"dit": dit, "conditioner": conditioner}
-    found = {}
-    for key, value in tensors.items():
-        layer, sep, name = key.rpartition(KEY)
-        if not sep or layer not in layers:
-            raise ValueError(
-                f"{path}: unexpected tensor {key} (this model has no such layer: is the file for another model?)."
-            )
-        if name not in TENSORS[kind]:
-            raise ValueError(
-                f"{path}: unexpected tensor {key} (a {kind} adapter has {', '.join(TENSORS[kind])})."
-            )
-        if layer not in claimed:
-            raise ValueError(
-                f"{path}: tensor {key} is for a layer that its lora_config's include/exclude leave out."
-            )
-        out_dim, in_dim = _dense_shape(
-            _module(modules[layers[layer][0]], layers[layer][1])
+
+def _checked(path, key, value, kind, rank, layers, claimed, modules) -> tuple:
+    """(layer, tensor name, float32 value) of a tensor of the file, refused unless it
+    belongs to a claimed layer of this model, with the shape the rank implies."""
+    layer, sep, name = key.rpartition(KEY)
+    if not sep or layer not in layers:
+        raise ValueError(
+            f"{path}: unexpected tensor {key} (this model has no such layer: is the file for another model?)."
         )
-        expected = {
-            "lora_A": (rank, in_dim),
-            "lora_B": (out_dim, rank),
-            "magnitude": (out_dim,),
-        }[name]
-        if name == "magnitude" and value.shape == (
-            out_dim,
-            1,
-        ):  # 0.0.20 squeezes 2-D magnitudes
-            value = value.reshape(out_dim)
-        if tuple(value.shape) != expected:
-            raise ValueError(
-                f"{path}: tensor {key} has shape {tuple(value.shape)}; this model, at the file's rank "
-                f"{rank}, expects {expected} (is the file for another model?)."
-            )
-        value = value.astype(mx.float32)
-        if not mx.all(mx.isfinite(value)).item():
-            raise ValueError(
-                f"{path}: tensor {key} holds NaN or Inf: the file is damaged."
-            )
-        found.setdefault(layer, {})[name] = value
-    if not found:
-        raise ValueError(f"{path} holds no adapter tensors.")
-    for layer in claimed:
-        missing = [n for n in TENSORS[kind] if n not in found.get(layer, {})]
-        if missing:
-            raise ValueError(
-                f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its lora_config claims."
-            )
-    return AdapterFile(
-        path, kind, rank, alpha, settings, {name: found[name] for name in claimed}
-    )
+    if name not in TENSORS[kind]:
+        raise ValueError(
+            f"{path}: unexpected tensor {key} (a {kind} adapter has {', '.join(TENSORS[kind])})."
+        )
+    if layer not in claimed:
+        raise ValueError(
+            f"{path}: tensor {key} is for a layer that its lora_config's include/exclude leave out."
+        )
+    component, module = layers[layer]
+    out_dim, in_dim = _dense_shape(_module(modules[component], module))
+    expected = {
+        "lora_A": (rank, in_dim),
+        "lora_B": (out_dim, rank),
+        "magnitude": (out_dim,),
+    }[name]
+    if name == "magnitude" and value.shape == (out_dim, 1):  # 0.0.20 squeezes them
+        value = value.reshape(out_dim)
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"{path}: tensor {key} has shape {tuple(value.shape)}; this model, at the file's rank "
+            f"{rank}, expects {expected} (is the file for another model?)."
+        )
+    value = value.astype(mx.float32)
+    if not mx.all(mx.isfinite(value)).item():
+        raise ValueError(f"{path}: tensor {key} holds NaN or Inf: the file is damaged.")
+    return layer, name, value
 
 
 def initial_tensors(

@@ -144,6 +144,7 @@ class StableAudio:
     def generate_latents(
         self,
         conditioning: Conditioning,
+        *,
         settings: Settings = None,
         noise: mx.array = None,
         noise_sampler=None,
@@ -225,6 +226,7 @@ class StableAudio:
     def generate(
         self,
         prompt: str = None,
+        *,
         settings: Settings = None,
         progress=None,
         phase=None,
