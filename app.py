@@ -75,7 +75,8 @@ def field(data: dict, name: str, kind=float):
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     refusal = ArgumentError(
-        f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}.",
+        f"{name} must be {'a whole number' if kind is int else 'a number'}, not"
+        f" {value!r}.",
         name,
     )
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -333,7 +334,10 @@ class Studio:
                 results, state, error, argument = (
                     [],
                     "failed",
-                    f"MLX failed ({first_line(e)}); if memory ran out, try --quantize 8 or fewer audios.",
+                    (
+                        f"MLX failed ({first_line(e)}); if memory ran out, try"
+                        " --quantize 8 or fewer audios."
+                    ),
                     None,
                 )
             except Exception as e:  # never let one generation end the server
@@ -462,7 +466,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"The upload is larger than the limit of {limit / 1e6:g} MB (--max-upload-mb).",
+                f"The upload is larger than the limit of {limit / 1e6:g} MB"
+                " (--max-upload-mb).",
                 "upload",
             )
             return None
@@ -593,7 +598,10 @@ def arguments():
     add(
         "--host",
         default="127.0.0.1",
-        help="Address to listen on; anything but loopback lets other machines in (default: %(default)s)",
+        help=(
+            "Address to listen on; anything but loopback lets other machines in"
+            " (default: %(default)s)"
+        ),
     )
     add(
         "--port",
@@ -604,7 +612,10 @@ def arguments():
     add(
         "--output-dir",
         default="outputs",
-        help="Folder the results are written to, created if missing; nothing in it is overwritten (default: %(default)s)",
+        help=(
+            "Folder the results are written to, created if missing; nothing in it is"
+            " overwritten (default: %(default)s)"
+        ),
     )
     add_model_arguments(p)
     add_lora_arguments(p)  # applied to every generation
@@ -659,12 +670,14 @@ def main(argv=None):
         }
     else:
         print(
-            f"[WARNING] Listening on {args.host}: anyone who can reach this machine can use the model and fill {output_dir}.",
+            f"[WARNING] Listening on {args.host}: anyone who can reach this machine can"
+            f" use the model and fill {output_dir}.",
             flush=True,
         )
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"[INFO] Serving on http://{shown}:{port} (Ctrl-C stops); results go to {output_dir}",
+        f"[INFO] Serving on http://{shown}:{port} (Ctrl-C stops); results go to"
+        f" {output_dir}",
         flush=True,
     )
     signal.signal(signal.SIGTERM, stop)

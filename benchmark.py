@@ -450,12 +450,19 @@ if __name__ == "__main__":
         nargs="+",
         default=["none"],
         choices=("none", "static", "gated"),
-        help="a random rank-8 LoRA: none, static (merged) or gated by a noise interval (default: none)",
+        help=(
+            "a random rank-8 LoRA: none, static (merged) or gated by a noise interval"
+            " (default: none)"
+        ),
     )
     parser.add_argument(
         "--finetune",
         action="store_true",
-        help="time finetune.py's training step instead, over a bfloat16 DiT and each of --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small (each at its whole window)",
+        help=(
+            "time finetune.py's training step instead, over a bfloat16 DiT and each of"
+            " --variants, with and without --grad-checkpoint, for SAO 1.0 and SAO Small"
+            " (each at its whole window)"
+        ),
     )
     parser.add_argument(
         "--models",
@@ -467,25 +474,36 @@ if __name__ == "__main__":
     parser.add_argument(
         "--seconds-total",
         type=float,
-        help="time a piece of this length instead (window by window, beyond the model's window), for each of --variants",
+        help=(
+            "time a piece of this length instead (window by window, beyond the model's"
+            " window), for each of --variants"
+        ),
     )
     parser.add_argument(
         "--peer",
         choices=("diffusers",),
-        help="also run diffusers (peer_diffusers.py: torch, diffusers, CUDA) before and after ours, at the matching precision, and print the ratios",
+        help=(
+            "also run diffusers (peer_diffusers.py: torch, diffusers, CUDA) before and"
+            " after ours, at the matching precision, and print the ratios"
+        ),
     )
     parser.add_argument(
         "--gemms",
         action="store_true",
-        help="time the matrix products of one guided step instead (float16; PyTorch's too, where torch has CUDA)",
+        help=(
+            "time the matrix products of one guided step instead (float16; PyTorch's"
+            " too, where torch has CUDA)"
+        ),
     )
     args = parser.parse_args()
     if args.gemms:
         print(
-            f"mlx {mx.__version__}, {mx.default_device()}, float16, the products of one guided step (1024 latents), as nn.Linear computes them"
+            f"mlx {mx.__version__}, {mx.default_device()}, float16, the products of one"
+            " guided step (1024 latents), as nn.Linear computes them"
         )
         print(
-            "| product | rows x in -> out | bias | MLX (us) | MLX TFLOP/s | PyTorch (us) | PyTorch TFLOP/s |"
+            "| product | rows x in -> out | bias | MLX (us) | MLX TFLOP/s | PyTorch"
+            " (us) | PyTorch TFLOP/s |"
         )
         print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
         ours = theirs = 0.0
@@ -497,7 +515,8 @@ if __name__ == "__main__":
             ours, theirs = ours + t, theirs + (peer or 0.0)
             peer_cells = f"{1e6 * peer:.1f} | {rate(peer):.0f}" if peer else "- | -"
             print(
-                f"| {name} | {m} x {k} -> {n} | {'yes' if bias else 'no'} | {1e6 * t:.1f} | {rate(t):.0f} | {peer_cells} |",
+                f"| {name} | {m} x {k} -> {n} | {'yes' if bias else 'no'} |"
+                f" {1e6 * t:.1f} | {rate(t):.0f} | {peer_cells} |",
                 flush=True,
             )
         print(
@@ -507,7 +526,8 @@ if __name__ == "__main__":
         raise SystemExit
     if args.seconds_total:
         print(
-            f"mlx {mx.__version__}, {mx.default_device()}, a {args.seconds_total:g} s piece, {args.steps} steps a window, cfg 7, compiled"
+            f"mlx {mx.__version__}, {mx.default_device()}, a {args.seconds_total:g} s"
+            f" piece, {args.steps} steps a window, cfg 7, compiled"
         )
         print(
             "| DiT | windows | sampling (s) | decode (s) | end to end (s) | peak (GB) |"
@@ -517,16 +537,20 @@ if __name__ == "__main__":
             measure_piece(variant, args.seconds_total, 2)  # warm-up
             r = measure_piece(variant, args.seconds_total, args.steps)
             print(
-                f"| {variant} | {r['windows']} | {r['sampling']:.2f} | {r['decode']:.2f} | {r['sampling'] + r['decode']:.2f} | {r['peak']:.2f} |",
+                f"| {variant} | {r['windows']} | {r['sampling']:.2f} |"
+                f" {r['decode']:.2f} | {r['sampling'] + r['decode']:.2f} |"
+                f" {r['peak']:.2f} |",
                 flush=True,
             )
         raise SystemExit
     if args.finetune:
         print(
-            f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention projections, batch 1, the model's whole window, AdamW, compiled step"
+            f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention"
+            " projections, batch 1, the model's whole window, AdamW, compiled step"
         )
         print(
-            "| model | frozen DiT | gradient checkpointing | per step (ms) | peak (GB) |"
+            "| model | frozen DiT | gradient checkpointing | per step (ms) | peak"
+            " (GB) |"
         )
         print("| --- | --- | --- | ---: | ---: |")
         small = parse_config(
@@ -552,16 +576,21 @@ if __name__ == "__main__":
                         variant, checkpoint, args.runs * 4, config, latents
                     )
                     print(
-                        f"| {name} ({latents} latents) | {variant} | {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} | {r['peak']:.2f} |",
+                        f"| {name} ({latents} latents) | {variant} |"
+                        f" {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} |"
+                        f" {r['peak']:.2f} |",
                         flush=True,
                     )
         raise SystemExit
 
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     print(
-        f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024 latents, "
-        f"sampler {args.sampler or 'dpmpp-3m-sde'}, APG {args.apg_scale}, VAE {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command buffers of "
-        f"{os.environ['MLX_MAX_OPS_PER_BUFFER']} ops / {os.environ['MLX_MAX_MB_PER_BUFFER']} MB, float32 = {float32_matmuls()} matmuls"
+        f"mlx {mx.__version__}, {mx.default_device()}, {args.steps} steps, cfg 7, 1024"
+        f" latents, sampler {args.sampler or 'dpmpp-3m-sde'}, APG {args.apg_scale}, VAE"
+        f" {args.vae_dtype}, low memory {'on' if args.low_memory else 'off'}, command"
+        f" buffers of {os.environ['MLX_MAX_OPS_PER_BUFFER']} ops /"
+        f" {os.environ['MLX_MAX_MB_PER_BUFFER']} MB, float32 = {float32_matmuls()}"
+        " matmuls"
     )
     peers = {}
     if args.peer:
@@ -569,7 +598,9 @@ if __name__ == "__main__":
             peers[dtype] = [run_peer(dtype, args.steps, 2)]
     ends = {}
     print(
-        "| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) | decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling / decode) |"
+        "| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) |"
+        " decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling"
+        " / decode) |"
     )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for variant, adapter, compile, batch_size in itertools.product(
@@ -587,10 +618,11 @@ if __name__ == "__main__":
             adapter=adapter,
         )
         print(
-            f"| {label(variant)} | {adapter} | {'yes' if compile else 'no'} | {batch_size} | {r['text']:.3f} | "
-            f"{1e3 * r['sampling'] / args.steps:.1f} | {r['sampling']:.2f} | {r['decode']:.3f} | "
-            f"{r['end to end']:.2f} | {r['end to end'] / batch_size:.2f} | {r['peak']:.2f} "
-            f"({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
+            f"| {label(variant)} | {adapter} | {'yes' if compile else 'no'} |"
+            f" {batch_size} | {r['text']:.3f} | {1e3 * r['sampling'] / args.steps:.1f}"
+            f" | {r['sampling']:.2f} | {r['decode']:.3f} | {r['end to end']:.2f} |"
+            f" {r['end to end'] / batch_size:.2f} | {r['peak']:.2f}"
+            f" ({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
             flush=True,
         )
         ends[variant, adapter, compile, batch_size] = r["end to end"] / batch_size
@@ -598,10 +630,12 @@ if __name__ == "__main__":
         for dtype in peers:
             peers[dtype].append(run_peer(dtype, args.steps, 2))
         print(
-            f"\ndiffusers (peer_diffusers.py, torch {peers[dtype][0]['torch']}), before / after ours, same call:"
+            f"\ndiffusers (peer_diffusers.py, torch {peers[dtype][0]['torch']}), before"
+            " / after ours, same call:"
         )
         print(
-            "| precision | end to end (s) | DiT forward, batch 2 (ms) | decode (ms) | peak (GiB) |"
+            "| precision | end to end (s) | DiT forward, batch 2 (ms) | decode (ms) |"
+            " peak (GiB) |"
         )
         print("| --- | ---: | ---: | ---: | ---: |")
         for dtype, (before, after) in peers.items():
@@ -614,15 +648,19 @@ if __name__ == "__main__":
                 for k in ("dit_forward_s", "decode_s")
             ]
             print(
-                f"| {dtype} | {' | '.join(cells)} | {max(before['peak_GiB'], after['peak_GiB']):.2f} |"
+                f"| {dtype} | {' | '.join(cells)} |"
+                f" {max(before['peak_GiB'], after['peak_GiB']):.2f} |"
             )
         print(
-            "\n| ours | compiled | audios | peer | ours end to end per audio (s) | peer (s, mean) | ours faster |"
+            "\n| ours | compiled | audios | peer | ours end to end per audio (s) | peer"
+            " (s, mean) | ours faster |"
         )
         print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
         for (variant, adapter, compile, batch_size), ours in ends.items():
             dtype = peer_dtype(variant)
             theirs = statistics.mean(p["end_to_end_s"] for p in peers[dtype])
             print(
-                f"| {label(variant)}{' + ' + adapter if adapter != 'none' else ''} | {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |"
+                f"| {label(variant)}{' + ' + adapter if adapter != 'none' else ''} |"
+                f" {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype} |"
+                f" {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |"
             )

@@ -257,10 +257,11 @@ def write_released(
 
 
 WORDS = (
-    "ambient drum bass piano guitar synth techno house loop beat kick snare hat chord "
-    "melody warm deep bright dark slow fast bpm 120 128 174 orchestral strings violin "
-    "cello brass choir rain thunder birds forest city night jazz funk soul hip hop lofi "
-    "vinyl crackle reverb delay distorted clean acoustic electric sub wobble riser"
+    "ambient drum bass piano guitar synth techno house loop beat kick snare hat chord"
+    " melody warm deep bright dark slow fast bpm 120 128 174 orchestral strings violin"
+    " cello brass choir rain thunder birds forest city night jazz funk soul hip hop"
+    " lofi vinyl crackle reverb delay distorted clean acoustic electric sub wobble"
+    " riser"
 ).split()
 
 

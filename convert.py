@@ -18,7 +18,8 @@ def read_pickled(path: Path) -> dict:
         import torch
     except ImportError:
         raise ValueError(
-            f"Reading {path} (a pickled PyTorch checkpoint) needs torch: pip install torch."
+            f"Reading {path} (a pickled PyTorch checkpoint) needs torch: pip install"
+            " torch."
         ) from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -55,7 +56,8 @@ def check_output(mlx_path: Path, force: bool):
         return
     if not force:
         raise ValueError(
-            f"{mlx_path} already exists; choose another --mlx-path, or replace it with --force."
+            f"{mlx_path} already exists; choose another --mlx-path, or replace it with"
+            " --force."
         )
     ours = hub.is_converted(mlx_path) and all(
         (mlx_path / f).is_file() for f in hub.CONVERTED_FILES
@@ -66,7 +68,8 @@ def check_output(mlx_path: Path, force: bool):
         or not (ours or not any(mlx_path.iterdir()))
     ):
         raise ValueError(
-            f"{mlx_path} is not a folder written by convert.py; --force replaces only those."
+            f"{mlx_path} is not a folder written by convert.py; --force replaces only"
+            " those."
         )
 
 
@@ -109,7 +112,8 @@ def convert(
         models = model_io.load(hf_path, dtype=mx.float32, read_pickle=read_pickle)
         if quantize and models.config.quantization:
             raise ValueError(
-                f"{hf_path} is already quantized ({models.config.quantization['bits']} bits)."
+                f"{hf_path} is already quantized ({models.config.quantization['bits']}"
+                " bits)."
             )
         merged = []
         for path, strength in loras:
@@ -180,13 +184,19 @@ def main(argv=None):
     p.add_argument(
         "--force",
         action="store_true",
-        help="Replace --mlx-path if it exists (only a folder convert.py wrote, or an empty one).",
+        help=(
+            "Replace --mlx-path if it exists (only a folder convert.py wrote, or an"
+            " empty one)."
+        ),
     )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
         default="float16",
-        help="dtype of T5 and the DiT; the autoencoder stays float32 (default: %(default)s).",
+        help=(
+            "dtype of T5 and the DiT; the autoencoder stays float32 (default:"
+            " %(default)s)."
+        ),
     )
     p.add_argument(
         "-q",
@@ -211,8 +221,10 @@ def main(argv=None):
     p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="Read the pickled model.ckpt when the checkpoint has no model.safetensors "
-        "(needs torch; loaded with weights_only=True; only for a file you trust).",
+        help=(
+            "Read the pickled model.ckpt when the checkpoint has no model.safetensors "
+            "(needs torch; loaded with weights_only=True; only for a file you trust)."
+        ),
     )
     p.add_argument(
         "--lora",
@@ -220,8 +232,11 @@ def main(argv=None):
         action="append",
         default=[],
         metavar="FILE[:STRENGTH]",
-        help="Merge this LoRA or DoRA adapter (stable-audio-tools' .safetensors) into the weights "
-        "at STRENGTH (default 1), before --quantize; repeat to merge several, in order.",
+        help=(
+            "Merge this LoRA or DoRA adapter (stable-audio-tools' .safetensors) into"
+            " the weights at STRENGTH (default 1), before --quantize; repeat to merge"
+            " several, in order."
+        ),
     )
     args = p.parse_args(argv)
     quantize = (

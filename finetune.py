@@ -44,7 +44,8 @@ def check_output(output: str, force: bool):
         raise ValueError(f"The folder of {output!r} does not exist.")
     if path.exists() and not force:
         raise ValueError(
-            f"{output} already exists; choose another --output, or replace it with --force."
+            f"{output} already exists; choose another --output, or replace it with"
+            " --force."
         )
 
 
@@ -87,7 +88,8 @@ def prepare_clips(
             silent += 1
     if show and unreadable:
         print(
-            f"[WARN] Skipped {len(unreadable)} file(s) that cannot be read (--strict refuses them), first: {unreadable[0]}"
+            f"[WARN] Skipped {len(unreadable)} file(s) that cannot be read (--strict"
+            f" refuses them), first: {unreadable[0]}"
         )
     if show and silent:
         print(f"[INFO] Left out {silent} silent file(s) (below -60 dBFS throughout)")
@@ -95,12 +97,15 @@ def prepare_clips(
         raise ValueError(
             "No file can be read."
             if not silent
-            else "Every clip is silent (below -60 dBFS): there is nothing to learn from."
+            else (
+                "Every clip is silent (below -60 dBFS): there is nothing to learn from."
+            )
         )
     problem = datasets.save_to_cache(everything) if save else ""
     if show and problem:
         print(
-            f"[WARN] Cannot write the latent cache ({problem}); the next run encodes again (see --cache)"
+            f"[WARN] Cannot write the latent cache ({problem}); the next run encodes"
+            " again (see --cache)"
         )
     return prepared
 
@@ -237,7 +242,8 @@ def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
     changed = [k for k in settings if stored.get(k) != settings[k]]
     if changed:
         raise ValueError(
-            f"{path} is of another run: its {changed[0]} is {stored.get(changed[0])!r}, not {settings[changed[0]]!r}."
+            f"{path} is of another run: its {changed[0]} is {stored.get(changed[0])!r},"
+            f" not {settings[changed[0]]!r}."
         )
     adapters = {
         k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")
@@ -308,12 +314,18 @@ def _adapter(group):
     add(
         "--include",
         action="append",
-        help="Adapt only layers whose stable-audio-tools name contains this (repeatable; e.g. 'transformer.layers.[0-11].')",
+        help=(
+            "Adapt only layers whose stable-audio-tools name contains this (repeatable;"
+            " e.g. 'transformer.layers.[0-11].')"
+        ),
     )
     add(
         "--exclude",
         action="append",
-        help="Leave out layers whose name contains this (repeatable; wins over --include)",
+        help=(
+            "Leave out layers whose name contains this (repeatable; wins over"
+            " --include)"
+        ),
     )
 
 
@@ -359,7 +371,10 @@ def _training(group):
         "--timestep-sampler",
         choices=trainer.TIMESTEP_SAMPLERS,
         default="uniform",
-        help="How t is drawn, as 0.0.20's option of that name (default: %(default)s, 0.0.20's)",
+        help=(
+            "How t is drawn, as 0.0.20's option of that name (default: %(default)s,"
+            " 0.0.20's)"
+        ),
     )
     add(
         "--crop-seconds",
@@ -369,7 +384,10 @@ def _training(group):
     add(
         "--phase-flip",
         action="store_true",
-        help="Invert the waveform of half the examples, as 0.0.20's PhaseFlipper (encodes each file twice)",
+        help=(
+            "Invert the waveform of half the examples, as 0.0.20's PhaseFlipper"
+            " (encodes each file twice)"
+        ),
     )
     add("--seed", type=int, default=0, help="Random seed (default: %(default)s)")
 
@@ -378,7 +396,10 @@ def _data(group):
     add = group.add_argument
     add(
         "--cache",
-        help="Folder of the encoded files' latents, reused by later runs (default: .stable-audio-cache in --data)",
+        help=(
+            "Folder of the encoded files' latents, reused by later runs (default:"
+            " .stable-audio-cache in --data)"
+        ),
     )
     add(
         "--no-cache",
@@ -398,16 +419,24 @@ def _saving(group):
         "--save-every",
         type=int,
         default=0,
-        help="Also write the adapter, and a checkpoint for --resume beside it, every N steps (default: only at the end)",
+        help=(
+            "Also write the adapter, and a checkpoint for --resume beside it, every N"
+            " steps (default: only at the end)"
+        ),
     )
     add(
         "--resume",
         action="store_true",
-        help="Go on from the checkpoint beside --output (same data, model and settings)",
+        help=(
+            "Go on from the checkpoint beside --output (same data, model and settings)"
+        ),
     )
     add(
         "--preview-prompt",
-        help="Every --preview-every steps, write this prompt's audio (fixed seed) beside --output",
+        help=(
+            "Every --preview-every steps, write this prompt's audio (fixed seed) beside"
+            " --output"
+        ),
     )
     add(
         "--preview-every",
@@ -445,7 +474,10 @@ def _runtime(group):
     add(
         "--dtype",
         choices=DTYPES,
-        help="dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the CPU)",
+        help=(
+            "dtype of T5 and the frozen DiT (default: bfloat16 on a GPU, float32 on the"
+            " CPU)"
+        ),
     )
     add(
         "-v",
@@ -461,12 +493,18 @@ def arguments():
     add(
         "--model",
         default=hub.DEFAULT_REPO,
-        help="Converted folder, released folder or Hub repo, in floating point (default: %(default)s)",
+        help=(
+            "Converted folder, released folder or Hub repo, in floating point (default:"
+            " %(default)s)"
+        ),
     )
     add(
         "--data",
         required=True,
-        help="Folder of audio files, each captioned by a same-named .txt or a row of metadata.jsonl / metadata.csv",
+        help=(
+            "Folder of audio files, each captioned by a same-named .txt or a row of"
+            " metadata.jsonl / metadata.csv"
+        ),
     )
     add("--output", required=True, help="The adapter file to write (.safetensors)")
     add("--force", action="store_true", help="Replace --output if it exists")
@@ -513,8 +551,9 @@ def crop_samples(args, config) -> int:
     if config.quantization:
         bits = config.quantization["bits"]
         raise ValueError(
-            f"{args.model} is quantized ({bits} bits); fine-tuning reads the "
-            f"floating-point model (add --quantize {bits} to train over a quantized copy)."
+            f"{args.model} is quantized ({bits} bits); fine-tuning reads the"
+            f" floating-point model (add --quantize {bits} to train over a quantized"
+            " copy)."
         )
     window_seconds = config.sample_size / config.sample_rate
     seconds = window_seconds if args.crop_seconds is None else args.crop_seconds
@@ -529,7 +568,8 @@ def crop_samples(args, config) -> int:
         and not 0 < args.preview_seconds <= window_seconds + 1e-9
     ):
         raise ValueError(
-            f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's window."
+            f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's"
+            " window."
         )
     return window
 

@@ -177,7 +177,8 @@ def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path):
     )  # float layers take the adapter in
     beside = rel_err(_guided(beside_q8), merged)
     print(
-        f"8 bits: plain {bound:.2e}, merged {merged_q8:.2e}, adapters beside 8-bit layers {beside:.2e}"
+        f"8 bits: plain {bound:.2e}, merged {merged_q8:.2e}, adapters beside 8-bit"
+        f" layers {beside:.2e}"
     )
     assert 0 < merged_q8 < 1.5 * bound and 0 < beside < 1.5 * bound
 
@@ -270,11 +271,17 @@ def _damage_adapter(kind: str):
     return {
         "missing tensor": (
             drop_b,
-            "has no tensor model.transformer.layers.1.cross_attn.to_out.parametrizations.weight.0.lora_B",
+            (
+                "has no tensor"
+                " model.transformer.layers.1.cross_attn.to_out.parametrizations.weight.0.lora_B"
+            ),
         ),
         "wrong rank": (
             wrong_rank,
-            "tensor model.to_cond_embed.2.parametrizations.weight.0.lora_A has shape (2, 256)",
+            (
+                "tensor model.to_cond_embed.2.parametrizations.weight.0.lora_A has"
+                " shape (2, 256)"
+            ),
         ),
         "another model": (
             another_model,
@@ -282,7 +289,10 @@ def _damage_adapter(kind: str):
         ),
         "unknown key": (
             unknown,
-            "unexpected tensor model.transformer.layers.0.self_attn.to_qkv.parametrizations.weight.0.lora_C",
+            (
+                "unexpected tensor"
+                " model.transformer.layers.0.self_attn.to_qkv.parametrizations.weight.0.lora_C"
+            ),
         ),
         "excluded layer": (excluded, "include/exclude leave out"),
         "NaN": (
@@ -642,7 +652,8 @@ def test_gated_adapters_match_reference(sao, tmp_path):
             )
     err = rel_err(latents.transpose(0, 2, 1), ref)
     print(
-        f"gated LoRA under a DoRA, 8 steps: final latents rel. error {err:.2e}, {len(traces)} trace(s)"
+        f"gated LoRA under a DoRA, 8 steps: final latents rel. error {err:.2e},"
+        f" {len(traces)} trace(s)"
     )
     assert err < 1e-4
     assert len(traces) == 1

@@ -517,10 +517,12 @@ def _browser():
     if not (binary and driver):
         if os.environ.get("CI"):
             pytest.fail(
-                "CI needs Chromium and ChromeDriver: apt-get install -y chromium chromium-driver"
+                "CI needs Chromium and ChromeDriver: apt-get install -y chromium"
+                " chromium-driver"
             )
         pytest.skip(
-            "no Chromium and ChromeDriver here (Debian: apt-get install chromium chromium-driver)"
+            "no Chromium and ChromeDriver here (Debian: apt-get install chromium"
+            " chromium-driver)"
         )
     options = webdriver.ChromeOptions()
     options.binary_location = binary
@@ -575,7 +577,8 @@ def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_pat
             b,
         ):  # what the progress bar shows, until the generation leaves the queue
             shown = b.execute_script(
-                "const p = document.querySelector('.job progress'); return p ? [p.value, p.max] : null"
+                "const p = document.querySelector('.job progress'); return p ?"
+                " [p.value, p.max] : null"
             )
             return shown is None or seen.append(tuple(shown))
 
@@ -613,7 +616,8 @@ def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_pat
         browser.find_element(By.CSS_SELECTOR, ".result .use-seed").click()
         assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"
         images = browser.execute_script(
-            "return [...document.querySelectorAll('.result img')].map(i => i.naturalWidth)"
+            "return [...document.querySelectorAll('.result img')].map(i =>"
+            " i.naturalWidth)"
         )
         assert images and images[0] == 1024  # the spectrogram arrived
 
@@ -626,7 +630,8 @@ def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_pat
         canvas = browser.find_element(By.ID, "waveform")
         wait.until(
             lambda b: b.execute_script(
-                "const c = arguments[0]; return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v)",
+                "const c = arguments[0]; return c.getContext('2d').getImageData(0, 0,"
+                " c.width, c.height).data.some(v => v)",
                 canvas,
             )
         )

@@ -203,8 +203,9 @@ TOKEN = "hf_NotARealTokenButSecret"
 def _cli(script: str, *args, env=None, cwd=None, prelude="pass"):
     """Run one of our scripts as a user would; `prelude` runs first (to hide torch, say)."""
     code = (
-        f"import os, runpy, sys; {prelude}; sys.argv = sys.argv[1:]; "
-        "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
+        f"import os, runpy, sys; {prelude}; sys.argv = sys.argv[1:]; sys.path.insert(0,"
+        " os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0],"
+        " run_name='__main__')"
     )
     return subprocess.run(
         [sys.executable, "-c", code, str(HERE / script), *args],
@@ -423,22 +424,34 @@ DECODER = ("model", "pretransform", "config", "decoder", "config")
         ),
         (
             "int32 tensor",
-            "Tensor model.safetensors: model.model.transformer.project_in.weight has dtype int32",
+            (
+                "Tensor model.safetensors: model.model.transformer.project_in.weight"
+                " has dtype int32"
+            ),
             False,
         ),
         (
             "float64 tensor",
-            "text_encoder/model.safetensors holds tensors of a type MLX cannot load (unsupported dtype F64)",
+            (
+                "text_encoder/model.safetensors holds tensors of a type MLX cannot load"
+                " (unsupported dtype F64)"
+            ),
             False,
         ),
         (
             "NaN tensor",
-            "Tensor model.safetensors: model.model.transformer.layers.1.ff.ff.2.bias holds NaN or Inf",
+            (
+                "Tensor model.safetensors:"
+                " model.model.transformer.layers.1.ff.ff.2.bias holds NaN or Inf"
+            ),
             False,
         ),
         (
             "Inf weight_v",
-            "Tensor model.safetensors: pretransform.model.decoder.layers.0.weight_v holds NaN or Inf",
+            (
+                "Tensor model.safetensors: pretransform.model.decoder.layers.0.weight_v"
+                " holds NaN or Inf"
+            ),
             False,
         ),
         (

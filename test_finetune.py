@@ -189,8 +189,9 @@ def test_training_loss_and_gradients_match_reference(
                     )
         worst = max(errors, key=errors.get)
         print(
-            f"{kind} training loss rel. error {err:.2e}; gradients of {len(errors)} tensors: worst {errors[worst]:.2e} ({worst}), "
-            f"median {np.median(list(errors.values())):.2e}"
+            f"{kind} training loss rel. error {err:.2e}; gradients of {len(errors)}"
+            f" tensors: worst {errors[worst]:.2e} ({worst}), median"
+            f" {np.median(list(errors.values())):.2e}"
         )
         assert len(errors) == 180 * (3 if kind == "dora-rows" else 2)
         assert err < PARITY_RTOL and errors[worst] < 1e-4
@@ -310,7 +311,8 @@ def test_chunked_encoding_equals_one_shot(small_converted, monkeypatch):
     chunked = vae.posterior(audio, chunk=4)
     errors = [rel_err(a, b) for a, b in zip(chunked, whole)]
     print(
-        f"chunked encoding (4 latents a chunk, context {vae.config.encoder_context}): mean {errors[0]:.1e}, std {errors[1]:.1e}"
+        f"chunked encoding (4 latents a chunk, context {vae.config.encoder_context}):"
+        f" mean {errors[0]:.1e}, std {errors[1]:.1e}"
     )
     assert max(errors) < 1e-6
     monkeypatch.setattr(type(vae.config), "encoder_context", property(lambda self: 1))
@@ -580,7 +582,9 @@ def test_accumulation_and_processes_match_a_larger_batch(
             rel_err(adapters[name][k], adapters["batch"][k]) for k in adapters[name]
         )
         print(
-            f"{name} vs one process with batch 2: the adapter's rel. error {rel_err(whole(adapters[name]), expected):.1e} (worst tensor {worst:.1e})"
+            f"{name} vs one process with batch 2: the adapter's rel. error"
+            f" {rel_err(whole(adapters[name]), expected):.1e} (worst tensor"
+            f" {worst:.1e})"
         )
         assert rel_err(whole(adapters[name]), expected) < 1e-6
     assert rel_err(whole(adapters["processes"]), whole(adapters["accumulated"])) < 1e-7
@@ -756,7 +760,8 @@ def test_finetuning_learns(small_converted, tone_data, tmp_path):
 
     before, after = held_out_loss(), held_out_loss(out)
     print(
-        f"fine-tuning, 200 steps: held-out loss {before:.4f} -> {after:.4f} ({1 - after / before:.0%} lower)"
+        f"fine-tuning, 200 steps: held-out loss {before:.4f} -> {after:.4f}"
+        f" ({1 - after / before:.0%} lower)"
     )
     assert after < 0.8 * before
 
@@ -804,7 +809,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_converted):
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     worst = max(rel_err(checkpointed[k], plain[k]) for k in plain)
     print(
-        f"gradient checkpointing: loss rel. error {abs(loss - plain_loss) / plain_loss:.1e}, worst gradient {worst:.1e}"
+        "gradient checkpointing: loss rel. error"
+        f" {abs(loss - plain_loss) / plain_loss:.1e}, worst gradient {worst:.1e}"
     )
     assert abs(loss - plain_loss) / plain_loss < 1e-6 and worst < 1e-5
 
@@ -977,6 +983,7 @@ def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path):
         err, adapted = _adapted_dit_error(small, 7.0)
     plain = _adapted_dit_error(small, 7.0)[1]
     print(
-        f"finetune.py's adapter in 0.0.20: DiT cfg 7 rel. error {err:.2e}; it moves the output by {rel_err(adapted, plain):.1e}"
+        f"finetune.py's adapter in 0.0.20: DiT cfg 7 rel. error {err:.2e}; it moves the"
+        f" output by {rel_err(adapted, plain):.1e}"
     )
     assert err < PARITY_RTOL and rel_err(adapted, plain) > 1e-3

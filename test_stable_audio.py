@@ -940,7 +940,8 @@ def test_long_pieces_are_made_window_by_window(request, family, monkeypatch):
         )
         peaks[n] = mx.get_peak_memory() / 1e6
     print(
-        f"{family}: peak memory, 2 windows {peaks[2]:.1f} MB, 5 windows {peaks[5]:.1f} MB"
+        f"{family}: peak memory, 2 windows {peaks[2]:.1f} MB, 5 windows"
+        f" {peaks[5]:.1f} MB"
     )
     assert peaks[5] < 1.1 * peaks[2]
 
@@ -965,7 +966,8 @@ def test_continuation_keeps_the_original(small_pipe):
     decoded = np.array(small_pipe.decode(mx.array(made)))
     error = rel_err(out[..., :reach], decoded[..., :reach])
     print(
-        f"continuation: the {reach} samples before the decoder's reach of the join ({join}) are the decoded original to {error:.1e}"
+        f"continuation: the {reach} samples before the decoder's reach of the join"
+        f" ({join}) are the decoded original to {error:.1e}"
     )
     assert (
         error < 1e-6 and np.abs(out[..., join:]).mean() > 1e-3
@@ -1016,7 +1018,8 @@ def test_loops_are_seamless_and_exact(small_pipe, monkeypatch):
         ..., 50 * ratio : 150 * ratio
     ]
     print(
-        f"loop: repeated vs the repeated latents decoded, rel. error {rel_err(np.tile(period, 2), repeated):.1e}"
+        "loop: repeated vs the repeated latents decoded, rel. error"
+        f" {rel_err(np.tile(period, 2), repeated):.1e}"
     )
     assert rel_err(np.tile(period, 2), repeated) < 1e-6
     jumps, fluxes = [], []
@@ -1031,8 +1034,9 @@ def test_loops_are_seamless_and_exact(small_pipe, monkeypatch):
         jumps.append(jump)
         fluxes.append(flux)
     print(
-        f"loop seams over 20 seeds: rank among interior jumps median {np.median(jumps):.2f} (max {max(jumps):.2f}), "
-        f"among interior spectral fluxes median {np.median(fluxes):.2f} (max {max(fluxes):.2f})"
+        "loop seams over 20 seeds: rank among interior jumps median"
+        f" {np.median(jumps):.2f} (max {max(jumps):.2f}), among interior spectral"
+        f" fluxes median {np.median(fluxes):.2f} (max {max(fluxes):.2f})"
     )
     assert (
         0.2 < np.median(jumps) < 0.8
@@ -1134,7 +1138,8 @@ def test_conditioning_matches_reference(sao):
     err_global = rel_err(global_cond, ref["global_cond"])
     numbers = rel_err(cross[:, -2:], ref["cross_attn_cond"][:, -2:])
     print(
-        f"conditioning rel. error: cross {err_cross:.2e}, global {err_global:.2e}, seconds {numbers:.2e}"
+        f"conditioning rel. error: cross {err_cross:.2e}, global {err_global:.2e},"
+        f" seconds {numbers:.2e}"
     )
     assert cross.shape == (3, 130, 768) and global_cond.shape == (3, 1536)
     assert max(err_cross, err_global, numbers) < PARITY_RTOL
@@ -1220,7 +1225,8 @@ def test_dit_matches_reference(
         assert mx.abs(diff).max().item() > 1e-2
     err = rel_err(ours.transpose(0, 2, 1), ref)
     print(
-        f"DiT cfg {cfg_scale} negative {negative} rescale {rescale} apg {apg} threshold {threshold}: rel. error {err:.2e}"
+        f"DiT cfg {cfg_scale} negative {negative} rescale {rescale} apg {apg} threshold"
+        f" {threshold}: rel. error {err:.2e}"
     )
     assert err < PARITY_RTOL, "on Linux, is OpenBLAS preloaded? (README, Tests)"
 

@@ -37,23 +37,35 @@ def _length(group):
     add(
         "--seconds-total",
         type=float,
-        help="Length of the audio, up to 512 s for SAO 1.0; beyond the model's window it is made window by window (default: the window, 47.55 s)",
+        help=(
+            "Length of the audio, up to 512 s for SAO 1.0; beyond the model's window it"
+            " is made window by window (default: the window, 47.55 s)"
+        ),
     )
     add(
         "--overlap",
         type=float,
-        help="Seconds each window of a longer piece keeps of the one before (default: a quarter of the window)",
+        help=(
+            "Seconds each window of a longer piece keeps of the one before (default: a"
+            " quarter of the window)"
+        ),
     )
     add(
         "--continue",
         dest="continue_audio",
         metavar="FILE",
-        help="Extend this audio file to --seconds-total (its end is kept by the first window)",
+        help=(
+            "Extend this audio file to --seconds-total (its end is kept by the first"
+            " window)"
+        ),
     )
     add(
         "--loop",
         action="store_true",
-        help="Make a seamless loop: its end flows into its start (--seconds-total long, or --bpm and --bars)",
+        help=(
+            "Make a seamless loop: its end flows into its start (--seconds-total long,"
+            " or --bpm and --bars)"
+        ),
     )
     add(
         "--bpm",
@@ -85,20 +97,29 @@ def _sampling(group):
         "--apg-scale",
         type=float,
         default=0.0,
-        help="Adaptive projected guidance, 0 (plain CFG) to 1 (stable-audio-tools 0.0.20's default) (default: %(default)s)",
+        help=(
+            "Adaptive projected guidance, 0 (plain CFG) to 1 (stable-audio-tools"
+            " 0.0.20's default) (default: %(default)s)"
+        ),
     )
     add(
         "--cfg-norm-threshold",
         type=float,
         default=0.0,
-        help="Cap on the norm of the guidance difference, 0 for none (default: %(default)s)",
+        help=(
+            "Cap on the norm of the guidance difference, 0 for none (default:"
+            " %(default)s)"
+        ),
     )
     add(
         "--cfg-interval",
         type=parse_interval,
         default=(0.0, 1.0),
         metavar="MIN:MAX",
-        help="Guide only at noise levels in [MIN, MAX]: sin(pi t / 2) for SAO 1.0, t for SAO Small (default: 0:1)",
+        help=(
+            "Guide only at noise levels in [MIN, MAX]: sin(pi t / 2) for SAO 1.0, t for"
+            " SAO Small (default: 0:1)"
+        ),
     )
     add(
         "--cfg-rescale",
@@ -108,7 +129,10 @@ def _sampling(group):
     )
     add(
         "--sampler",
-        help=f"One of {', '.join(SAMPLERS)} for SAO 1.0 (default: dpmpp-3m-sde); {', '.join(FLOW_SAMPLERS)} for SAO Small (default: pingpong)",
+        help=(
+            f"One of {', '.join(SAMPLERS)} for SAO 1.0 (default: dpmpp-3m-sde);"
+            f" {', '.join(FLOW_SAMPLERS)} for SAO Small (default: pingpong)"
+        ),
     )
     add(
         "--sigma-min",
@@ -118,11 +142,17 @@ def _sampling(group):
     add(
         "--sigma-max",
         type=float,
-        help="Highest noise level (default: 500 for SAO 1.0's k-diffusion samplers; 1, a time, for v-ddim, euler and SAO Small)",
+        help=(
+            "Highest noise level (default: 500 for SAO 1.0's k-diffusion samplers; 1, a"
+            " time, for v-ddim, euler and SAO Small)"
+        ),
     )
     add(
         "--flow-schedule",
-        help="SAO Small's schedule: 0.0.20 (stable-audio-tools 0.0.20's, the default) or 0.0.19",
+        help=(
+            "SAO Small's schedule: 0.0.20 (stable-audio-tools 0.0.20's, the default) or"
+            " 0.0.19"
+        ),
     )
 
 
@@ -138,12 +168,18 @@ def _audio(group):
         type=float,
         default=1.0,
         metavar="SIGMA",
-        help="How far --init-audio is noised before sampling; it replaces --sigma-max (default: %(default)s)",
+        help=(
+            "How far --init-audio is noised before sampling; it replaces --sigma-max"
+            " (default: %(default)s)"
+        ),
     )
     add(
         "--inpaint-audio",
         metavar="FILE",
-        help="Keep this audio file except the --inpaint-range parts, which are regenerated",
+        help=(
+            "Keep this audio file except the --inpaint-range parts, which are"
+            " regenerated"
+        ),
     )
     add(
         "--inpaint-range",
@@ -175,17 +211,26 @@ def _output(group):
         "--normalize",
         choices=LEVELS,
         default="peak",
-        help="The output's level: peak (the loudest sample at full scale), clamp (clip to +-1, as stable-audio-tools 0.0.20's page) or none (as decoded) (default: %(default)s)",
+        help=(
+            "The output's level: peak (the loudest sample at full scale), clamp (clip"
+            " to +-1, as stable-audio-tools 0.0.20's page) or none (as decoded)"
+            " (default: %(default)s)"
+        ),
     )
     add(
         "--spectrogram",
         action="store_true",
-        help="Also write each output's spectrogram beside it, as a PNG of the same name",
+        help=(
+            "Also write each output's spectrogram beside it, as a PNG of the same name"
+        ),
     )
     add(
         "--raw",
         action="store_true",
-        help="Write the decoder's float output as is (32-bit float WAV; --normalize none)",
+        help=(
+            "Write the decoder's float output as is (32-bit float WAV; --normalize"
+            " none)"
+        ),
     )
 
 
@@ -280,8 +325,8 @@ def settings(args, config) -> Settings:
     if args.overlap is not None and not s.is_piece(config):
         window = s.window_seconds(config)
         raise ValueError(
-            "--overlap applies to --continue, or to a --seconds-total beyond the window "
-            f"({window:.2f} s)."
+            "--overlap applies to --continue, or to a --seconds-total beyond the"
+            f" window ({window:.2f} s)."
         )
     window = None if s.is_piece(config) else s.window_seconds(config)
     audio = {

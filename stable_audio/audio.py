@@ -85,7 +85,8 @@ def resample(
     width = math.ceil(6 * down / cutoff)
     if up * (2 * width + down) > 2**24:
         raise ValueError(
-            f"Cannot resample {rate} Hz to {new_rate} Hz (their ratio is too fine); convert the file first."
+            f"Cannot resample {rate} Hz to {new_rate} Hz (their ratio is too fine);"
+            " convert the file first."
         )
     # kernel[j, i]: the weight of input sample i (of a frame) in output phase j
     t = (-np.arange(up)[:, None] / up + np.arange(-width, width + down) / down) * cutoff
@@ -115,7 +116,8 @@ def prepare_audio(
     audio = audio[None] if audio.ndim == 1 else audio
     if audio.ndim != 2 or audio.size == 0:
         raise ValueError(
-            f"Audio must be (channels, samples) with some samples; got shape {audio.shape}."
+            "Audio must be (channels, samples) with some samples; got shape"
+            f" {audio.shape}."
         )
     if not np.isfinite(audio).all():
         raise ValueError("The audio holds NaN or infinite samples.")

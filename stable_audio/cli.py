@@ -71,8 +71,10 @@ def add_model_arguments(group):
     add = group.add_argument
     add(
         "--dtype",
-        help=f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a "
-        "GPU, float32 on the CPU)",
+        help=(
+            f"One of {', '.join(DTYPES)} for T5 and the DiT (default: float16 on a "
+            "GPU, float32 on the CPU)"
+        ),
     )
     add(
         "--vae-dtype",
@@ -99,8 +101,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser):
         action="append",
         default=[],
         metavar="FILE[:STRENGTH]",
-        help="A LoRA or DoRA adapter file (stable-audio-tools' .safetensors) and its "
-        "strength (default 1); repeat to stack several, applied in order",
+        help=(
+            "A LoRA or DoRA adapter file (stable-audio-tools' .safetensors) and its "
+            "strength (default 1); repeat to stack several, applied in order"
+        ),
     )
     parser.add_argument(
         "--lora-interval",
@@ -108,17 +112,22 @@ def add_lora_arguments(parser: argparse.ArgumentParser):
         action="append",
         default=[],
         metavar="MIN:MAX",
-        help="Use the adapter only at noise levels in [MIN, MAX], as --cfg-interval; "
-        "give it once for every adapter, or once per --lora (default: always)",
+        help=(
+            "Use the adapter only at noise levels in [MIN, MAX], as --cfg-interval; "
+            "give it once for every adapter, or once per --lora (default: always)"
+        ),
     )
     parser.add_argument(
         "--lora-layer-filter",
         action="append",
         default=[],
         metavar="PATTERNS",
-        help="Comma-separated patterns of the DiT layers the adapter leaves alone, in "
-        "stable-audio-tools' names, e.g. 'transformer.layers.[0-5].,to_global_embed'; "
-        "once for every adapter, or once per --lora",
+        help=(
+            "Comma-separated patterns of the DiT layers the adapter leaves alone, in"
+            " stable-audio-tools' names, e.g."
+            " 'transformer.layers.[0-5].,to_global_embed'; once for every adapter, or"
+            " once per --lora"
+        ),
     )
 
 

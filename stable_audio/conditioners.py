@@ -64,7 +64,8 @@ class ConditionerConfig:
         for i in cross_ids + global_ids:
             if i != text_id and i not in numbers:
                 raise ValueError(
-                    f"model_config.json uses conditioning id {i!r}, which it does not define."
+                    f"model_config.json uses conditioning id {i!r}, which it does not"
+                    " define."
                 )
         if text_id in global_ids:
             unsupported("global conditioning on", text_id, "number conditioners")

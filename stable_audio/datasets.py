@@ -76,7 +76,8 @@ def find_clips(folder) -> list:
     )
     if not files:
         raise ValueError(
-            f"The data folder {folder} holds no audio files ({', '.join(AUDIO_SUFFIXES)})."
+            f"The data folder {folder} holds no audio files"
+            f" ({', '.join(AUDIO_SUFFIXES)})."
         )
     listed = _metadata_captions(folder)
     clips = []
@@ -87,7 +88,8 @@ def find_clips(folder) -> list:
             caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
         else:
             raise ValueError(
-                f"{path} has no caption: add {path.with_suffix('.txt').name} or a row in metadata.jsonl."
+                f"{path} has no caption: add {path.with_suffix('.txt').name} or a row"
+                " in metadata.jsonl."
             )
         clips.append((path, caption))
     return clips

@@ -24,7 +24,8 @@ def check_values(section: str, config):
             continue
         if not ok:
             raise ValueError(
-                f"Unsupported {section} {field.name} {value!r} (expected a positive {field.type.__name__})."
+                f"Unsupported {section} {field.name} {value!r} (expected a positive"
+                f" {field.type.__name__})."
             )
 
 
@@ -93,8 +94,9 @@ class DiTConfig:
             or c.num_heads % (context_dim // head_dim)
         ):
             raise ValueError(
-                f"Unsupported DiT shape: {c.num_heads} heads of width {c.embed_dim} with a "
-                f"{context_dim}-wide context (heads must be >= 32 wide and divide evenly)."
+                f"Unsupported DiT shape: {c.num_heads} heads of width {c.embed_dim}"
+                f" with a {context_dim}-wide context (heads must be >= 32 wide and"
+                " divide evenly)."
             )
         return c
 

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 DEFAULT_REPO = "stabilityai/stable-audio-open-1.0"
-PICKLED = "model.ckpt"  # read only when asked (convert.py --allow-pickle): unpickling can run code
+PICKLED = (  # read only when asked (convert.py --allow-pickle): unpickling can run code
+    "model.ckpt"
+)
 
 # The files of the released Hub repo that we read (it also holds model.ckpt and diffusers folders)
 RELEASED_FILES = {
@@ -29,7 +31,10 @@ def is_converted(folder: Path) -> bool:
     ).is_file()
 
 
-LOCAL_COPY = "or download the folder elsewhere and pass its path instead (convert.py --hf-path, txt2audio.py --model)"
+LOCAL_COPY = (
+    "or download the folder elsewhere and pass its path instead (convert.py --hf-path,"
+    " txt2audio.py --model)"
+)
 
 
 def _transport_errors() -> tuple:
@@ -62,26 +67,48 @@ def _download(repo: str, patterns: list) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except GatedRepoError:
-        message = f"{repo} is gated: accept its licence on https://huggingface.co/{repo}, {login}, {LOCAL_COPY}."
+        message = (
+            f"{repo} is gated: accept its licence on https://huggingface.co/{repo},"
+            f" {login}, {LOCAL_COPY}."
+        )
     except RepositoryNotFoundError:
-        message = f"{repo} is not on the Hugging Face Hub, or it is private and you are not logged in ({login}); check the name, {LOCAL_COPY}."
+        message = (
+            f"{repo} is not on the Hugging Face Hub, or it is private and you are not"
+            f" logged in ({login}); check the name, {LOCAL_COPY}."
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
         # LocalEntryNotFoundError: nothing cached, and the Hub answered with an error (its
         # cause), could not be reached, or downloads are off
         response = e.__cause__ if isinstance(e, LocalEntryNotFoundError) else e
         status = getattr(getattr(response, "response", None), "status_code", None)
         if status in (401, 403):
-            message = f"The Hugging Face Hub refused access to {repo} (HTTP {status}): accept its licence on https://huggingface.co/{repo}, {login} with a token that may read it, {LOCAL_COPY}."
+            message = (
+                f"The Hugging Face Hub refused access to {repo} (HTTP {status}): accept"
+                f" its licence on https://huggingface.co/{repo}, {login} with a token"
+                f" that may read it, {LOCAL_COPY}."
+            )
         elif status is not None:
-            message = f"The Hugging Face Hub failed to serve {repo} (HTTP {status}); try again later, {LOCAL_COPY}."
+            message = (
+                f"The Hugging Face Hub failed to serve {repo} (HTTP {status}); try"
+                f" again later, {LOCAL_COPY}."
+            )
         elif constants.HF_HUB_OFFLINE:
-            message = f"{repo} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE is set): unset it, {LOCAL_COPY}."
+            message = (
+                f"{repo} is not in the local Hugging Face cache and downloads are off"
+                f" (HF_HUB_OFFLINE is set): unset it, {LOCAL_COPY}."
+            )
         else:
-            message = f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached: check the connection, {LOCAL_COPY}."
+            message = (
+                f"{repo} is not in the local Hugging Face cache and the Hub cannot be"
+                f" reached: check the connection, {LOCAL_COPY}."
+            )
     except (
         _transport_errors()
     ) as e:  # the connection dropped mid-download, the disk is full, ...
-        message = f"Downloading {repo} failed ({type(e).__name__}); run again to resume, {LOCAL_COPY}."
+        message = (
+            f"Downloading {repo} failed ({type(e).__name__}); run again to resume,"
+            f" {LOCAL_COPY}."
+        )
     raise ValueError(message)
 
 
@@ -135,13 +162,14 @@ def _check_layout(folder: Path, name: str, configs_only: bool, allow_pickle: boo
     more = f" (and {len(missing) - 1} more of its files)" if len(missing) > 1 else ""
     if missing[0] == RELEASED_FILES["weights"] and (folder / PICKLED).is_file():
         raise ValueError(
-            f"{name} has no model.safetensors, only the pickled {PICKLED}, which is not read by default "
-            "(unpickling can run code): if you trust it, convert it once with "
-            f"`python convert.py --hf-path {name} --allow-pickle` (needs torch)."
+            f"{name} has no model.safetensors, only the pickled {PICKLED}, which is not"
+            " read by default (unpickling can run code): if you trust it, convert it"
+            f" once with `python convert.py --hf-path {name} --allow-pickle` (needs"
+            " torch)."
         )
     if folder != Path(name).expanduser():  # a Hub snapshot
         raise ValueError(
-            f"{name} lacks {missing[0]}{more}: the repo does not hold it, or it is not in the local "
-            "cache and the Hub could not be reached to download it."
+            f"{name} lacks {missing[0]}{more}: the repo does not hold it, or it is not"
+            " in the local cache and the Hub could not be reached to download it."
         )
     raise ValueError(f"{folder} lacks {missing[0]}{more}: copy or download it again.")

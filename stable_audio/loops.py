@@ -32,7 +32,8 @@ def loop_samples(bpm: float, bars: int, beats_per_bar: int, sample_rate: int) ->
         )
     if not 1 <= bars <= MAX_BARS or not 1 <= beats_per_bar <= MAX_BEATS_PER_BAR:
         raise ValueError(
-            f"Bars must be in [1, {MAX_BARS}] and beats per bar in [1, {MAX_BEATS_PER_BAR}]."
+            f"Bars must be in [1, {MAX_BARS}] and beats per bar in [1,"
+            f" {MAX_BEATS_PER_BAR}]."
         )
     return round(bars * beats_per_bar * 60 / bpm * sample_rate)
 

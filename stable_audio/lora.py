@@ -33,7 +33,9 @@ NOT_IMPLEMENTED = (
     "bora-xs",
 )
 TENSORS = {"lora": ("lora_A", "lora_B"), "dora-rows": ("lora_A", "lora_B", "magnitude")}
-KEY = ".parametrizations.weight.0."  # between a layer's name and its tensor's, in the files
+KEY = (  # between a layer's name and its tensor's, in the files
+    ".parametrizations.weight.0."
+)
 EPS = 1e-12
 BLOCK_LAYERS = (
     "self_attn.to_qkv",
@@ -140,7 +142,8 @@ def check_lora(
         and 0 <= interval[0] <= interval[1] <= 1
     ):
         raise ValueError(
-            "The LoRA interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi t / 2) for v models, t for flow)."
+            "The LoRA interval must satisfy 0 <= MIN <= MAX <= 1 (noise levels: sin(pi"
+            " t / 2) for v models, t for flow)."
         )
     if not isinstance(layer_filter, str):
         raise ValueError(
@@ -203,8 +206,9 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
         raise ValueError(f"The adapter file {path} does not exist.")
     if path.suffix == ".ckpt":
         raise ValueError(
-            f"{path} is a pickled checkpoint, which is not read (unpickling can run code): convert it "
-            "to .safetensors with stable-audio-tools' convert_lora_ckpt_to_safetensors."
+            f"{path} is a pickled checkpoint, which is not read (unpickling can run"
+            " code): convert it to .safetensors with stable-audio-tools'"
+            " convert_lora_ckpt_to_safetensors."
         )
     tensors, metadata = read_safetensors(path, FLOATS, metadata=True)
     settings = _lora_config(path, metadata)
@@ -225,7 +229,8 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
         missing = [n for n in TENSORS[kind] if n not in found.get(layer, {})]
         if missing:
             raise ValueError(
-                f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its lora_config claims."
+                f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its"
+                " lora_config claims."
             )
     return AdapterFile(
         path, kind, rank, alpha, settings, {name: found[name] for name in claimed}
@@ -270,11 +275,13 @@ def _kind_rank_alpha(path: Path, settings: dict, tensors: dict) -> tuple:
         )
     if kind in NOT_IMPLEMENTED:
         raise ValueError(
-            f"{path} holds {kind} adapters, which are not implemented here (supported: {', '.join(ADAPTER_TYPES)})."
+            f"{path} holds {kind} adapters, which are not implemented here (supported:"
+            f" {', '.join(ADAPTER_TYPES)})."
         )
     if kind not in ADAPTER_TYPES:
         raise ValueError(
-            f"{path}: unknown adapter_type {kind!r} in its lora_config (supported: {', '.join(ADAPTER_TYPES)})."
+            f"{path}: unknown adapter_type {kind!r} in its lora_config (supported:"
+            f" {', '.join(ADAPTER_TYPES)})."
         )
     ranks = [v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")]
     rank = settings.get("rank", ranks[0] if ranks else None)  # as 0.0.20 infers it
@@ -298,15 +305,18 @@ def _checked(path, key, value, kind, rank, layers, claimed, modules) -> tuple:
     layer, sep, name = key.rpartition(KEY)
     if not sep or layer not in layers:
         raise ValueError(
-            f"{path}: unexpected tensor {key} (this model has no such layer: is the file for another model?)."
+            f"{path}: unexpected tensor {key} (this model has no such layer: is the"
+            " file for another model?)."
         )
     if name not in TENSORS[kind]:
         raise ValueError(
-            f"{path}: unexpected tensor {key} (a {kind} adapter has {', '.join(TENSORS[kind])})."
+            f"{path}: unexpected tensor {key} (a {kind} adapter has"
+            f" {', '.join(TENSORS[kind])})."
         )
     if layer not in claimed:
         raise ValueError(
-            f"{path}: tensor {key} is for a layer that its lora_config's include/exclude leave out."
+            f"{path}: tensor {key} is for a layer that its lora_config's"
+            " include/exclude leave out."
         )
     component, module = layers[layer]
     out_dim, in_dim = _dense_shape(_module(modules[component], module))
@@ -319,8 +329,8 @@ def _checked(path, key, value, kind, rank, layers, claimed, modules) -> tuple:
         value = value.reshape(out_dim)
     if tuple(value.shape) != expected:
         raise ValueError(
-            f"{path}: tensor {key} has shape {tuple(value.shape)}; this model, at the file's rank "
-            f"{rank}, expects {expected} (is the file for another model?)."
+            f"{path}: tensor {key} has shape {tuple(value.shape)}; this model, at the"
+            f" file's rank {rank}, expects {expected} (is the file for another model?)."
         )
     value = value.astype(mx.float32)
     if not mx.all(mx.isfinite(value)).item():

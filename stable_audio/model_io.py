@@ -68,8 +68,9 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     """Read the architecture from the checkpoint's own configs, refusing what we do not implement."""
     if model_config.get("model_type") != "diffusion_cond":
         raise ValueError(
-            f"Unsupported model_type {model_config.get('model_type')!r} in model_config.json "
-            "(supported: diffusion_cond, the text-to-audio models of stable-audio-tools)."
+            f"Unsupported model_type {model_config.get('model_type')!r} in"
+            " model_config.json (supported: diffusion_cond, the text-to-audio models"
+            " of stable-audio-tools)."
         )
     for key in ("sample_rate", "sample_size"):
         if not isinstance(model_config.get(key), int) or model_config[key] <= 0:
@@ -127,7 +128,8 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
     for ok, a, a_value, b, b_value in checks:
         if not ok:
             raise ValueError(
-                f"Inconsistent model_config.json: {a} {a_value} does not match {b} {b_value}."
+                f"Inconsistent model_config.json: {a} {a_value} does not match {b}"
+                f" {b_value}."
             )
     return Config(
         sample_rate=model_config["sample_rate"],
@@ -165,7 +167,8 @@ def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
         reason = str(e).split("] ", 1)[-1].split(". Perhaps")[0].rstrip(".")
         if "unsupported dtype" in reason:  # float64, say: a file from another tool
             raise ValueError(
-                f"{path} holds tensors of a type MLX cannot load ({reason}); expected float32, float16 or bfloat16."
+                f"{path} holds tensors of a type MLX cannot load ({reason}); expected"
+                " float32, float16 or bfloat16."
             ) from None
         raise ValueError(
             f"{path} is damaged ({reason}): download or convert it again."
@@ -176,7 +179,8 @@ def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
         if value.dtype not in dtypes:
             allowed = ", ".join(str(d).split(".")[-1] for d in dtypes)
             raise ValueError(
-                f"Tensor {path.name}: {key} has dtype {str(value.dtype).split('.')[-1]}; expected {allowed}."
+                f"Tensor {path.name}: {key} has dtype"
+                f" {str(value.dtype).split('.')[-1]}; expected {allowed}."
             )
     return (tensors, stored) if metadata else tensors
 
@@ -215,7 +219,8 @@ def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
         expected = 1.0 / (10000.0 ** (mx.arange(0, dims, 2) / dims))
         if not mx.allclose(inv_freq, expected, rtol=1e-5).item():
             raise ValueError(
-                f"Unsupported RoPE frequencies in {origin['dit.rotary_pos_emb.inv_freq']} (base is not 10000)."
+                "Unsupported RoPE frequencies in"
+                f" {origin['dit.rotary_pos_emb.inv_freq']} (base is not 10000)."
             )
 
     # Weight norm: w = g * v / ||v||, the norm taken per index of dim 0 in PyTorch layout
@@ -288,11 +293,13 @@ def load_strict(component: str, module: nn.Module, weights: dict, sources: dict)
     for key, value in ours.items():
         if key not in expected:
             raise ValueError(
-                f"Unexpected tensor {sources[prefix + key]} (no such {component} parameter)."
+                f"Unexpected tensor {sources[prefix + key]} (no such {component}"
+                " parameter)."
             )
         if (value.dtype == mx.uint32) != (expected[key].dtype == mx.uint32):
             raise ValueError(
-                f"Tensor {sources[prefix + key]} has dtype {value.dtype}; the model expects {expected[key].dtype}."
+                f"Tensor {sources[prefix + key]} has dtype {value.dtype}; the model"
+                f" expects {expected[key].dtype}."
             )
         if value.shape != expected[key].shape:
             raise ValueError(
@@ -302,7 +309,8 @@ def load_strict(component: str, module: nn.Module, weights: dict, sources: dict)
     missing = sorted(expected.keys() - ours.keys())
     if missing:
         raise ValueError(
-            f"The checkpoint has no tensor for {component} parameter {missing[0]} ({len(missing)} missing)."
+            f"The checkpoint has no tensor for {component} parameter {missing[0]}"
+            f" ({len(missing)} missing)."
         )
     module.load_weights(list(ours.items()), strict=True)
 
@@ -337,7 +345,8 @@ def _read_config(folder: Path) -> Config:
         stored = _read_json(file)
         if stored.get("model_type") != "stable-audio":
             raise ValueError(
-                f"{file} is not a config written by convert.py (its model_type is {stored.get('model_type')!r})."
+                f"{file} is not a config written by convert.py (its model_type is"
+                f" {stored.get('model_type')!r})."
             )
         files = (file, file)
         configs = (stored.get("model_config"), stored.get("text_encoder"))
@@ -358,7 +367,8 @@ def _read_config(folder: Path) -> Config:
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         # a value of another type, or a section missing, where the checks above did not look
         raise ValueError(
-            f"{files[0]} or {files[1].name} holds a value we cannot read ({type(e).__name__}: {e})."
+            f"{files[0]} or {files[1].name} holds a value we cannot read"
+            f" ({type(e).__name__}: {e})."
         ) from None
     config.quantization = quantization
     return config
@@ -405,12 +415,14 @@ def _quantize_as_stored(dit: nn.Module, weights: dict, sources: dict):
             or not scales.shape[1]
         ):
             raise ValueError(
-                f"Tensor {sources[f'dit.{path}.scales']} belongs to no valid quantized weight."
+                f"Tensor {sources[f'dit.{path}.scales']} belongs to no valid quantized"
+                " weight."
             )
         bits, group_size = packed.shape[1] * 32 // in_dims, in_dims // scales.shape[1]
         if bits not in (4, 8) or group_size not in (32, 64, 128):
             raise ValueError(
-                f"Tensor {sources[f'dit.{path}.weight']} is quantized as we cannot read ({bits} bits in groups of {group_size})."
+                f"Tensor {sources[f'dit.{path}.weight']} is quantized as we cannot read"
+                f" ({bits} bits in groups of {group_size})."
             )
         return {"group_size": group_size, "bits": bits}
 
@@ -451,7 +463,8 @@ def load(
     tokenizer = Tokenizer(tokenizer_file, config.conditioner.text_max_length)
     if tokenizer.sp.get_piece_size() > config.t5.vocab_size:
         raise ValueError(
-            f"{tokenizer_file} has {tokenizer.sp.get_piece_size()} tokens, more than T5's vocab_size {config.t5.vocab_size}."
+            f"{tokenizer_file} has {tokenizer.sp.get_piece_size()} tokens, more than"
+            f" T5's vocab_size {config.t5.vocab_size}."
         )
 
     models = build(config)
@@ -485,7 +498,8 @@ def load(
             i = finite.tolist().index(False)
             prefix = f"{component}.decoder." if component == "vae" else f"{component}."
             raise ValueError(
-                f"Tensor {sources[prefix + names[i]]} holds NaN or Inf as {kinds[i]}: "
-                "the file is damaged (or its values overflow that dtype); download or convert it again."
+                f"Tensor {sources[prefix + names[i]]} holds NaN or Inf as {kinds[i]}:"
+                " the file is damaged (or its values overflow that dtype); download or"
+                " convert it again."
             )
     return Components(config, tokenizer, **models)

@@ -156,7 +156,8 @@ class Settings:
         require(
             self.sampler not in samplers.UNSUPPORTED,
             "sampler",
-            f"The {self.sampler} sampler is not offered (its steps are adaptive); {choose}",
+            f"The {self.sampler} sampler is not offered (its steps are adaptive);"
+            f" {choose}",
         )
         require(
             self.sampler in names,

@@ -68,7 +68,8 @@ def sample_timesteps(
             1 / (1 + np.exp(rng.uniform(size=count) * 11.0 - 6.0)), 1e-4, 1 - 1e-4
         )
     raise ValueError(
-        f"Unknown timestep sampler {sampler!r}; choose from {', '.join(TIMESTEP_SAMPLERS)}."
+        f"Unknown timestep sampler {sampler!r}; choose from"
+        f" {', '.join(TIMESTEP_SAMPLERS)}."
     )
 
 

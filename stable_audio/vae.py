@@ -41,7 +41,8 @@ class VAEConfig:
         config = pretransform.get("config", {})
         if config.get("bottleneck", {}).get("type") != "vae":
             raise ValueError(
-                "Unsupported autoencoder bottleneck in model_config.json (supported: vae)."
+                "Unsupported autoencoder bottleneck in model_config.json (supported:"
+                " vae)."
             )
         if config.get("scale", 1.0) != 1.0:
             raise ValueError(
@@ -51,7 +52,8 @@ class VAEConfig:
         for part in (config.get("encoder", {}), config.get("decoder", {})):
             if part.get("type") != "oobleck":
                 raise ValueError(
-                    f"Unsupported autoencoder {part.get('type')!r} in model_config.json (supported: oobleck)."
+                    f"Unsupported autoencoder {part.get('type')!r} in model_config.json"
+                    " (supported: oobleck)."
                 )
             c = {**OOBLECK_DEFAULTS, **part.get("config", {})}
             for key in ("c_mults", "strides"):
@@ -61,11 +63,13 @@ class VAEConfig:
                     and all(type(v) is int and v > 0 for v in c[key])
                 ):
                     raise ValueError(
-                        f"Unsupported Oobleck {key}={c[key]!r} in model_config.json (expected a list of positive ints)."
+                        f"Unsupported Oobleck {key}={c[key]!r} in model_config.json"
+                        " (expected a list of positive ints)."
                     )
             if len(c["c_mults"]) != len(c["strides"]):
                 raise ValueError(
-                    "Unsupported Oobleck config in model_config.json: c_mults and strides differ in length."
+                    "Unsupported Oobleck config in model_config.json: c_mults and"
+                    " strides differ in length."
                 )
             for key, value in {
                 "use_snake": True,
