@@ -118,8 +118,8 @@ def ranges(value) -> list:
 
 class Studio:
     """The model, the queue of generations and what they wrote. Its worker thread loads
-    the model and is the only one to run MLX (whose streams belong to the thread that made
-    them); request threads only check, read and queue, under `lock`."""
+    the model and is the only one to run MLX (whose streams belong to the thread that
+    made them); request threads only check, read and queue, under `lock`."""
 
     def __init__(self, name: str, output_dir: Path, compile: bool, max_upload: int):
         self.name, self.output_dir, self.compile, self.max_upload = (
@@ -139,8 +139,9 @@ class Studio:
         self.lock = threading.Condition()
 
     def start(self, load):
-        """Run `load()` (which returns the StableAudio) and then the queue, in the worker
-        thread; once `ready` is set, `load_error` holds what loading raised, if anything.
+        """Run `load()` (which returns the StableAudio) and then the queue, in the
+        worker thread; once `ready` is set, `load_error` holds what loading raised, if
+        anything.
         """
         threading.Thread(target=self._work, args=(load,), daemon=True).start()
 
@@ -166,7 +167,8 @@ class Studio:
     # --- requests
 
     def upload(self, body: bytes, filename: str) -> dict:
-        """Keep an uploaded file if soundfile reads it; ValueError (soundfile's reason) if not."""
+        """Keep an uploaded file if soundfile reads it; ValueError (soundfile's reason)
+        if not."""
         suffix = "".join(
             c for c in Path(filename).suffix[:8] if c.isalnum() or c == "."
         )

@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# Commit GPU work in command buffers of at most 50 ops or 50 MB, as MLX does on an M-series
-# Max or Ultra. MLX's CUDA defaults on an H100 (100 ops, 1000 MB) let ~10 such batches run
-# ahead, whose freed intermediates stay allocated: 6.4 GB peak instead of 3.4 GB (float16,
-# same speed). Set the variables yourself to measure something else.
+# Commit GPU work in command buffers of at most 50 ops or 50 MB, as MLX does on an
+# M-series Max or Ultra. MLX's CUDA defaults on an H100 (100 ops, 1000 MB) let ~10 such
+# batches run ahead, whose freed intermediates stay allocated: 6.4 GB peak instead of
+# 3.4 GB (float16, same speed). Set the variables yourself to measure something else.
 os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "50")
 os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "50")
 
@@ -81,8 +81,9 @@ def peer_dtype(variant: str) -> str:
 
 
 def gemm_shapes(config, latents: int = 1024) -> list:
-    """(name, rows, in, out, bias, count a step) of the DiT's matrix products in one guided
-    step (the cfg batch of 2; cross-attention runs on the conditional half only)."""
+    """(name, rows, in, out, bias, count a step) of the DiT's matrix products in one
+    guided step (the cfg batch of 2; cross-attention runs on the conditional half
+    only)."""
     d, rows = config.dit.embed_dim, 2 * (latents + 1)
     return [
         ("self-attention qkv", rows, d, 3 * d, False, 1),
@@ -95,8 +96,9 @@ def gemm_shapes(config, latents: int = 1024) -> list:
 
 
 def measure_gemms(dtype=mx.float16, repeats: int = 20) -> list:
-    """Each product of gemm_shapes as nn.Linear computes it, and PyTorch's F.linear at the
-    same shape if torch with CUDA is importable: (name, shape, MLX s, PyTorch s or None).
+    """Each product of gemm_shapes as nn.Linear computes it, and PyTorch's F.linear at
+    the same shape if torch with CUDA is importable: (name, shape, MLX s, PyTorch s or
+    None).
     """
     import mlx.nn as nn
 
@@ -163,8 +165,8 @@ def random_pipeline(variant: str, config=None, vae_dtype=mx.float32) -> StableAu
 
 def add_adapter(pipe, mode: str, folder: Path, rank: int = 8):
     """A random rank-8 LoRA on every layer 0.0.20 adapts: "static" (merged into float
-    weights, beside quantized ones) or "gated" (active at noise levels in [0.5, 1], beside
-    every layer)."""
+    weights, beside quantized ones) or "gated" (active at noise levels in [0.5, 1],
+    beside every layer)."""
     layers = lora.initial_tensors(pipe.dit, pipe.conditioner, rank)
     for i, tensors in enumerate(layers.values()):
         tensors["lora_B"] = 0.01 * mx.random.normal(
@@ -179,7 +181,8 @@ def add_adapter(pipe, mode: str, folder: Path, rank: int = 8):
 
 
 def condition(pipe, batch_size) -> Conditioning:
-    """What StableAudio.condition does, on random token ids instead of a tokenized prompt."""
+    """What StableAudio.condition does, on random token ids instead of a tokenized
+    prompt."""
     vocab = pipe.config.t5.vocab_size
     tokens = mx.random.randint(0, vocab, (batch_size, 128), key=mx.random.key(0))
     mask = mx.broadcast_to((mx.arange(128) < 20).astype(mx.int32), (batch_size, 128))
@@ -287,9 +290,9 @@ def measure(
 
 
 def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -> dict:
-    """A piece beyond the window, as txt2audio.py --seconds-total makes it (compiled steps;
-    random token ids for the prompt): its windows, the sampling time, the decoding time of
-    the whole piece and the peak memory."""
+    """A piece beyond the window, as txt2audio.py --seconds-total makes it (compiled
+    steps; random token ids for the prompt): its windows, the sampling time, the
+    decoding time of the whole piece and the peak memory."""
     from stable_audio import Settings, long_form
 
     pipe = random_pipeline(variant, config)

@@ -48,8 +48,8 @@ def read_pickled(path: Path) -> dict:
 
 
 def check_output(mlx_path: Path, force: bool):
-    """Refuse an output folder we must not write: an existing one without `force`, or, even
-    with it, anything but an empty folder or one that convert.py wrote."""
+    """Refuse an output folder we must not write: an existing one without `force`, or,
+    even with it, anything but an empty folder or one that convert.py wrote."""
     if not mlx_path.parent.is_dir():
         raise ValueError(f"The folder {mlx_path.parent} does not exist.")
     if not (mlx_path.exists() or mlx_path.is_symlink()):
@@ -82,15 +82,17 @@ def convert(
     allow_pickle: bool = False,
     loras: list = (),
 ):
-    """Write `hf_path` (released layout, local or on the Hub) as MLX safetensors in `mlx_path`.
+    """Write `hf_path` (released layout, local or on the Hub) as MLX safetensors in
+    `mlx_path`.
 
     T5 and the DiT are stored in `dtype`; the conditioner and the autoencoder stay in
-    float32. `loras` [(adapter file, strength), ...] are merged into the float32 weights,
-    in order, before the cast; then `quantize` ({"group_size", "bits"}) quantizes the
-    DiT's transformer blocks. config.json records the adapters merged.
+    float32. `loras` [(adapter file, strength), ...] are merged into the float32
+    weights, in order, before the cast; then `quantize` ({"group_size", "bits"})
+    quantizes the DiT's transformer blocks. config.json records the adapters merged.
     The folder appears only when complete: it is written under a temporary name beside
     `mlx_path` and renamed at the end; `force` then replaces an earlier conversion.
-    `allow_pickle` reads a released folder's model.ckpt when it has no model.safetensors.
+    `allow_pickle` reads a released folder's model.ckpt when it has no
+    model.safetensors.
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
@@ -156,7 +158,8 @@ def convert(
             json.dump(config, f, indent=4)
         check_output(mlx_path, force)  # again: it may have appeared meanwhile
         if mlx_path.exists():
-            # set the old folder aside, put the new one in place, only then delete the old
+            # set the old folder aside, put the new one in place, only then delete the
+            # old
             os.rename(mlx_path, tmp / ".replaced")
             os.rename(tmp, mlx_path)
             shutil.rmtree(mlx_path / ".replaced")

@@ -50,7 +50,8 @@ def check_output(output: str, force: bool):
 
 
 def model_key(model: str) -> str:
-    """What the latent cache keys a model by: its weight files' names, sizes and times."""
+    """What the latent cache keys a model by: its weight files' names, sizes and
+    times."""
     folder = hub.resolve(model)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".ckpt"))
     return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
@@ -125,12 +126,12 @@ def encode_captions(models, captions) -> dict:
 def batches_at(
     clips, texts, step: int, args, config, latents: int, world: int = 1, rank: int = 0
 ) -> list:
-    """This process's micro-batches of a step: the whole step's examples and random draws
-    are a function of (seed, step) alone, drawn for all --grad-accumulate x processes x
-    --batch-size of them at once and then shared out, so that a run is reproducible and
-    N processes with batch B make the step one process makes with batch N x B. Each
-    example is a random window of a random clip (its offset, polarity, posterior sample),
-    t from --timestep-sampler, the noise and the cfg-dropout draw."""
+    """This process's micro-batches of a step: the whole step's examples and random
+    draws are a function of (seed, step) alone, drawn for all --grad-accumulate x
+    processes x --batch-size of them at once and then shared out, so that a run is
+    reproducible and N processes with batch B make the step one process makes with batch
+    N x B. Each example is a random window of a random clip (its offset, polarity,
+    posterior sample), t from --timestep-sampler, the noise and the cfg-dropout draw."""
     ratio, rate = config.vae.downsampling_ratio, config.sample_rate
     size = args.batch_size * args.grad_accumulate * world
     rng = np.random.default_rng([args.seed, step])

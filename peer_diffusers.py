@@ -140,7 +140,8 @@ def main():
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
-    # PyTorch's default is true float32; stable-audio-tools also turns TF32 off to generate
+    # PyTorch's default is true float32; stable-audio-tools also turns TF32 off to
+    # generate
     tf32 = args.dtype == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     pipe = pipeline(dtype)

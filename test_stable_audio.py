@@ -86,7 +86,8 @@ def test_released_layout_matches_the_manifest():
 
 def test_loader_maps_every_released_tensor():
     """All 745 + 100 released names land on a parameter of the right shape, lazily (no 5 GB)."""
-    mx.reset_peak_memory()  # this test's peak, not that of the tests run before it
+    mx.reset_peak_memory()  # this test's own peak, above what earlier fixtures hold
+    held = mx.get_active_memory()
     manifest = json.loads((DATA / "sao1_keys.json").read_text())
     manifest.update(json.loads((DATA / "t5base_keys.json").read_text()))
     config = model_io.parse_config(SAO1_CONFIG, T5_BASE_CONFIG)
@@ -107,7 +108,7 @@ def test_loader_maps_every_released_tensor():
         "encoder.embed_tokens.weight",
         "model.model.transformer.rotary_pos_emb.inv_freq",
     }
-    assert mx.get_peak_memory() < 1e9
+    assert mx.get_peak_memory() - held < 1e9
     n_params = {
         k: sum(v.size for _, v in tree_flatten(m.parameters()))
         for k, m in models.items()

@@ -338,8 +338,9 @@ def settings(args, config) -> Settings:
 
 
 class Phases:
-    """A generation as the command line shows it: a progress bar, and with --verbose each
-    phase's time and peak memory; it frees what the phases after it no longer need."""
+    """A generation as the command line shows it: a progress bar, and with --verbose
+    each phase's time and peak memory; it frees what the phases after it no longer
+    need."""
 
     def __init__(self, pipe: StableAudio, s: Settings, args):
         self.pipe, self.s, self.args = pipe, s, args

@@ -1,4 +1,5 @@
-"""Stable Audio Open in MLX. The package's face: what users import, from where it lives."""
+"""Stable Audio Open in MLX. The package's face: what users import, from where it
+lives."""
 
 from .audio import resample
 from .model_io import DEFAULT_REPO, Config, load, load_config

@@ -19,8 +19,8 @@ LEVELS = ("peak", "clamp", "none")
 
 
 def read_audio(path: str, seconds: float = None) -> tuple:
-    """(sample_rate, samples (channels, n)) of a file soundfile reads; with `seconds`, only
-    the first `seconds` (and a little more) are read."""
+    """(sample_rate, samples (channels, n)) of a file soundfile reads; with `seconds`,
+    only the first `seconds` (and a little more) are read."""
     try:
         rate = sf.info(path).samplerate
         frames = -1 if seconds is None else int(seconds * rate) + rate
@@ -33,15 +33,16 @@ def read_audio(path: str, seconds: float = None) -> tuple:
 
 
 def peak_normalize(audio: np.ndarray) -> np.ndarray:
-    """Scaled so that the loudest sample is at full scale, as the official interfaces do."""
+    """Scaled so that the loudest sample is at full scale, as the official interfaces
+    do."""
     return np.clip(audio / max(np.abs(audio).max(), 1e-8), -1, 1)
 
 
 def set_level(audio: np.ndarray, level: str = "peak") -> np.ndarray:
-    """The output's level: "peak" scales the loudest sample to full scale (as the official
-    interfaces did, and ours by default), "clamp" clips to [-1, 1] (0.0.20's page), "none"
-    leaves the decoder's output as it is (a float WAV keeps what lies beyond +-1; other
-    encodings clip it)."""
+    """The output's level: "peak" scales the loudest sample to full scale (as the
+    official interfaces did, and ours by default), "clamp" clips to [-1, 1] (0.0.20's
+    page), "none" leaves the decoder's output as it is (a float WAV keeps what lies
+    beyond +-1; other encodings clip it)."""
     if level == "peak":
         return peak_normalize(audio)
     if level == "clamp":
@@ -52,9 +53,9 @@ def set_level(audio: np.ndarray, level: str = "peak") -> np.ndarray:
 
 
 def write_audio(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = None):
-    """Write (channels, samples) in the format of `path`'s extension (see FORMATS; `subtype`
-    replaces its encoding) under a temporary name and rename it, so that no half-written
-    file is ever left."""
+    """Write (channels, samples) in the format of `path`'s extension (see FORMATS;
+    `subtype` replaces its encoding) under a temporary name and rename it, so that no
+    half-written file is ever left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     file_format, encoding = FORMATS[path.suffix.lower()]
@@ -74,8 +75,9 @@ def resample(
 ) -> np.ndarray:
     """(channels, samples) at `rate` Hz to `new_rate` Hz by windowed-sinc interpolation,
     the design of torchaudio's Resample that stable-audio-tools uses: a Hann window over
-    6 zero crossings, cut off at 0.99 of the lower Nyquist frequency. With `length`, only
-    the first `length` output samples are made (and only the input they need is read).
+    6 zero crossings, cut off at 0.99 of the lower Nyquist frequency. With `length`,
+    only the first `length` output samples are made (and only the input they need is
+    read).
     """
     if rate == new_rate:
         return audio[:, :length]
@@ -99,18 +101,20 @@ def resample(
     audio = audio[:, : math.ceil(n * down / up) + width + down]
     padded = np.pad(audio.astype(np.float32), [(0, 0), (width, width + down)])
     frames = sliding_window_view(padded, kernel.shape[1], axis=-1)[:, ::down]
-    # einsum sums each output in one fixed order, so that `length` gives exactly the first
-    # samples of the whole (a BLAS matmul's order may change with the number of rows)
+    # einsum sums each output in one fixed order, so that `length` gives exactly the
+    # first samples of the whole (a BLAS matmul's order may change with the number of
+    # rows)
     return np.einsum("cfk,pk->cfp", frames, kernel).reshape(len(audio), -1)[:, :n]
 
 
 def prepare_audio(
     audio, sample_rate: int, model_rate: int, length: int, channels: int
 ) -> np.ndarray:
-    """Audio (channels, samples) or (samples,) at `sample_rate` made ready for the encoder
-    as stable-audio-tools makes init audio ready: resampled to `model_rate`, cut or
-    zero-padded at the end to `length` samples, mono doubled to stereo (or extra channels
-    dropped, or stereo averaged for a mono model). Returns (channels, length) float32.
+    """Audio (channels, samples) or (samples,) at `sample_rate` made ready for the
+    encoder as stable-audio-tools makes init audio ready: resampled to `model_rate`, cut
+    or zero-padded at the end to `length` samples, mono doubled to stereo (or extra
+    channels dropped, or stereo averaged for a mono model). Returns (channels, length)
+    float32.
     """
     audio = np.asarray(audio, dtype=np.float32)
     audio = audio[None] if audio.ndim == 1 else audio

@@ -132,8 +132,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser):
 
 
 def lora_settings(args) -> list:
-    """(file, strength, interval, layer_filter) per --lora; an interval or a filter given
-    once applies to every adapter, or is given once per --lora, in order."""
+    """(file, strength, interval, layer_filter) per --lora; an interval or a filter
+    given once applies to every adapter, or is given once per --lora, in order."""
     n = len(args.lora)
     per_adapter = []
     for flag, values, default in (

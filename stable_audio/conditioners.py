@@ -73,7 +73,8 @@ class ConditionerConfig:
 
 
 class NumberEmbedder(nn.Module):
-    """Embeds a number in [min_val, max_val] from learned Fourier features [u, sin, cos]."""
+    """Embeds a number in [min_val, max_val] from learned Fourier features
+    [u, sin, cos]."""
 
     def __init__(self, dim: int, min_val: float, max_val: float, features: int = 256):
         super().__init__()
@@ -91,7 +92,8 @@ class NumberEmbedder(nn.Module):
 
 
 class Conditioner(nn.Module):
-    """Turns T5 output and numbers (seconds_start, seconds_total) into the DiT's conditioning."""
+    """Turns T5 output and numbers (seconds_start, seconds_total) into the DiT's
+    conditioning."""
 
     def __init__(self, config: ConditionerConfig):
         super().__init__()

@@ -1,6 +1,6 @@
 """Fine-tuning data: a folder of audio files and their captions, prepared as
-stable-audio-tools 0.0.20 prepares its training audio (stable_audio_tools/data/dataset.py,
-SampleDataset; docs/reference.md, "Fine-tuning").
+stable-audio-tools 0.0.20 prepares its training audio
+(stable_audio_tools/data/dataset.py, SampleDataset; docs/reference.md, "Fine-tuning").
 
 Captions come from a same-named .txt beside each file, or from a metadata.jsonl or
 metadata.csv in the folder with "file" and "prompt" columns. Each file is read at any
@@ -32,7 +32,8 @@ CACHE_VERSION = "1"  # bump when what the cache holds, or how it is computed, ch
 
 
 def _metadata_captions(folder: Path) -> dict:
-    """{file name: caption} from metadata.jsonl or metadata.csv, if the folder has one."""
+    """{file name: caption} from metadata.jsonl or metadata.csv, if the folder has
+    one."""
     rows = []
     if (folder / "metadata.jsonl").is_file():
         path = folder / "metadata.jsonl"
@@ -107,8 +108,8 @@ def load_clip(path, sample_rate: int, channels: int) -> np.ndarray:
 def pad_crop(
     audio: np.ndarray, window: int, sample_rate: int, offset: int = 0
 ) -> tuple:
-    """PadCrop_Normalized_T: the `window` samples from `offset` (zero-padded at the end),
-    the mask of the valid ones, seconds_start (the offset in whole seconds) and
+    """PadCrop_Normalized_T: the `window` samples from `offset` (zero-padded at the
+    end), the mask of the valid ones, seconds_start (the offset in whole seconds) and
     seconds_total (the whole file's length, rounded up)."""
     n = audio.shape[-1]
     chunk = np.zeros((audio.shape[0], window), dtype=audio.dtype)
@@ -126,24 +127,25 @@ def is_silent(audio: np.ndarray) -> bool:
 
 
 def latent_mask(mask: np.ndarray, length: int) -> np.ndarray:
-    """A sample mask (..., n) at latent length, as 0.0.20's resize_padding_mask: the first
-    ceil(valid * length / n) latents are valid."""
+    """A sample mask (..., n) at latent length, as 0.0.20's resize_padding_mask: the
+    first ceil(valid * length / n) latents are valid."""
     valid = np.ceil(mask.sum(axis=-1, keepdims=True) * length / mask.shape[-1])
     return np.arange(length) < np.minimum(valid, length)
 
 
 def block_peaks(audio: np.ndarray, ratio: int, length: int) -> np.ndarray:
-    """The peak of each run of `ratio` samples (one latent's worth), over `length` latents
-    (zero past the audio's end)."""
+    """The peak of each run of `ratio` samples (one latent's worth), over `length`
+    latents (zero past the audio's end)."""
     padded = np.zeros((audio.shape[0], length * ratio), dtype=np.float32)
     padded[:, : audio.shape[1]] = np.abs(audio[:, : length * ratio])
     return padded.reshape(audio.shape[0], length, ratio).max(axis=(0, 2))
 
 
 def crop_starts(peaks: np.ndarray, samples: int, ratio: int, window: int) -> np.ndarray:
-    """The latent offsets of the windows a random crop may take: as 0.0.20's random crop,
-    anywhere from the start to where the window ends with the file (at whole latents, as
-    the file is encoded once), leaving out the silent ones, which 0.0.20 rejects."""
+    """The latent offsets of the windows a random crop may take: as 0.0.20's random
+    crop, anywhere from the start to where the window ends with the file (at whole
+    latents, as the file is encoded once), leaving out the silent ones, which 0.0.20
+    rejects."""
     last = max(samples - window * ratio, 0) // ratio
     loudest = sliding_window_view(peaks, window)[: last + 1].max(axis=1)
     return np.flatnonzero(loudest >= 10 ** (SILENCE_DB / 20))
@@ -151,8 +153,8 @@ def crop_starts(peaks: np.ndarray, samples: int, ratio: int, window: int) -> np.
 
 class Clip:
     """A file prepared for fine-tuning: the posterior of its latents (for each polarity
-    prepared: as recorded, and phase-flipped), its length in samples and latents, and the
-    offsets a window may start at."""
+    prepared: as recorded, and phase-flipped), its length in samples and latents, and
+    the offsets a window may start at."""
 
     def __init__(
         self,
@@ -188,8 +190,8 @@ def _cache_file(cache: Path, path: Path, model_key: str, settings: dict) -> Path
         ]
     )
     return (
-        cache
-        / f"{path.stem[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.safetensors"
+        cache / f"{path.stem[:40]}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}"
+        ".safetensors"
     )
 
 
@@ -205,10 +207,11 @@ def encode_clip(
     chunk: int = 128,
 ) -> Clip:
     """`path` read at the model's rate and channels, zero-padded to whole latents and at
-    least one window, encoded once (`chunk` latents at a time) to its posterior, and that
-    kept for `cache` (a folder; None for none; see save_to_cache) under a name made of the
-    file's own identity (path, size, time), the model's (`model_key`) and the
-    preparation's, so a later run reads it back instead. With `phase_flip`, the flipped audio is encoded too.
+    least one window, encoded once (`chunk` latents at a time) to its posterior, and
+    that kept for `cache` (a folder; None for none; see save_to_cache) under a name made
+    of the file's own identity (path, size, time), the model's (`model_key`) and the
+    preparation's, so a later run reads it back instead. With `phase_flip`, the flipped
+    audio is encoded too.
     """
     config = vae.config
     ratio, dtype = config.downsampling_ratio, vae.encoder.layers[0].weight.dtype
@@ -263,8 +266,8 @@ def encode_clip(
 
 
 def save_to_cache(clips: list) -> str:
-    """Write the cache entries encode_clip made for `clips`; returns why not, if it could
-    not (a read-only data folder: training goes on without)."""
+    """Write the cache entries encode_clip made for `clips`; returns why not, if it
+    could not (a read-only data folder: training goes on without)."""
     for clip in clips:
         if clip.unsaved:
             path, tensors, metadata = clip.unsaved

@@ -10,8 +10,8 @@ from .conditioners import unsupported
 
 
 def check_values(section: str, config):
-    """Refuse config values of the wrong type or sign: every int and float of our configs
-    is a positive size, rate or epsilon."""
+    """Refuse config values of the wrong type or sign: every int and float of our
+    configs is a positive size, rate or epsilon."""
     for field in fields(config):
         value = getattr(config, field.name)
         if field.type is bool:
@@ -108,8 +108,8 @@ def _sequential(layers, x, level=None):
 
 
 def adapted(layer, x: mx.array, level: mx.array = None) -> mx.array:
-    """`layer(x)`; a layer wrapped by adapters that the noise level gates (lora.LoRALinear)
-    is also given the level of the model evaluation, `level`."""
+    """`layer(x)`; a layer wrapped by adapters that the noise level gates
+    (lora.LoRALinear) is also given the level of the model evaluation, `level`."""
     return layer(x, level) if level is not None and "lora_a" in layer else layer(x)
 
 
@@ -153,9 +153,9 @@ class Attention(nn.Module):
         return x.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
 
     def keys_values(self, context: mx.array, level: mx.array = None):
-        """Cross-attention keys and values, (B, kv heads, tokens, head_dim) each. Query head
-        j uses kv head j // (heads / kv heads), which is how scaled_dot_product_attention
-        groups them."""
+        """Cross-attention keys and values, (B, kv heads, tokens, head_dim) each. Query
+        head j uses kv head j // (heads / kv heads), which is how
+        scaled_dot_product_attention groups them."""
         kv = adapted(self.to_kv, context, level)
         k, v = map(self._heads, mx.split(kv, 2, axis=-1))
         return (self.k_norm(k) if "k_norm" in self else k), v
@@ -183,8 +183,8 @@ class Attention(nn.Module):
             q, k, v = mx.split(self._heads(adapted(self.to_qkv, x, level)), 3, axis=1)
             q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
         else:
-            # the queries' and keys' heads rotated in one call (one copy out of the fused
-            # projection instead of one per tensor)
+            # the queries' and keys' heads rotated in one call (one copy out of the
+            # fused projection instead of one per tensor)
             qkv = self._heads(adapted(self.to_qkv, x, level))
             q, k = mx.split(rope(qkv[:, : 2 * self.num_heads]), 2, axis=1)
             v = qkv[:, 2 * self.num_heads :]
@@ -218,12 +218,12 @@ class TransformerBlock(nn.Module):
     def __call__(
         self, x: mx.array, keys_values: tuple, level: mx.array = None
     ) -> mx.array:
-        """Rows of `x` beyond the keys' batch have an all-zero context (the unconditional
-        half of guidance): their cross-attention output is exactly zero, so it is skipped.
-        `level` is the noise level, for gated adapters."""
+        """Rows of `x` beyond the keys' batch have an all-zero context (the
+        unconditional half of guidance): their cross-attention output is exactly zero,
+        so it is skipped. `level` is the noise level, for gated adapters."""
         # the residual stream stays float32; each branch, its norm included, runs in the
-        # weights' dtype (the cast fuses into the residual add; a float16 norm's error is a
-        # float32 one's, and it is one kernel instead of two)
+        # weights' dtype (the cast fuses into the residual add; a float16 norm's error
+        # is a float32 one's, and it is one kernel instead of two)
         dtype = keys_values[0].dtype
         x = x + self.self_attn(self.pre_norm(x.astype(dtype)), level=level)
         n = keys_values[0].shape[0]
@@ -234,10 +234,11 @@ class TransformerBlock(nn.Module):
 
 
 def checkpointed(block: nn.Module):
-    """`block` with gradient checkpointing: only its inputs are kept for the backward pass,
-    which recomputes its activations. Unlike nn.utils.checkpoint, the recomputation waits
-    for the gradient arriving from the block above, so one block's activations are alive
-    at a time; otherwise the scheduler is free to recompute several blocks early."""
+    """`block` with gradient checkpointing: only its inputs are kept for the backward
+    pass, which recomputes its activations. Unlike nn.utils.checkpoint, the
+    recomputation waits for the gradient arriving from the block above, so one block's
+    activations are alive at a time; otherwise the scheduler is free to recompute
+    several blocks early."""
 
     def run(params, h, keys_values):
         block.update(params)
@@ -263,7 +264,8 @@ def checkpointed(block: nn.Module):
 
 
 class DiT(nn.Module):
-    """The diffusion transformer of Stable Audio Open, channels-last: (B, T, io_channels)."""
+    """The diffusion transformer of Stable Audio Open, channels-last:
+    (B, T, io_channels)."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -294,14 +296,15 @@ class DiT(nn.Module):
         self.gated_adapters = (
             False  # set by lora.apply_adapter: some follow the noise level
         )
-        self.checkpoint_blocks = False  # fine-tuning: recompute each block's activations in the backward pass
+        # fine-tuning: recompute each block's activations in the backward pass
+        self.checkpoint_blocks = False
 
     def prepare_conditioning(
         self, cross: mx.array, global_cond: mx.array, negative_cross: mx.array = None
     ) -> dict:
         """What every sampler step of a generation reuses, computed once: each block's
-        cross-attention keys and values (for the prompt, then the negative prompt's if any,
-        along the batch) and the projected global vector."""
+        cross-attention keys and values (for the prompt, then the negative prompt's if
+        any, along the batch) and the projected global vector."""
         dtype = self.dtype
         tokens = (
             cross if negative_cross is None else mx.concatenate([cross, negative_cross])
@@ -341,12 +344,13 @@ class DiT(nn.Module):
         return self.timestep_features.weight.dtype
 
     def __call__(self, x: mx.array, t: mx.array, conditioning: dict) -> mx.array:
-        """The model's prediction (float32) for latents `x` (B, T, C) at diffusion times `t`
-        (B,), given prepare_conditioning()'s output.
+        """The model's prediction (float32) for latents `x` (B, T, C) at diffusion times
+        `t` (B,), given prepare_conditioning()'s output.
 
-        Rows of `x` beyond the batch of the conditioning's keys see all-zero cross-attention
-        tokens. The weights may be float16, bfloat16 or quantized; the residual streams stay
-        in float32, and the norms and matmuls run in the weights' dtype."""
+        Rows of `x` beyond the batch of the conditioning's keys see all-zero
+        cross-attention tokens. The weights may be float16, bfloat16 or quantized; the
+        residual streams stay in float32, and the norms and matmuls run in the weights'
+        dtype."""
         dtype = self.dtype
         # gated adapters are given the evaluation's noise level, passed down explicitly
         level = (
@@ -376,9 +380,9 @@ class DiT(nn.Module):
         return (y + adapted(self.postprocess_conv, y, level)).astype(mx.float32)
 
     def noise_level(self, t):
-        """Diffusion time t (a float, or an array) in stable-audio-tools 0.0.20's units for
-        guidance and LoRA intervals: the VP noise std sin(pi t / 2) for v models, t itself
-        for flow."""
+        """Diffusion time t (a float, or an array) in stable-audio-tools 0.0.20's units
+        for guidance and LoRA intervals: the VP noise std sin(pi t / 2) for v models, t
+        itself for flow."""
         if self.objective != "v":
             return t
         return (

@@ -14,10 +14,11 @@ def cfg(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:
 
 
 def projected(x, t, cond, uncond, scale, apg_scale, norm_threshold, objective):
-    """APG and the norm threshold, on the denoised estimates x0 = alpha x - sigma v: their
-    difference d is scaled to a norm <= `norm_threshold` (0: no cap), `apg_scale` of its
-    part parallel to the conditional x0 removed, and x0_cond + (scale - 1) d turned back
-    into a prediction. In float32 (the reference projects in float64, which Metal lacks).
+    """APG and the norm threshold, on the denoised estimates x0 = alpha x - sigma v:
+    their difference d is scaled to a norm <= `norm_threshold` (0: no cap), `apg_scale`
+    of its part parallel to the conditional x0 removed, and x0_cond + (scale - 1) d
+    turned back into a prediction. In float32 (the reference projects in float64, which
+    Metal lacks).
     """
     t = t.astype(mx.float32)[:, None, None]
     if objective == "v":
@@ -38,8 +39,8 @@ def projected(x, t, cond, uncond, scale, apg_scale, norm_threshold, objective):
 
 
 def rescale(guided: mx.array, cond: mx.array, phi: float) -> mx.array:
-    """CFG rescale (the reference's scale_phi): `phi` of the guided prediction brought to
-    the conditional one's standard deviation, along the channels."""
+    """CFG rescale (the reference's scale_phi): `phi` of the guided prediction brought
+    to the conditional one's standard deviation, along the channels."""
     std = lambda a: mx.std(a, axis=-1, keepdims=True, ddof=1)
     return phi * guided * (std(cond) / std(guided)) + (1 - phi) * guided
 

@@ -10,7 +10,8 @@ PICKLED = (  # read only when asked (convert.py --allow-pickle): unpickling can 
     "model.ckpt"
 )
 
-# The files of the released Hub repo that we read (it also holds model.ckpt and diffusers folders)
+# The files of the released Hub repo that we read (it also holds model.ckpt and
+# diffusers folders)
 RELEASED_FILES = {
     "config": "model_config.json",
     "weights": "model.safetensors",
@@ -38,8 +39,9 @@ LOCAL_COPY = (
 
 
 def _transport_errors() -> tuple:
-    """The HTTP library's own failures (a dropped connection, say): requests' are OSErrors
-    (huggingface_hub 0.x); httpx's, under huggingface_hub 1.x and 2.x, are not."""
+    """The HTTP library's own failures (a dropped connection, say): requests' are
+    OSErrors (huggingface_hub 0.x); httpx's, under huggingface_hub 1.x and 2.x, are
+    not."""
     errors = [OSError]
     for module in ("httpx", "httpx2"):
         try:
@@ -50,10 +52,11 @@ def _transport_errors() -> tuple:
 
 
 def _download(repo: str, patterns: list) -> Path:
-    """snapshot_download, its failures turned into one sentence that says what to do (the
-    messages are ours: huggingface_hub's span several lines). Written for huggingface_hub
-    0.36 to 2.x, whose errors differ: LocalEntryNotFoundError (nothing cached, and the
-    Hub not reached or failing) is an HfHubHTTPError in 0.x and only an OSError since.
+    """snapshot_download, its failures turned into one sentence that says what to do
+    (the messages are ours: huggingface_hub's span several lines). Written for
+    huggingface_hub 0.36 to 2.x, whose errors differ: LocalEntryNotFoundError (nothing
+    cached, and the Hub not reached or failing) is an HfHubHTTPError in 0.x and only an
+    OSError since.
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
@@ -77,8 +80,8 @@ def _download(repo: str, patterns: list) -> Path:
             f" logged in ({login}); check the name, {LOCAL_COPY}."
         )
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        # LocalEntryNotFoundError: nothing cached, and the Hub answered with an error (its
-        # cause), could not be reached, or downloads are off
+        # LocalEntryNotFoundError: nothing cached, and the Hub answered with an error
+        # (its cause), could not be reached, or downloads are off
         response = e.__cause__ if isinstance(e, LocalEntryNotFoundError) else e
         status = getattr(getattr(response, "response", None), "status_code", None)
         if status in (401, 403):
@@ -115,8 +118,8 @@ def _download(repo: str, patterns: list) -> Path:
 def resolve(
     path_or_repo: str, configs_only: bool = False, allow_pickle: bool = False
 ) -> Path:
-    """A local folder, or a Hub repo id downloaded (only the files we read) to the cache;
-    either way checked to hold every file of its layout."""
+    """A local folder, or a Hub repo id downloaded (only the files we read) to the
+    cache; either way checked to hold every file of its layout."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         folder = path

@@ -45,8 +45,9 @@ def timing(start: int, total_samples: int, ratio: int, sample_rate: int) -> dict
 
 
 def windows(config, seconds_total: float, overlap: float, made: int = 0) -> list:
-    """plan_windows for a piece of `seconds_total` whose windows keep `overlap` seconds of
-    the one before (checked with the settings), after `made` latents already there."""
+    """plan_windows for a piece of `seconds_total` whose windows keep `overlap` seconds
+    of the one before (checked with the settings), after `made` latents already
+    there."""
     ratio = config.vae.downsampling_ratio
     window = config.sample_size // ratio
     total = math.ceil(round(seconds_total * config.sample_rate) / ratio)
@@ -62,8 +63,8 @@ def windows(config, seconds_total: float, overlap: float, made: int = 0) -> list
 
 
 def encode_whole(pipe, audio, sample_rate: int) -> mx.array:
-    """Latents (1, T, C) of all of `audio` (any length; the posterior mean, encoded a few
-    latents at a time), T its whole latents: a partial last one is left out."""
+    """Latents (1, T, C) of all of `audio` (any length; the posterior mean, encoded a
+    few latents at a time), T its whole latents: a partial last one is left out."""
     ratio, channels = pipe.config.vae.downsampling_ratio, pipe.config.vae.audio_channels
     audio = np.asarray(audio, dtype=np.float32)
     n = (audio[None] if audio.ndim == 1 else audio).shape[-1]
@@ -108,7 +109,8 @@ class Piece:
         self.pipe, self.s = pipe, settings
 
     def encode(self) -> list:
-        """The continued audio's latents (if any); the windows are planned after them."""
+        """The continued audio's latents (if any); the windows are planned after
+        them."""
         s, made = self.s, []
         if s.continue_audio is not None:
             rate, audio = s.continue_audio

@@ -25,7 +25,8 @@ MAX_BEATS_PER_BAR = 16
 
 
 def loop_samples(bpm: float, bars: int, beats_per_bar: int, sample_rate: int) -> int:
-    """The samples in `bars` bars of `beats_per_bar` beats at `bpm`, rounded to a sample."""
+    """The samples in `bars` bars of `beats_per_bar` beats at `bpm`, rounded to a
+    sample."""
     if not (math.isfinite(bpm) and BPM_RANGE[0] <= bpm <= BPM_RANGE[1]):
         raise ValueError(
             f"The tempo must be in [{BPM_RANGE[0]:g}, {BPM_RANGE[1]:g}] BPM."

@@ -1,14 +1,14 @@
 """LoRA and DoRA adapters on the DiT and the seconds conditioners, read and written in
-stable-audio-tools 0.0.20's file format (stable_audio_tools/models/lora/; docs/reference.md,
-"Adapters").
+stable-audio-tools 0.0.20's file format (stable_audio_tools/models/lora/;
+docs/reference.md, "Adapters").
 
 An adapter turns a layer's weight W (out, in) into
     lora:       W + s B A
     dora-rows:  m * V / ||V||, V = W + s B A, the norm taken over each row (eps 1e-12)
 with s = alpha / rank * strength. Adapters stack in the order they are applied, each on
-the weight the ones before it made. One that is always on is merged into a floating-point
-weight once; the others (over a quantized weight, or active only within a noise
-interval) wrap their layer in a LoRALinear."""
+the weight the ones before it made. One that is always on is merged into a
+floating-point weight once; the others (over a quantized weight, or active only within a
+noise interval) wrap their layer in a LoRALinear."""
 
 import json
 import math
@@ -80,7 +80,8 @@ def official_layers(depth: int, numbers) -> dict:
 
 
 def expand(pattern: str) -> list:
-    """0.0.20's bracket expansion: "layers.[0-2]." stands for layers.0., layers.1., layers.2."""
+    """0.0.20's bracket expansion: "layers.[0-2]." stands for layers.0., layers.1.,
+    layers.2."""
     parts = re.split(r"\[(\d+)-(\d+)\]", pattern)
     pools = []
     for a, b in zip(map(int, parts[1::3]), map(int, parts[2::3])):
@@ -124,8 +125,9 @@ def parse_file_strength(text: str) -> tuple:
 def check_lora(
     path, strength: float = 1.0, interval: tuple = None, layer_filter: str = ""
 ):
-    """Refuse, with a one-line ValueError, an adapter file that is not there or a setting
-    that cannot apply (the file itself is checked when read, against the model)."""
+    """Refuse, with a one-line ValueError, an adapter file that is not there or a
+    setting that cannot apply (the file itself is checked when read, against the
+    model)."""
     if not Path(path).is_file():
         raise ValueError(
             f"The adapter file {path} does not exist."
@@ -197,8 +199,8 @@ def _positive_number(value) -> bool:
 
 
 def read_adapter(path, dit, conditioner) -> AdapterFile:
-    """An adapter file of stable-audio-tools 0.0.20 (or ours), checked strictly against the
-    model: every tensor must belong to a layer of it that the file's include/exclude
+    """An adapter file of stable-audio-tools 0.0.20 (or ours), checked strictly against
+    the model: every tensor must belong to a layer of it that the file's include/exclude
     claim, with the shape its rank implies, and every claimed layer must have all of its
     tensors. Each refusal is one line naming the file and the key."""
     path = Path(path)
@@ -347,8 +349,8 @@ def initial_tensors(
     exclude=None,
     key=None,
 ) -> dict:
-    """A new adapter's tensors, {official layer name: {tensor name: array}}, on the layers
-    `include`/`exclude` pick, initialised as 0.0.20 does: A ~ U(+-1/sqrt(fan_in))
+    """A new adapter's tensors, {official layer name: {tensor name: array}}, on the
+    layers `include`/`exclude` pick, initialised as 0.0.20 does: A ~ U(+-1/sqrt(fan_in))
     (kaiming_uniform with a = sqrt 5), B = 0, DoRA magnitudes the norms of W's rows."""
     modules = {"dit": dit, "conditioner": conditioner}
     keys = iter(mx.random.split(mx.random.key(0) if key is None else key, 10_000))
@@ -375,9 +377,10 @@ def initial_tensors(
 
 def save_adapter(path, layers: dict, lora_config: dict):
     """Write an adapter file as stable-audio-tools 0.0.20's save_lora_safetensors does:
-    {official layer name: {tensor name: array}} as float16 tensors under the official keys,
-    with `lora_config` (rank, alpha, adapter_type, include, exclude) as JSON metadata. The
-    file appears only when complete (written under a temporary name, then renamed)."""
+    {official layer name: {tensor name: array}} as float16 tensors under the official
+    keys, with `lora_config` (rank, alpha, adapter_type, include, exclude) as JSON
+    metadata. The file appears only when complete (written under a temporary name, then
+    renamed)."""
     tensors = {
         f"{layer}{KEY}{name}": value.astype(mx.float16)
         for layer, named in layers.items()
@@ -426,9 +429,10 @@ def _dense_weight(layer) -> mx.array:
 
 
 class LoRALinear(nn.Module):
-    """A layer with an adapter that stays beside its weight: over a quantized weight (which
-    it cannot be merged into), or active only while the noise level is in `interval`
-    (then switched inside the compiled step, by the level the DiT passes to each call).
+    """A layer with an adapter that stays beside its weight: over a quantized weight
+    (which it cannot be merged into), or active only while the noise level is in
+    `interval` (then switched inside the compiled step, by the level the DiT passes to
+    each call).
 
     It computes base(x) + s (x A^T) B^T, and for DoRA scales each output row by
     m / ||V|| (V as in adapted_weight). For a frozen adapter that factor is precomputed,
@@ -515,9 +519,9 @@ def apply_adapter(
     """Apply `adapter` at `strength` on top of what is applied already. `interval` (MIN,
     MAX) limits it to the DiT evaluations whose noise level is within it (the
     conditioner's adapters, as in 0.0.20, are never gated); `layer_filter` (0.0.20's
-    comma-separated patterns of DiT layer names, e.g. "transformer.layers.[0-5].") leaves
-    the matching DiT layers alone. Always-on adapters are merged into floating-point
-    weights; the others wrap their layers."""
+    comma-separated patterns of DiT layer names, e.g. "transformer.layers.[0-5].")
+    leaves the matching DiT layers alone. Always-on adapters are merged into
+    floating-point weights; the others wrap their layers."""
     if strength == 0:  # 0.0.20: LoRA adds zero, DoRA returns W unchanged
         return
     if interval is not None:

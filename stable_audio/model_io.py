@@ -65,7 +65,8 @@ class Config:
 
 
 def parse_config(model_config: dict, t5_config: dict) -> Config:
-    """Read the architecture from the checkpoint's own configs, refusing what we do not implement."""
+    """Read the architecture from the checkpoint's own configs, refusing what we do not
+    implement."""
     if model_config.get("model_type") != "diffusion_cond":
         raise ValueError(
             f"Unsupported model_type {model_config.get('model_type')!r} in"
@@ -157,9 +158,10 @@ def _read_json(path: Path) -> dict:
 
 
 def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
-    """The tensors of a safetensors file (and with `metadata`, its metadata too), refused
-    if it is cut short, damaged, or holds a dtype other than `dtypes`. mx.load checks the
-    header and every tensor's extent against the file's size without reading the data.
+    """The tensors of a safetensors file (and with `metadata`, its metadata too),
+    refused if it is cut short, damaged, or holds a dtype other than `dtypes`. mx.load
+    checks the header and every tensor's extent against the file's size without reading
+    the data.
     """
     try:
         tensors, stored = mx.load(str(path), return_metadata=True)
@@ -202,7 +204,8 @@ def write_safetensors(path, tensors: dict, metadata: dict):
 
 
 def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
-    """Released-checkpoint tensors -> MLX-named weights, and the original name of each."""
+    """Released-checkpoint tensors -> MLX-named weights, and the original name of
+    each."""
     weights, origin = {}, {}
     for key, value in tensors.items():
         name = key
@@ -223,8 +226,8 @@ def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:
                 f" {origin['dit.rotary_pos_emb.inv_freq']} (base is not 10000)."
             )
 
-    # Weight norm: w = g * v / ||v||, the norm taken per index of dim 0 in PyTorch layout
-    # (the output channel of a Conv1d, the input channel of a ConvTranspose1d)
+    # Weight norm: w = g * v / ||v||, the norm taken per index of dim 0 in PyTorch
+    # layout (the output channel of a Conv1d, the input channel of a ConvTranspose1d)
     for name in [n for n in weights if n.endswith(".weight_v")]:
         base = name[: -len("_v")]
         v, g = weights.pop(name), weights.pop(base + "_g", None)
@@ -365,7 +368,8 @@ def _read_config(folder: Path) -> Config:
     except ValueError as e:
         raise ValueError(f"{files[0].parent}: {e}") from None
     except (KeyError, TypeError, AttributeError, IndexError) as e:
-        # a value of another type, or a section missing, where the checks above did not look
+        # a value of another type, or a section missing, where the checks above did not
+        # look
         raise ValueError(
             f"{files[0]} or {files[1].name} holds a value we cannot read"
             f" ({type(e).__name__}: {e})."
@@ -398,8 +402,8 @@ def quantize_dit(dit: nn.Module, group_size: int = 64, bits: int = 4):
 
 
 def _quantize_as_stored(dit: nn.Module, weights: dict, sources: dict):
-    """Quantize a skeleton like the stored DiT, each layer's bits and group size read from
-    the shapes of its packed weights and scales."""
+    """Quantize a skeleton like the stored DiT, each layer's bits and group size read
+    from the shapes of its packed weights and scales."""
 
     def settings(path: str, module: nn.Module):
         scales, packed = weights.get(f"dit.{path}.scales"), weights.get(
@@ -443,13 +447,13 @@ def load(
 ) -> Components:
     """Load a released checkpoint folder, a folder written by convert.py, or a Hub repo.
 
-    `dtype` applies to T5 and the DiT (None keeps the stored dtype); the conditioner stays
-    in float32 and the autoencoder in `vae_dtype`. `quantize` ({"group_size", "bits"})
-    quantizes a floating-point DiT after loading. The VAE encoder, which text-to-audio
-    does not use, is read from disk only when first used. Only safetensors are read, unless
-    `read_pickle` (a function of a path returning {name: mx.array}: convert.py's, which
-    needs torch) is given to read a released folder's model.ckpt in place of a missing
-    model.safetensors.
+    `dtype` applies to T5 and the DiT (None keeps the stored dtype); the conditioner
+    stays in float32 and the autoencoder in `vae_dtype`. `quantize` ({"group_size",
+    "bits"}) quantizes a floating-point DiT after loading. The VAE encoder, which
+    text-to-audio does not use, is read from disk only when first used. Only safetensors
+    are read, unless `read_pickle` (a function of a path returning {name: mx.array}:
+    convert.py's, which needs torch) is given to read a released folder's model.ckpt in
+    place of a missing model.safetensors.
     """
     folder = resolve(path_or_repo, allow_pickle=read_pickle is not None)
     config = _read_config(folder)
@@ -483,8 +487,8 @@ def load(
         load_strict(component, module, weights, sources)
         if dtypes[component] is not None:
             module.set_dtype(dtypes[component])
-        # checked as cast, so that the stored tensors feed only the cast; the VAE's encoder
-        # is read when first used, and its output checked then
+        # checked as cast, so that the stored tensors feed only the cast; the VAE's
+        # encoder is read when first used, and its output checked then
         used = module.decoder if component == "vae" else module
         names, values = zip(*tree_flatten(used.parameters()))
         finite = mx.stack([mx.all(mx.isfinite(v)) for v in values])

@@ -46,12 +46,12 @@ class StableAudio:
         quantize: int = None,
         loras=(),
     ):
-        """A converted folder, a released-layout folder, or a Hub repo id. `dtype` is for
-        T5 and the DiT (None: as stored); `quantize` (4 or 8) quantizes a float DiT's
-        blocks. `loras`: adapter files, each a path or a tuple of load_lora's arguments
-        (path, strength, interval, layer_filter), applied in order; with `quantize`,
-        before the DiT is quantized, so that the always-on ones are merged into its float
-        weights."""
+        """A converted folder, a released-layout folder, or a Hub repo id. `dtype` is
+        for T5 and the DiT (None: as stored); `quantize` (4 or 8) quantizes a float
+        DiT's blocks. `loras`: adapter files, each a path or a tuple of load_lora's
+        arguments (path, strength, interval, layer_filter), applied in order; with
+        `quantize`, before the DiT is quantized, so that the always-on ones are merged
+        into its float weights."""
         q = {"group_size": 64, "bits": quantize} if quantize else None
         components = load(path_or_repo, dtype, vae_dtype, quantize=None if loras else q)
         pipe = cls(components)
@@ -75,13 +75,13 @@ class StableAudio:
     ):
         """Apply a LoRA or DoRA adapter file of stable-audio-tools 0.0.20 at `strength`,
         on top of those applied before (as 0.0.20 stacks them). With `interval` = (MIN,
-        MAX) it is active only in the model evaluations whose noise level (DiT.noise_level,
-        as for cfg_interval, in [0, 1]) is within it; `layer_filter` (comma-separated
-        patterns, e.g. "transformer.layers.[0-11].", "to_global_embed") leaves the DiT
-        layers whose stable-audio-tools names contain one alone. An adapter without an
-        interval is merged into floating-point weights (no cost per step; load the model
-        again to be rid of it); over a quantized DiT, or gated, it runs beside its
-        layers."""
+        MAX) it is active only in the model evaluations whose noise level
+        (DiT.noise_level, as for cfg_interval, in [0, 1]) is within it; `layer_filter`
+        (comma-separated patterns, e.g. "transformer.layers.[0-11].", "to_global_embed")
+        leaves the DiT layers whose stable-audio-tools names contain one alone. An
+        adapter without an interval is merged into floating-point weights (no cost per
+        step; load the model again to be rid of it); over a quantized DiT, or gated, it
+        runs beside its layers."""
         lora.check_lora(path, strength, interval, layer_filter)
         adapter = lora.read_adapter(path, self.dit, self.conditioner)
         always = interval is None or tuple(interval) == (
@@ -112,8 +112,9 @@ class StableAudio:
         )
 
     def settings(self, settings: Settings = None, **fields) -> Settings:
-        """`settings` (default: Settings()) with `fields` replaced, checked for this model
-        and resolved (every default filled in): an ArgumentError before any work."""
+        """`settings` (default: Settings()) with `fields` replaced, checked for this
+        model and resolved (every default filled in): an ArgumentError before any
+        work."""
         settings = replace(settings, **fields) if settings else Settings(**fields)
         return settings.check(self.config)
 
@@ -125,7 +126,8 @@ class StableAudio:
         seconds_total: float = None,
         batch_size: int = 1,
     ) -> Conditioning:
-        """Encode the prompt and the timing; afterwards T5 may be deleted (`del pipe.t5`)."""
+        """Encode the prompt and the timing; afterwards T5 may be deleted
+        (`del pipe.t5`)."""
         seconds_total = self.window_seconds if seconds_total is None else seconds_total
         seconds = dict(
             seconds_start=[seconds_start] * batch_size,
@@ -152,17 +154,18 @@ class StableAudio:
         inpaint: tuple = None,
         **fields,
     ):
-        """Yield the latents (B, T, C) after each sampler step, on the model's full window,
-        sampled as `settings` (with `fields` replaced; None: the model's defaults) say.
+        """Yield the latents (B, T, C) after each sampler step, on the model's full
+        window, sampled as `settings` (with `fields` replaced; None: the model's
+        defaults) say.
 
-        `noise` (the initial N(0, 1) latents) and `noise_sampler(sigma, sigma_next)` (each
-        stochastic step's N(0, 1) noise) default to draws from the seed. Guidance runs at
-        the noise levels (DiT.noise_level) within cfg_interval; at the others the model
-        runs once, unguided. `init_latents` (audio to audio) start sampling from those
-        latents noised to sigma_max, as stable-audio-tools does. `inpaint` = (source
-        latents, mask (T,), True where to regenerate): after every step the latents
-        outside the mask are replaced by the source noised to the step's level, so they
-        end exactly equal."""
+        `noise` (the initial N(0, 1) latents) and `noise_sampler(sigma, sigma_next)`
+        (each stochastic step's N(0, 1) noise) default to draws from the seed. Guidance
+        runs at the noise levels (DiT.noise_level) within cfg_interval; at the others
+        the model runs once, unguided. `init_latents` (audio to audio) start sampling
+        from those latents noised to sigma_max, as stable-audio-tools does. `inpaint` =
+        (source latents, mask (T,), True where to regenerate): after every step the
+        latents outside the mask are replaced by the source noised to the step's level,
+        so they end exactly equal."""
         s = replace(settings or Settings(), **fields).resolved(self.config)
         objective = self.config.dit.objective
         shape = self.latent_shape(conditioning.cross.shape[0])
@@ -194,7 +197,8 @@ class StableAudio:
         state = (x, zeros, zeros, zeros)
         for (sigma, sigma_next), evaluations in zip(zip(sigmas, sigmas[1:]), plan):
             for k, t, draws_noise in evaluations:
-                # draw only where the reference draws: a noise_sampler sees the same calls
+                # draw only where the reference draws: a noise_sampler sees the same
+                # calls
                 step_noise = noise_sampler(sigma, sigma_next) if draws_noise else zeros
                 w = s.cfg_scale if low <= self.dit.noise_level(t) <= high else 1.0
                 k = mx.array(k)
@@ -211,8 +215,8 @@ class StableAudio:
         return samplers.evaluate(model, state, noise, k, used)
 
     def encode(self, audio, sample_rate: int, noise: mx.array = None) -> mx.array:
-        """Latents (1, T, C) of `audio` (see audio.prepare_audio): the posterior mean, or
-        with `noise` (N(0, 1), shaped like the latents) a sample of the posterior."""
+        """Latents (1, T, C) of `audio` (see audio.prepare_audio): the posterior mean,
+        or with `noise` (N(0, 1), shaped like the latents) a sample of the posterior."""
         size, channels = self.config.sample_size, self.config.vae.audio_channels
         audio = prepare_audio(audio, sample_rate, self.sample_rate, size, channels)
         audio = mx.array(audio.T[None]).astype(self.vae.encoder.layers[0].weight.dtype)
@@ -234,10 +238,10 @@ class StableAudio:
         noise_sampler=None,
         **fields,
     ) -> mx.array:
-        """Audio (batch_size, channels, samples) at `sample_rate`, cut to seconds_total, as
-        `settings` (a Settings, with `fields` and the `prompt` replaced) say: one window
-        (text to audio, a variation, an inpainting), a piece beyond the window or a
-        continuation (long_form), or a seamless loop (loops).
+        """Audio (batch_size, channels, samples) at `sample_rate`, cut to seconds_total,
+        as `settings` (a Settings, with `fields` and the `prompt` replaced) say: one
+        window (text to audio, a variation, an inpainting), a piece beyond the window or
+        a continuation (long_form), or a seamless loop (loops).
 
         `progress(done, total)` is called after each sampler step (of every window or
         pass), `phase(name)` as each phase ends ("audio encoding" where audio is given,
@@ -279,7 +283,8 @@ class StableAudio:
 
 
 def limit_memory(headroom: float = 0.5) -> int:
-    """Bound MLX's memory to what is in use now plus `headroom` GB; returns the old limit.
+    """Bound MLX's memory to what is in use now plus `headroom` GB; returns the old
+    limit.
 
     MLX runs ahead of the GPU, and the buffers of freed intermediates stay allocated
     until the GPU has passed them; at its limit MLX waits for pending work instead. Call

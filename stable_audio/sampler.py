@@ -1,18 +1,18 @@
-"""The samplers of stable-audio-tools 0.0.20 (with the k-diffusion math it vendors) and their
-noise schedules, for v-objective models (SAO 1.0) and rectified flow (SAO Small).
+"""The samplers of stable-audio-tools 0.0.20 (with the k-diffusion math it vendors) and
+their noise schedules, for v-objective models (SAO 1.0) and rectified flow (SAO Small).
 
-Every sampler here is linear in the latents. A step is one or more model evaluations (two
-for Heun, DPM-2 and DPM++(2S), four for RK4), and each evaluation is
+Every sampler here is linear in the latents. A step is one or more model evaluations
+(two for Heun, DPM-2 and DPM++(2S), four for RK4), and each evaluation is
 
-    y = P . (x, h1, h2, h3)                             the point the model sees
-    v = model(c_in y, t),  D = c_skip y + c_out v       its prediction and denoised estimate
+    y = P . (x, h1, h2, h3)                         the point the model sees
+    v = model(c_in y, t),  D = c_skip y + c_out v   its prediction and denoised estimate
     (x, h1, h2, h3) <- Q . (x, h1, h2, h3, D, v, vu, noise)
 
 with x the latents, h1..h3 what the sampler keeps (earlier estimates or derivatives), vu
 the unconditional prediction (v-DDIM-CFG++ uses it) and noise N(0, 1). P, Q and the
-denoiser's c_in, c_skip, c_out and t depend only on the noise levels: they are computed in
-float64 on the host, once per generation, so that one step function (compiled once, if
-asked) serves every sampler and every step.
+denoiser's c_in, c_skip, c_out and t depend only on the noise levels: they are computed
+in float64 on the host, once per generation, so that one step function (compiled once,
+if asked) serves every sampler and every step.
 
 Each sampler works in a space, which fixes its denoiser and how latents are noised:
 "k" (k-diffusion's, x = x0 + sigma eps, the model wrapped in a VDenoiser), "vp" (v-DDIM,
@@ -74,10 +74,10 @@ LOGSNR_END = 2.0
 
 
 def logsnr_times(steps: int, t_max: float = 1.0, schedule: str = "0.0.20"):
-    """Times t = sigmoid(-logSNR), logSNR evenly spaced from the schedule's start up to 2,
-    beginning at t_max and ending at 0: for t_max = 1, 0.0.20's t = sigmoid(8.2 u - 2)
-    on u evenly spaced from 1 to 0 (stable_audio_tools/inference/sampling.py,
-    LogSNRShift), or 0.0.19's grid.
+    """Times t = sigmoid(-logSNR), logSNR evenly spaced from the schedule's start up
+    to 2, beginning at t_max and ending at 0: for t_max = 1, 0.0.20's
+    t = sigmoid(8.2 u - 2) on u evenly spaced from 1 to 0
+    (stable_audio_tools/inference/sampling.py, LogSNRShift), or 0.0.19's grid.
 
     Below 1 (init audio) the grid starts at t_max's own log-SNR, as 0.0.19 did, so that
     the noise only falls; 0.0.20 maps its shortened u grid through the same curve, which
@@ -170,7 +170,8 @@ def _lms_coefficient(order: int, sigmas, i: int, j: int) -> float:
 
 
 def k_lms(sigmas, order=4):
-    """Linear multistep on the derivatives d = (x - D) / sigma; h1..h3 hold the last three."""
+    """Linear multistep on the derivatives d = (x - D) / sigma; h1..h3 hold the last
+    three."""
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
         c = [
             _lms_coefficient(min(i + 1, order), sigmas, i, j)
@@ -259,9 +260,9 @@ def _alpha_sigma(t):
 
 
 def v_ddim(sigmas, cfg_pp=False):
-    """DDIM (eta 0) on a v model: x_next = alpha' D + sigma' eps, eps = sigma x + alpha v;
-    with `cfg_pp` (CFG++), eps is taken from the unconditional prediction. The last step
-    (to t = 0) returns D."""
+    """DDIM (eta 0) on a v model: x_next = alpha' D + sigma' eps,
+    eps = sigma x + alpha v; with `cfg_pp` (CFG++), eps is taken from the unconditional
+    prediction. The last step (to t = 0) returns D."""
     for t, t_next in _pairs(sigmas):
         (alpha, sigma), (alpha_next, sigma_next) = _alpha_sigma(t), _alpha_sigma(
             t_next
@@ -293,9 +294,9 @@ def flow_euler(times):
 
 
 def rk4(times):
-    """Classical Runge-Kutta on the velocity; h1..h3 hold the first three slopes, and the
-    last is taken at max(t_next, 1e-5), as the reference does (the model is not trained
-    at t = 0)."""
+    """Classical Runge-Kutta on the velocity; h1..h3 hold the first three slopes, and
+    the last is taken at max(t_next, 1e-5), as the reference does (the model is not
+    trained at t = 0)."""
     for t, t_next in _pairs(times):
         dt = t_next - t
         slope = {"v": 1.0}
@@ -335,8 +336,8 @@ def flow_dpmpp(times):
 # ---------------------------------------------------------------- by name
 
 # name: (space, schedule, steps); the official names (docs/reference.md). On a v model
-# "euler" is 0.0.20's default DDIM path on the log-SNR grid (k-diffusion's Euler, 0.0.19's
-# "euler", is gone from 0.0.20, and from here).
+# "euler" is 0.0.20's default DDIM path on the log-SNR grid (k-diffusion's Euler,
+# 0.0.19's "euler", is gone from 0.0.20, and from here).
 SAMPLERS = {
     "dpmpp-3m-sde": ("k", "polyexponential", dpmpp_3m_sde),
     "dpmpp-2m-sde": ("k", "polyexponential", dpmpp_2m_sde),
@@ -413,8 +414,9 @@ def noised(space: str, latents, noise, sigma: float):
 
 
 def denoiser(space: str, sigma: float) -> tuple:
-    """(c_in, c_skip, c_out, t): the model sees c_in y at time t, and D = c_skip y + c_out v.
-    In the k space this is k-diffusion's VDenoiser (t = atan(sigma) 2 / pi)."""
+    """(c_in, c_skip, c_out, t): the model sees c_in y at time t, and
+    D = c_skip y + c_out v. In the k space this is k-diffusion's VDenoiser
+    (t = atan(sigma) 2 / pi)."""
     if space == "k":
         return (
             1 / math.sqrt(sigma**2 + 1),
@@ -429,8 +431,9 @@ def denoiser(space: str, sigma: float) -> tuple:
 
 
 def plan(objective: str, sampler: str, sigmas: list) -> list:
-    """Per step, the list of its evaluations, each as (coefficients, time t, draws noise):
-    the coefficients are [c_in, c_skip, c_out, t] + P (4) + Q (4 x 8, row-major)."""
+    """Per step, the list of its evaluations, each as (coefficients, time t, draws
+    noise): the coefficients are [c_in, c_skip, c_out, t] + P (4) + Q (4 x 8,
+    row-major)."""
     space, _, steps = samplers_for(objective)[sampler]
     plans = []
     for evaluations in steps(sigmas):
@@ -464,9 +467,9 @@ def used_terms(plan: list) -> tuple:
 
 
 def evaluate(model, state: tuple, noise: mx.array, k: mx.array, used: tuple) -> tuple:
-    """One model evaluation. `model(x, t)` returns the (guided, unconditional) predictions
-    for latents x at times t; `state` is (x, h1, h2, h3); `k` holds plan()'s coefficients
-    for this evaluation and `used` used_terms(). Returns the new state."""
+    """One model evaluation. `model(x, t)` returns the (guided, unconditional)
+    predictions for latents x at times t; `state` is (x, h1, h2, h3); `k` holds plan()'s
+    coefficients for this evaluation and `used` used_terms(). Returns the new state."""
     c_in, c_skip, c_out, t = (k[i] for i in range(4))
     y = sum(k[4 + j] * s for j, s in enumerate(state) if used[j])
     v, v_uncond = model(y * c_in, mx.broadcast_to(t, (y.shape[0],)))

@@ -76,7 +76,8 @@ class Settings:
         return config.sample_size / config.sample_rate
 
     def is_piece(self, config) -> bool:
-        """Whether it is made window by window: a continuation, or longer than a window."""
+        """Whether it is made window by window: a continuation, or longer than a
+        window."""
         total = self.seconds_total or 0
         return (
             self.continue_audio is not None

@@ -22,8 +22,8 @@ PALETTE = np.array(
 def log_magnitude(
     audio: np.ndarray, sample_rate: int, n_fft: int = 2048, hop: int = 512
 ) -> tuple:
-    """(dB (frames, n_fft / 2 + 1) relative to the loudest bin, bin frequencies in Hz) of
-    the channels' mean, by a Hann-windowed STFT."""
+    """(dB (frames, n_fft / 2 + 1) relative to the loudest bin, bin frequencies in Hz)
+    of the channels' mean, by a Hann-windowed STFT."""
     mono = (
         np.asarray(audio, dtype=np.float64)
         .reshape(-1, np.shape(audio)[-1])
@@ -89,7 +89,8 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def write_spectrogram(path, audio: np.ndarray, sample_rate: int):
-    """Write `audio`'s spectrogram to `path` (a PNG), under a temporary name then renamed."""
+    """Write `audio`'s spectrogram to `path` (a PNG), under a temporary name then
+    renamed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     try:

@@ -34,7 +34,8 @@ class T5Config:
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int):
-    """T5's bidirectional bucketing of key - query offsets, as transformers computes it."""
+    """T5's bidirectional bucketing of key - query offsets, as transformers computes
+    it."""
     offset = np.arange(length)[None, :] - np.arange(length)[:, None]
     num_buckets //= 2
     buckets = (offset > 0).astype(np.int32) * num_buckets
@@ -101,7 +102,8 @@ class T5Encoder(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_epsilon)
 
     def __call__(self, tokens: mx.array, mask: mx.array) -> mx.array:
-        """Hidden states (B, L, d_model) of `tokens` (B, L); `mask` is 1 on real tokens."""
+        """Hidden states (B, L, d_model) of `tokens` (B, L); `mask` is 1 on real
+        tokens."""
         c = self.config
         buckets = relative_position_buckets(
             tokens.shape[1],
@@ -119,8 +121,8 @@ class T5Encoder(nn.Module):
 
 
 def check_prompt(prompt: str):
-    """Refuse text that SentencePiece cannot take: lone surrogates, which stand for bytes of
-    the command line that are not UTF-8."""
+    """Refuse text that SentencePiece cannot take: lone surrogates, which stand for
+    bytes of the command line that are not UTF-8."""
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -128,7 +130,8 @@ def check_prompt(prompt: str):
 
 
 class Tokenizer:
-    """T5's SentencePiece tokenizer: appends `</s>`, pads to `max_length`, masks the padding."""
+    """T5's SentencePiece tokenizer: appends `</s>`, pads to `max_length`, masks the
+    padding."""
 
     def __init__(self, model_file: str, max_length: int):
         try:

@@ -1,7 +1,8 @@
 """LoRA fine-tuning: trainable adapters on the DiT and the seconds conditioners, and the
 training objective of stable-audio-tools 0.0.20's DiffusionCondTrainingWrapper
-(stable_audio_tools/training/diffusion.py, DiffusionCondTrainingWrapper) with its defaults: cfg dropout of the cross-attention tokens, and
-the MSE over the valid (unpadded) latent frames."""
+(stable_audio_tools/training/diffusion.py, DiffusionCondTrainingWrapper) with its
+defaults: cfg dropout of the cross-attention tokens, and the MSE over the valid
+(unpadded) latent frames."""
 
 import math
 from functools import partial
@@ -32,11 +33,12 @@ def sample_timesteps(
     sampler: str, count: int, rng: np.random.Generator, first: int = 0, shift: int = 0
 ) -> np.ndarray:
     """`count` diffusion times t in [0, 1] as 0.0.20's `timestep_sampler`s draw them
-    (training/diffusion.py:584-600, inference/sampling.py:287-365, their default options).
-    "uniform" is 0.0.20's scrambled Sobol sequence: in one dimension, the base-2 radical
-    inverse of the draw's number, here scrambled by a digital shift (XOR with `shift`, one
-    per run) and numbered from `first` (the draws the run made before), so each 2^k
-    consecutive draws of a run are spread evenly over [0, 1]. The others draw from `rng`.
+    (training/diffusion.py:584-600, inference/sampling.py:287-365, their default
+    options). "uniform" is 0.0.20's scrambled Sobol sequence: in one dimension, the
+    base-2 radical inverse of the draw's number, here scrambled by a digital shift (XOR
+    with `shift`, one per run) and numbered from `first` (the draws the run made
+    before), so each 2^k consecutive draws of a run are spread evenly over [0, 1]. The
+    others draw from `rng`.
     """
     if sampler == "uniform":
         index = np.arange(first, first + count, dtype=np.uint64)
@@ -51,7 +53,8 @@ def sample_timesteps(
     if sampler == "logit_normal":
         return 1 / (1 + np.exp(-rng.standard_normal(count)))
     if sampler == "trunc_logit_normal":
-        # sigmoid(z), z ~ N(0, 1) truncated to its part above logit(0.075), rescaled and flipped
+        # sigmoid(z), z ~ N(0, 1) truncated to its part above logit(0.075), rescaled and
+        # flipped
         left = 0.075
         normal = NormalDist()
         lower = normal.cdf(math.log(left / (1 - left)))
@@ -76,8 +79,8 @@ def sample_timesteps(
 class FineTuned(nn.Module):
     """The DiT and the conditioner with trainable adapters on the layers that
     `include`/`exclude` (0.0.20's patterns) pick, everything else frozen. The adapters
-    start as 0.0.20's do (A ~ U(+-1/sqrt(fan_in)), B = 0, DoRA magnitudes the row norms),
-    so the model starts as the base model."""
+    start as 0.0.20's do (A ~ U(+-1/sqrt(fan_in)), B = 0, DoRA magnitudes the row
+    norms), so the model starts as the base model."""
 
     def __init__(
         self,
@@ -143,7 +146,8 @@ class FineTuned(nn.Module):
         return dict(self._lora_config)
 
     def adapter_tensors(self) -> dict:
-        """{official layer name: {tensor name: array}}, as lora.save_adapter writes them."""
+        """{official layer name: {tensor name: array}}, as lora.save_adapter writes
+        them."""
         layers = {}
         for path, name in self._layer_names.items():
             adapter = lora._module(self, path)
@@ -157,13 +161,14 @@ class FineTuned(nn.Module):
     def loss(
         self, latents, t, noise, text, text_mask, seconds: dict, loss_mask, dropped
     ) -> mx.array:
-        """0.0.20's training loss for latents x0 (B, T, C) at times t (B,) with noise eps:
-        x_t = alpha x0 + sigma eps and the target alpha eps - sigma x0 (v: alpha, sigma =
-        cos, sin of pi t / 2), or x_t = (1 - t) x0 + t eps and the target eps - x0 (flow).
-        `text`/`text_mask` are T5's output and mask, `seconds` the number conditions; where
-        `dropped` (B,) the cross-attention tokens are all zeros (cfg dropout; the global
-        token is kept). Each sample's squared error is averaged over its valid latents
-        (`loss_mask` (B, T)) and channels, then over the batch."""
+        """0.0.20's training loss for latents x0 (B, T, C) at times t (B,) with noise
+        eps: x_t = alpha x0 + sigma eps and the target alpha eps - sigma x0
+        (v: alpha, sigma = cos, sin of pi t / 2), or x_t = (1 - t) x0 + t eps and the
+        target eps - x0 (flow). `text`/`text_mask` are T5's output and mask, `seconds`
+        the number conditions; where `dropped` (B,) the cross-attention tokens are all
+        zeros (cfg dropout; the global token is kept). Each sample's squared error is
+        averaged over its valid latents (`loss_mask` (B, T)) and channels, then over the
+        batch."""
         cross, global_cond = self.conditioner(text, text_mask, **seconds)
         cross = mx.where(dropped[:, None, None], mx.zeros_like(cross), cross)
         t = t.astype(mx.float32)
@@ -187,10 +192,11 @@ class FineTuned(nn.Module):
 def training_step(model: FineTuned, optimizer):
     """The training step: `step(batches)` takes one tuple of step inputs per micro-batch
     (see `gradients`), sums their gradients, averages them over the processes under
-    `mlx.launch` (nn.average_gradients: alone, a no-op) and updates the adapters. With one
-    micro-batch the whole step (posterior sample, loss, gradients, update) is one compiled
-    function; with several, each micro-batch's gradients are evaluated before the next, so
-    memory stays that of one. Returns the loss, averaged over micro-batches and processes.
+    `mlx.launch` (nn.average_gradients: alone, a no-op) and updates the adapters. With
+    one micro-batch the whole step (posterior sample, loss, gradients, update) is one
+    compiled function; with several, each micro-batch's gradients are evaluated before
+    the next, so memory stays that of one. Returns the loss, averaged over micro-batches
+    and processes.
     """
     state = [model.state, optimizer.state]
     world = mx.distributed.init().size()

@@ -107,8 +107,8 @@ class VAEConfig:
 
     @property
     def encoder_context(self) -> int:
-        """How many latents on each side of a latent the audio that affects it reaches (the
-        encoder's receptive field, rounded up)."""
+        """How many latents on each side of a latent the audio that affects it reaches
+        (the encoder's receptive field, rounded up)."""
         field, rate = 3, 1  # the first conv, k=7
         for s in self.strides:
             field += 3 * (1 + 3 + 9) * rate  # residual units: k=7, dilations 1, 3, 9
@@ -120,7 +120,8 @@ class VAEConfig:
 
     @property
     def decoder_context(self) -> int:
-        """How many latents on each side can affect a decoded sample (the receptive field)."""
+        """How many latents on each side can affect a decoded sample (the receptive
+        field)."""
         field, rate = 3, 1  # the first conv, k=7
         for s in reversed(self.strides):
             field += 2 / rate  # the transposed conv, k=2s, reaches 2 inputs
@@ -165,11 +166,12 @@ class ResidualUnit(nn.Module):
 
 
 class Upsample(nn.ConvTranspose1d):
-    """ConvTranspose1d with kernel 2 * stride, as Oobleck's decoder has them, computed in
-    polyphase form: each of the `stride` output phases is a 2-tap convolution of the
-    input, so all of them are one ordinary conv1d with stride x out channels, interleaved
-    by a reshape. The transposed convolution proper multiplies a zero-stuffed input
-    (Metal does it so), stride times the work. Same weights and bias, same result."""
+    """ConvTranspose1d with kernel 2 * stride, as Oobleck's decoder has them, computed
+    in polyphase form: each of the `stride` output phases is a 2-tap convolution of the
+    input, so all of them are one ordinary conv1d with stride x out channels,
+    interleaved by a reshape. The transposed convolution proper multiplies a
+    zero-stuffed input (Metal does it so), stride times the work. Same weights and bias,
+    same result."""
 
     def __call__(self, x: mx.array) -> mx.array:
         c_out, k, c_in = self.weight.shape
@@ -231,7 +233,8 @@ def decoder(config: VAEConfig) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    """The Oobleck autoencoder with its VAE bottleneck, channels-last: audio (B, N, C)."""
+    """The Oobleck autoencoder with its VAE bottleneck, channels-last: audio
+    (B, N, C)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -241,9 +244,10 @@ class VAE(nn.Module):
 
     def posterior(self, audio: mx.array, chunk: int = None) -> tuple:
         """The mean and the standard deviation of the latents' posterior, each (B, N /
-        ratio, latent_dim). With `chunk`, `chunk` latents are encoded at a time, each with
-        the audio of as many latents on each side as the encoder's receptive field reaches:
-        the result equals one-shot encoding, and memory does not grow with N."""
+        ratio, latent_dim). With `chunk`, `chunk` latents are encoded at a time, each
+        with the audio of as many latents on each side as the encoder's receptive field
+        reaches: the result equals one-shot encoding, and memory does not grow with
+        N."""
         if chunk is None:
             mean, scale = mx.split(self.encoder(audio), 2, axis=-1)
             return mean, nn.softplus(scale) + 1e-4
@@ -260,8 +264,8 @@ class VAE(nn.Module):
         return mx.concatenate(means, axis=1), mx.concatenate(stds, axis=1)
 
     def encode(self, audio: mx.array, noise: mx.array = None) -> mx.array:
-        """Latents (B, N / ratio, latent_dim): the posterior mean, or with `noise` (N(0, 1)
-        of the latents' shape) a sample of the posterior."""
+        """Latents (B, N / ratio, latent_dim): the posterior mean, or with `noise`
+        (N(0, 1) of the latents' shape) a sample of the posterior."""
         if noise is None:
             return mx.split(self.encoder(audio), 2, axis=-1)[0]
         mean, std = self.posterior(audio)

@@ -34,7 +34,8 @@ def inpaint_source(pipe, audio, sample_rate: int, ranges) -> tuple:
 
 
 class Window:
-    """generate()'s mode for one window; `noise` and `noise_sampler` as generate_latents'."""
+    """generate()'s mode for one window; `noise` and `noise_sampler` as
+    generate_latents'."""
 
     def __init__(self, pipe, settings, noise=None, noise_sampler=None):
         self.pipe, self.s = pipe, settings
