@@ -321,8 +321,7 @@ def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    size = (1, windows[-1][0] + pipe.latent_shape()[1], pipe.config.dit.io_channels)
-    piece = mx.zeros(size)
+    piece = long_form.canvas(pipe, windows)
     for x in long_form.sample(pipe, conditionings, windows, piece, s):
         mx.eval(x)
     sampling = time.perf_counter() - start

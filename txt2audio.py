@@ -342,10 +342,19 @@ class Phases:
     each phase's time and peak memory; it frees what the phases after it no longer
     need."""
 
-    def __init__(self, pipe: StableAudio, s: Settings, args):
-        self.pipe, self.s, self.args = pipe, s, args
+    def __init__(self, s: Settings, args):
+        self.s, self.args = s, args
         self.bar = None
         self.start = time.perf_counter()
+
+    def loaded(self, pipe: StableAudio):
+        self.pipe = pipe
+        for a in pipe.adapters:
+            print(
+                f"[INFO] Adapter {a['file']} ({a['adapter_type']}, rank {a['rank']}) "
+                f"at strength {a['strength']:g}"
+            )
+        self.report("Loading")
 
     def report(self, phase: str):
         if self.args.verbose:
@@ -413,16 +422,9 @@ def main(argv=None):
                 f"{args.model} is already quantized; leave out --quantize."
             )
 
-        start = time.perf_counter()
+        phases = Phases(s, args)
         pipe = StableAudio.from_pretrained(args.model, *dtypes, args.quantize, loras)
-        for a in pipe.adapters:
-            print(
-                f"[INFO] Adapter {a['file']} ({a['adapter_type']}, rank {a['rank']}) "
-                f"at strength {a['strength']:g}"
-            )
-        phases = Phases(pipe, s, args)
-        phases.start = start
-        phases.report("Loading")
+        phases.loaded(pipe)
         try:
             audio = pipe.generate(
                 settings=s, progress=phases.progress, phase=phases.phase

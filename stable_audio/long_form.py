@@ -83,6 +83,12 @@ def encode_whole(pipe, audio, sample_rate: int) -> mx.array:
     return mean.astype(mx.float32)
 
 
+def canvas(pipe, windows: list, batch_size: int = 1) -> mx.array:
+    """The zero latents (B, T, C) that `windows` fill."""
+    size = windows[-1][0] + pipe.latent_shape()[1]
+    return mx.zeros((batch_size, size, pipe.config.dit.io_channels))
+
+
 def sample(pipe, conditionings: list, windows: list, piece: mx.array, settings):
     """Fill `piece` (B, T, C; its first latents those of a file being continued, if
     any) window by window: window i is sampled with seed + i, keeping its first `keep`
@@ -118,8 +124,7 @@ class Piece:
         length = made[0].shape[1] if made else 0
         self.windows = windows(self.pipe.config, s.seconds_total, s.overlap, length)
         self.steps = s.steps * len(self.windows)
-        size = self.windows[-1][0] + self.pipe.latent_shape()[1]
-        self.latents = mx.zeros((s.batch_size, size, self.pipe.config.dit.io_channels))
+        self.latents = canvas(self.pipe, self.windows, s.batch_size)
         if made:
             self.latents[:, :length] = made[0]
         return made

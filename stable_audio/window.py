@@ -67,8 +67,9 @@ class Window:
         latents = self.pipe.generate_latents(
             self.conditioning, settings=self.s, **self.sampling
         )
-        for self.latents in latents:
-            yield self.latents
+        for x in latents:
+            self.latents = x
+            yield x
 
     def decode(self) -> mx.array:
         audio = self.pipe.decode(self.latents)
