@@ -1,4 +1,5 @@
-"""Generate audio from text with Stable Audio Open: StableAudio.generate's command line."""
+"""Generate audio from text with Stable Audio Open: the command line of
+StableAudio.generate."""
 
 import time
 from dataclasses import fields, replace
