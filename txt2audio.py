@@ -2,7 +2,7 @@
 StableAudio.generate."""
 
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stable_audio import DEFAULT_REPO, Settings, StableAudio, limit_memory, load_config
-from stable_audio.audio import FORMATS, LEVELS, read_audio, set_level, write_audio
+from stable_audio.audio import FORMATS, LEVELS, set_level, write_audio
 from stable_audio.cli import (
     add_lora_arguments,
     add_model_arguments,
@@ -21,6 +21,7 @@ from stable_audio.cli import (
     parse_range,
     parser,
 )
+from stable_audio.files import check_writable, same_file
 from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
 from stable_audio.spectrogram import write_spectrogram
 
@@ -278,22 +279,35 @@ def output_paths(output: str, n: int) -> list[Path]:
 
 
 def check_output(output: str, raw: bool):
-    """Refuse output paths we cannot write."""
+    """Refuse an output name we cannot write."""
     path = Path(output)
     if path.suffix.lower() not in FORMATS:
         *others, last = FORMATS
         raise ValueError(
             f"Output {output!r} must end in {', '.join(others)} or {last}."
         )
-    if not path.parent.is_dir():
-        raise ValueError(f"The folder of {output!r} does not exist.")
-    if path.is_dir():
-        raise ValueError(f"Output {output!r} is a folder.")
     if raw and path.suffix.lower() != ".wav":
         kind = path.suffix.lower()[1:].upper()
         raise ValueError(
             f"--raw writes 32-bit float samples, which {kind} cannot hold: use .wav."
         )
+
+
+def output_files(args, n: int) -> list[Path]:
+    """Every file the run will write (its audios, their spectrograms), each checked
+    writable now, before any work, and none of them an input file."""
+    paths = output_paths(args.output, n)
+    paths += [p.with_suffix(".png") for p in paths] if args.spectrogram else []
+    inputs = (args.continue_audio, args.init_audio, args.inpaint_audio)
+    for path in paths:
+        for source in filter(None, inputs):
+            if same_file(path, source):
+                raise ValueError(
+                    f"The output {path} is the input {source}; choose another --output"
+                    " (outputs replace files of their name)."
+                )
+        check_writable(path)
+    return paths
 
 
 def check_flags(args):
@@ -320,22 +334,15 @@ def check_flags(args):
 
 
 def settings(args, config) -> Settings:
-    """The flags as Settings, the audio files read, checked for the model."""
-    given = {f.name: getattr(args, f.name) for f in fields(Settings)}
-    s = Settings(**given)
+    """The flags as Settings, checked for the model (which reads the audio files)."""
+    s = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     if args.overlap is not None and not s.is_piece(config):
         window = s.window_seconds(config)
         raise ValueError(
             "--overlap applies to --continue, or to a --seconds-total beyond the"
             f" window ({window:.2f} s)."
         )
-    window = None if s.is_piece(config) else s.window_seconds(config)
-    audio = {
-        name: read_audio(path, None if name == "continue_audio" else window)
-        for name, path in given.items()
-        if name.endswith("_audio") and path
-    }
-    return replace(s, **audio).check(config)
+    return s.check(config)
 
 
 class Phases:
@@ -417,6 +424,7 @@ def main(argv=None):
         loras = lora_settings(args)
         config = load_config(args.model)
         s = settings(args, config)
+        output_files(args, s.batch_size)
         print(f"[INFO] Seed {s.seed}")
         if args.quantize and config.quantization:
             raise ValueError(

@@ -2,12 +2,13 @@
 writing files, resampling, and preparing audio for the autoencoder."""
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
+
+from .files import written
 
 # The file types we write, by extension: soundfile's format and its sample encoding
 FORMATS = {
@@ -19,17 +20,32 @@ LEVELS = ("peak", "clamp", "none")
 
 
 def read_audio(path: str, seconds: float = None) -> tuple:
-    """(sample_rate, samples (channels, n)) of a file soundfile reads; with `seconds`,
-    only the first `seconds` (and a little more) are read."""
+    """(sample_rate, samples (channels, n)) of a file soundfile reads, opened once (so a
+    pipe works); with `seconds`, only the first `seconds` (and a little more) are
+    decoded, whatever the file's length."""
     try:
-        rate = sf.info(path).samplerate
-        frames = -1 if seconds is None else int(seconds * rate) + rate
-        samples, rate = sf.read(path, frames=frames, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            rate = f.samplerate
+            frames = math.inf if seconds is None else int(seconds * rate) + rate
+            samples = _read_frames(f, frames)
     except (RuntimeError, OSError) as e:  # soundfile's errors are RuntimeErrors
         raise ValueError(f"Cannot read audio from {path!r}: {e}") from None
     if len(samples) == 0:
         raise ValueError(f"{path!r} holds no audio.")
     return rate, samples.T
+
+
+def _read_frames(f: sf.SoundFile, frames) -> np.ndarray:
+    """Up to `frames` frames (channels last), block by block: a pipe's length is not
+    known until it ends."""
+    blocks, n = [], 0
+    while n < frames:
+        block = f.read(min(frames - n, 1 << 16), dtype="float32", always_2d=True)
+        if not len(block):
+            break
+        blocks.append(block)
+        n += len(block)
+    return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
 
 
 def peak_normalize(audio: np.ndarray) -> np.ndarray:
@@ -54,20 +70,15 @@ def set_level(audio: np.ndarray, level: str = "peak") -> np.ndarray:
 
 def write_audio(path: Path, audio: np.ndarray, sample_rate: int, subtype: str = None):
     """Write (channels, samples) in the format of `path`'s extension (see FORMATS;
-    `subtype` replaces its encoding) under a temporary name and rename it, so that no
-    half-written file is ever left."""
+    `subtype` replaces its encoding), appearing only when whole (files.written)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
     file_format, encoding = FORMATS[path.suffix.lower()]
     if (subtype or encoding) != "FLOAT":
         audio = np.clip(audio, -1, 1)  # integer and MPEG encodings would wrap around
-    try:
+    with written(path) as tmp:
         sf.write(
             tmp, audio.T, sample_rate, subtype=subtype or encoding, format=file_format
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resample(

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 
 from . import lora
+from .files import interruptible
 
 DTYPES = ("float16", "bfloat16", "float32")
 INTERVAL = "MIN:MAX noise levels, e.g. 0.1:0.9"
@@ -30,9 +31,11 @@ def first_line(error: Exception) -> str:
 def one_line_errors(advice: str, interrupted: str = "Interrupted."):
     """Exit with one line for what a user can meet: their own mistakes (ValueError, and
     ArgumentError among them), files (OSError), overflow; MLX's own failures (out of
-    memory, most likely) followed by `advice`; Ctrl-C with `interrupted`."""
+    memory, most likely) followed by `advice`; Ctrl-C, SIGTERM and SIGHUP with
+    `interrupted`, once what they interrupted has cleaned up."""
     try:
-        yield
+        with interruptible():
+            yield
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except (RuntimeError, MemoryError) as e:

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import prepare_audio
-from .settings import ArgumentError
+from .settings import continued_latents
 
 
 def plan_windows(total: int, window: int, overlap: int, made: int = 0) -> list:
@@ -46,17 +46,11 @@ def timing(start: int, total_samples: int, ratio: int, sample_rate: int) -> dict
 
 def windows(config, seconds_total: float, overlap: float, made: int = 0) -> list:
     """plan_windows for a piece of `seconds_total` whose windows keep `overlap` seconds
-    of the one before (checked with the settings), after `made` latents already
-    there."""
+    of the one before, after `made` latents already there (checked with the
+    settings)."""
     ratio = config.vae.downsampling_ratio
     window = config.sample_size // ratio
     total = math.ceil(round(seconds_total * config.sample_rate) / ratio)
-    if made >= total:
-        raise ArgumentError(
-            f"seconds_total ({seconds_total:g} s) must be longer than the audio it "
-            f"continues ({made * ratio / config.sample_rate:.2f} s).",
-            "seconds_total",
-        )
     return plan_windows(
         total, window, round(overlap * config.sample_rate / ratio), made
     )
@@ -67,9 +61,7 @@ def encode_whole(pipe, audio, sample_rate: int) -> mx.array:
     few latents at a time), T its whole latents: a partial last one is left out."""
     ratio, channels = pipe.config.vae.downsampling_ratio, pipe.config.vae.audio_channels
     audio = np.asarray(audio, dtype=np.float32)
-    n = (audio[None] if audio.ndim == 1 else audio).shape[-1]
-    length = math.ceil(n * pipe.sample_rate / sample_rate)
-    length -= length % ratio
+    length = continued_latents(pipe.config, sample_rate, audio) * ratio
     if length == 0:
         raise ValueError(
             f"The audio is shorter than one latent ({ratio} samples at "

@@ -1,8 +1,6 @@
 """Configs, the checkpoint rename table, strict loading, and quantization."""
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from .conditioners import Conditioner, ConditionerConfig
 from .dit import DiT, DiTConfig, check_values
+from .files import written
 from .hub import (
     COMPONENTS,
     DEFAULT_REPO,
@@ -188,19 +187,10 @@ def read_safetensors(path: Path, dtypes: tuple, metadata: bool = False):
 
 
 def write_safetensors(path, tensors: dict, metadata: dict):
-    """mx.save_safetensors, the file appearing only when complete (written under a
-    temporary name beside it, then renamed)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=".safetensors", dir=path.parent
-    )
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, tensors, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """mx.save_safetensors, the file appearing only when whole (files.written)."""
+    mx.eval(tensors)  # computed first, so that a failure while writing is the disk's
+    with written(path) as tmp:
+        mx.save_safetensors(str(tmp), tensors, metadata=metadata)
 
 
 def sanitize(tensors: dict, models: dict) -> tuple[dict, dict]:

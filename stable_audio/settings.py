@@ -2,10 +2,14 @@
 check that the Python API, txt2audio.py and app.py all run before any work."""
 
 import math
+import os
 import secrets
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
+
 from . import sampler as samplers
+from .audio import read_audio
 from .loops import loop_samples
 from .t5 import check_prompt
 
@@ -38,7 +42,8 @@ class ArgumentError(ValueError):
 @dataclass
 class Settings:
     """One generation. None stands for the model's default (DEFAULTS). Audio is given as
-    (sample_rate, samples (channels, n) or (n,))."""
+    (sample_rate, samples (channels, n) or (n,)), or as a file's path, which check()
+    reads (only the part that is used)."""
 
     prompt: str = ""
     negative_prompt: str = None
@@ -119,6 +124,8 @@ class Settings:
             s._check_sampler_name(config)
             s._check_finite()
             s._check_length(config)
+            s = s._read_audio(config)
+            s._check_continuation(config)
             s._check_sampling(config)
             s._check_guidance()
         except ArgumentError as e:  # the page's and the CLI's noise level, when given
@@ -174,7 +181,25 @@ class Settings:
             if field.name not in ("cfg_interval", "inpaint_ranges"):
                 value = [value]
             finite = all(math.isfinite(v) for v in value if _is_number(v))
-            require(finite, field.name, "Numbers must be finite")
+            require(finite, field.name, f"{field.name} must be a finite number")
+
+    def _read_audio(self, config) -> "Settings":
+        """The audio given as file paths, read: a window of init or inpaint audio, and
+        no more of a file to continue than seconds_total (which it must be shorter
+        than)."""
+        read = {}
+        for name in ("continue_audio", "init_audio", "inpaint_audio"):
+            path = getattr(self, name)
+            if isinstance(path, (str, os.PathLike)):
+                continued = name == "continue_audio"
+                seconds = (
+                    self.seconds_total if continued else self.window_seconds(config)
+                )
+                try:
+                    read[name] = read_audio(path, seconds)
+                except ValueError as e:
+                    raise ArgumentError(str(e), name) from None
+        return replace(self, **read)
 
     def _check_length(self, config):
         window, rate = self.window_seconds(config), config.sample_rate
@@ -225,6 +250,18 @@ class Settings:
             all(0 <= a < b <= window + 1e-9 for a, b in self.inpaint_ranges),
             "inpaint_ranges",
             f"inpaint ranges must satisfy 0 <= start < end <= {window:.2f}",
+        )
+
+    def _check_continuation(self, config):
+        if self.continue_audio is None:
+            return
+        rate, ratio = config.sample_rate, config.vae.downsampling_ratio
+        made = continued_latents(config, *self.continue_audio)
+        require(
+            made < math.ceil(round(self.seconds_total * rate) / ratio),
+            "seconds_total",
+            f"seconds_total ({self.seconds_total:g} s) must be longer than the audio "
+            f"it continues ({made * ratio / rate:.2f} s)",
         )
 
     def _check_sampling(self, config):
@@ -292,6 +329,15 @@ def require(ok: bool, argument: str, message: str):
     """An ArgumentError naming `argument`, with `message`, unless `ok`."""
     if not ok:
         raise ArgumentError(message + ".", argument)
+
+
+def continued_latents(config, sample_rate: int, audio) -> int:
+    """The latents that audio being continued fills: its length at the model's rate, in
+    whole latents."""
+    n = np.shape(audio)[-1]
+    return (
+        math.ceil(n * config.sample_rate / sample_rate) // config.vae.downsampling_ratio
+    )
 
 
 def _is_number(value) -> bool:

@@ -3,9 +3,10 @@ the standard library only (zlib for PNG's compression)."""
 
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
+
+from .files import written
 
 WIDTH, HEIGHT = (
     1024,
@@ -89,12 +90,6 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def write_spectrogram(path, audio: np.ndarray, sample_rate: int):
-    """Write `audio`'s spectrogram to `path` (a PNG), under a temporary name then
-    renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    """Write `audio`'s spectrogram to `path` (a PNG), appearing only when whole."""
+    with written(path) as tmp:
         tmp.write_bytes(png(image(audio, sample_rate)))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
