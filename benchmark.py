@@ -33,6 +33,7 @@ os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "50")
 import mlx.core as mx  # noqa: E402
 
 from stable_audio import Conditioning, StableAudio, limit_memory, lora
+from stable_audio.cli import number
 from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
@@ -443,7 +444,7 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--apg-scale",
-        type=float,
+        type=number,
         default=0.0,
         help="adaptive projected guidance (default: 0, plain CFG)",
     )
@@ -475,7 +476,7 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--seconds-total",
-        type=float,
+        type=number,
         help=(
             "time a piece of this length instead (window by window, beyond the model's"
             " window), for each of --variants"

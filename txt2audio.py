@@ -16,6 +16,7 @@ from stable_audio.cli import (
     add_model_arguments,
     dtype,
     lora_settings,
+    number,
     one_line_errors,
     parse_interval,
     parse_range,
@@ -32,13 +33,13 @@ def _length(group):
     add = group.add_argument
     add(
         "--seconds-start",
-        type=float,
+        type=number,
         default=0.0,
         help="Timing condition: where the clip starts (default: 0)",
     )
     add(
         "--seconds-total",
-        type=float,
+        type=number,
         help=(
             "Length of the audio, up to 512 s for SAO 1.0; beyond the model's window it"
             " is made window by window (default: the window, 47.55 s)"
@@ -46,7 +47,7 @@ def _length(group):
     )
     add(
         "--overlap",
-        type=float,
+        type=number,
         help=(
             "Seconds each window of a longer piece keeps of the one before (default: a"
             " quarter of the window)"
@@ -71,7 +72,7 @@ def _length(group):
     )
     add(
         "--bpm",
-        type=float,
+        type=number,
         help="The loop's tempo, with --bars: its length is exactly that many bars",
     )
     add("--bars", type=int, help="The loop's length in bars, with --bpm")
@@ -92,12 +93,12 @@ def _sampling(group):
     )
     add(
         "--cfg-scale",
-        type=float,
+        type=number,
         help="Classifier-free guidance scale (default: 7 for SAO 1.0, 1 for SAO Small)",
     )
     add(
         "--apg-scale",
-        type=float,
+        type=number,
         default=0.0,
         help=(
             "Adaptive projected guidance, 0 (plain CFG) to 1 (stable-audio-tools"
@@ -106,7 +107,7 @@ def _sampling(group):
     )
     add(
         "--cfg-norm-threshold",
-        type=float,
+        type=number,
         default=0.0,
         help=(
             "Cap on the norm of the guidance difference, 0 for none (default:"
@@ -125,7 +126,7 @@ def _sampling(group):
     )
     add(
         "--cfg-rescale",
-        type=float,
+        type=number,
         default=0.0,
         help="CFG rescale (scale_phi), 0 to 1 (default: %(default)s)",
     )
@@ -138,12 +139,12 @@ def _sampling(group):
     )
     add(
         "--sigma-min",
-        type=float,
+        type=number,
         help="Lowest noise level of the k-diffusion samplers (default: 0.3)",
     )
     add(
         "--sigma-max",
-        type=float,
+        type=number,
         help=(
             "Highest noise level (default: 500 for SAO 1.0's k-diffusion samplers; 1, a"
             " time, for v-ddim, euler and SAO Small)"
@@ -167,7 +168,7 @@ def _audio(group):
     )
     add(
         "--init-noise-level",
-        type=float,
+        type=number,
         default=1.0,
         metavar="SIGMA",
         help=(

@@ -2,6 +2,7 @@
 parsing, the adapter flags, and the one-line error exit."""
 
 import argparse
+import math
 import sys
 from contextlib import contextmanager
 
@@ -57,11 +58,24 @@ def dtype(name: str, default: str = "float16") -> mx.Dtype:
     return getattr(mx, dtype_name(name, default))
 
 
+def number(text: str) -> float:
+    """A float flag's value: a finite number (argparse's one-line error if not)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
 def parse_range(text: str, example: str = "START:END in seconds, e.g. 10:15") -> tuple:
     try:
         start, end = (float(t) for t in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {example}, not {text!r}") from None
+        start = end = math.nan
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise argparse.ArgumentTypeError(f"expected {example}, not {text!r}")
     return start, end
 
 
