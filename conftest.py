@@ -374,6 +374,39 @@ def _txt2audio(*args):
     )
 
 
+def _script(script: str, *args, prelude="pass") -> list:
+    """The command that runs one of our scripts as a user would, `prelude` first (to
+    hide torch, say)."""
+    code = (
+        f"import os, runpy, sys; {prelude}; sys.argv = sys.argv[1:]; sys.path.insert(0,"
+        " os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0],"
+        " run_name='__main__')"
+    )
+    return [sys.executable, "-c", code, str(HERE / script), *map(str, args)]
+
+
+def _cli(script: str, *args, env=None, cwd=None, prelude="pass"):
+    """Run one of our scripts as a user would, to its end."""
+    return subprocess.run(
+        _script(script, *args, prelude=prelude),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def _refused(result, *phrases):
+    """A run that failed as a user must see it: non-zero, one error line, no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for phrase in phrases:
+        assert phrase in last, last
+    return last
+
+
 def _main(module, argv: list) -> str:
     """Run a script's main() in this process; returns "" on success, else its exit message,
     which must be one line beginning "error: ". Any other exception would be a traceback.

@@ -1,13 +1,12 @@
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from stable_audio import hub, lora, model_io
+from stable_audio import files, hub, lora, model_io
 from stable_audio.cli import DTYPES, first_line, one_line_errors, parser
 
 
@@ -49,7 +48,8 @@ def read_pickled(path: Path) -> dict:
 
 def check_output(mlx_path: Path, force: bool):
     """Refuse an output folder we must not write: an existing one without `force`, or,
-    even with it, anything but an empty folder or one that convert.py wrote."""
+    even with it, anything but an empty folder or one holding only what convert.py
+    writes (so that --force never deletes a file a person put there)."""
     if not mlx_path.parent.is_dir():
         raise ValueError(f"The folder {mlx_path.parent} does not exist.")
     if not (mlx_path.exists() or mlx_path.is_symlink()):
@@ -59,14 +59,20 @@ def check_output(mlx_path: Path, force: bool):
             f"{mlx_path} already exists; choose another --mlx-path, or replace it with"
             " --force."
         )
-    ours = hub.is_converted(mlx_path) and all(
-        (mlx_path / f).is_file() for f in hub.CONVERTED_FILES
-    )
-    if (
-        mlx_path.is_symlink()
-        or not mlx_path.is_dir()
-        or not (ours or not any(mlx_path.iterdir()))
-    ):
+    if mlx_path.is_symlink() or not mlx_path.is_dir():
+        raise ValueError(
+            f"{mlx_path} is not a folder written by convert.py; --force replaces only"
+            " those."
+        )
+    held = {p.name for p in mlx_path.iterdir()}
+    others = sorted(held - set(hub.CONVERTED_FILES))
+    if others:
+        raise ValueError(
+            f"{mlx_path} holds files convert.py did not write ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); --force would delete them: move"
+            " them out, or choose another --mlx-path."
+        )
+    if held and not hub.is_converted(mlx_path):
         raise ValueError(
             f"{mlx_path} is not a folder written by convert.py; --force replaces only"
             " those."
@@ -100,8 +106,24 @@ def convert(
     check_output(mlx_path, force)
     for path, strength in loras:
         lora.check_lora(path, strength)
+    tmp = files.temporary(mlx_path, folder=True)  # made first: can the folder take it?
+    try:
+        print(f"[INFO] Loading {hf_path}")
+        models, merged = load_models(hf_path, dtype, quantize, allow_pickle, loras)
+        print(f"[INFO] Writing {mlx_path}")
+        write_folder(tmp, models, dtype, merged)
+        check_output(mlx_path, force)  # again: it may have appeared meanwhile
+        put_in_place(tmp, mlx_path)
+    except BaseException as e:
+        failure = files.full_disk(mlx_path, e, tmp)
+        files.remove(tmp)
+        if failure is not None:
+            raise failure from None
+        raise
 
-    print(f"[INFO] Loading {hf_path}")
+
+def load_models(hf_path, dtype: str, quantize, allow_pickle: bool, loras) -> tuple:
+    """The models to write, `loras` merged, cast and quantized; and what was merged."""
     read_pickle = read_pickled if allow_pickle else None
     if not loras:
         models = model_io.load(
@@ -110,32 +132,38 @@ def convert(
             quantize=quantize,
             read_pickle=read_pickle,
         )
-    else:
-        models = model_io.load(hf_path, dtype=mx.float32, read_pickle=read_pickle)
-        if quantize and models.config.quantization:
-            raise ValueError(
-                f"{hf_path} is already quantized ({models.config.quantization['bits']}"
-                " bits)."
-            )
-        merged = []
-        for path, strength in loras:
-            print(f"[INFO] Merging {path} at strength {strength:g}")
-            adapter = lora.read_adapter(path, models.dit, models.conditioner)
-            lora.apply_adapter(models.dit, models.conditioner, adapter, strength)
-            merged.append(
-                {
-                    "file": Path(path).name,
-                    "adapter_type": adapter.adapter_type,
-                    "rank": adapter.rank,
-                    "alpha": adapter.alpha,
-                    "strength": strength,
-                }
-            )
-        for module in (models.t5, models.dit):
-            module.set_dtype(getattr(mx, dtype))
-        if quantize:
-            model_io.quantize_dit(models.dit, **quantize)
-            models.config.quantization = dict(quantize)
+        return models, []
+    models = model_io.load(hf_path, dtype=mx.float32, read_pickle=read_pickle)
+    if quantize and models.config.quantization:
+        raise ValueError(
+            f"{hf_path} is already quantized ({models.config.quantization['bits']}"
+            " bits)."
+        )
+    merged = []
+    for path, strength in loras:
+        print(f"[INFO] Merging {path} at strength {strength:g}")
+        adapter = lora.read_adapter(path, models.dit, models.conditioner)
+        lora.apply_adapter(models.dit, models.conditioner, adapter, strength)
+        merged.append(
+            {
+                "file": Path(path).name,
+                "adapter_type": adapter.adapter_type,
+                "rank": adapter.rank,
+                "alpha": adapter.alpha,
+                "strength": strength,
+            }
+        )
+    for module in (models.t5, models.dit):
+        module.set_dtype(getattr(mx, dtype))
+    if quantize:
+        model_io.quantize_dit(models.dit, **quantize)
+        models.config.quantization = dict(quantize)
+    return models, merged
+
+
+def write_folder(folder: Path, models, dtype: str, merged: list):
+    """The converted layout: a safetensors file per component, the tokenizer, and
+    config.json (the checkpoint's own configs, with what was done to them)."""
     config = {
         "model_type": "stable-audio",
         "dtype": dtype,
@@ -143,33 +171,33 @@ def convert(
         "model_config": models.config.model_config,
         "text_encoder": models.config.t5_config,
     }
-    if loras:
+    if merged:
         config["loras_merged"] = merged
-    print(f"[INFO] Writing {mlx_path}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
+    for name, module in models.modules().items():
+        weights = dict(tree_flatten(module.parameters()))
+        mx.eval(
+            weights
+        )  # computed first, so that a failure while writing is the disk's
+        mx.save_safetensors(
+            str(folder / f"{name}.safetensors"), weights, {"format": "mlx"}
+        )
+    (folder / "spiece.model").write_bytes(models.tokenizer.model_proto)
+    (folder / "config.json").write_text(json.dumps(config, indent=4))
+
+
+def put_in_place(tmp: Path, mlx_path: Path):
+    """Rename the written folder `tmp` to `mlx_path`; an earlier conversion there is
+    set aside first and deleted only once the new one is in place."""
+    if not mlx_path.exists():
+        os.rename(tmp, mlx_path)
+        return
+    os.rename(mlx_path, tmp / ".replaced")
     try:
-        for name, module in models.modules().items():
-            weights = dict(tree_flatten(module.parameters()))
-            mx.save_safetensors(
-                str(tmp / f"{name}.safetensors"), weights, {"format": "mlx"}
-            )
-        (tmp / "spiece.model").write_bytes(models.tokenizer.model_proto)
-        with open(tmp / "config.json", "w") as f:
-            json.dump(config, f, indent=4)
-        check_output(mlx_path, force)  # again: it may have appeared meanwhile
-        if mlx_path.exists():
-            # set the old folder aside, put the new one in place, only then delete the
-            # old
-            os.rename(mlx_path, tmp / ".replaced")
-            os.rename(tmp, mlx_path)
-            shutil.rmtree(mlx_path / ".replaced")
-        else:
-            os.rename(tmp, mlx_path)
+        os.rename(tmp, mlx_path)
     except BaseException:
-        if (tmp / ".replaced").exists() and not mlx_path.exists():
-            os.rename(tmp / ".replaced", mlx_path)
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp / ".replaced", mlx_path)
         raise
+    shutil.rmtree(mlx_path / ".replaced")
 
 
 def main(argv=None):

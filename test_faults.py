@@ -6,8 +6,6 @@ and NaN or Inf by stage. Each is checked for its one line and for nothing writte
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import convert
-from conftest import HERE, _copy_folder
+from conftest import _cli, _copy_folder, _refused
 from stable_audio import hub as checkpoints
 from stable_audio import model_io
 
@@ -198,33 +196,6 @@ class FakeHub:
 
 
 TOKEN = "hf_NotARealTokenButSecret"
-
-
-def _cli(script: str, *args, env=None, cwd=None, prelude="pass"):
-    """Run one of our scripts as a user would; `prelude` runs first (to hide torch, say)."""
-    code = (
-        f"import os, runpy, sys; {prelude}; sys.argv = sys.argv[1:]; sys.path.insert(0,"
-        " os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0],"
-        " run_name='__main__')"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, str(HERE / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-
-
-def _refused(result, *phrases):
-    """A run that failed as a user must see it: non-zero, one error line, no traceback."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr
-    for phrase in phrases:
-        assert phrase in last, last
-    return last
 
 
 def _hub_env(tmp_path, url, **extra):
@@ -692,8 +663,12 @@ def test_convert_force_replaces_only_its_own_folders(small_checkpoint, tmp_path)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     (tmp_path / "file.txt").write_text("mine")
-    for target in ("notes", "file.txt", str(small_checkpoint)):
-        with pytest.raises(ValueError, match="not a folder written by convert.py"):
+    for target, refusal in (
+        ("notes", "holds files convert.py did not write \\(todo.txt\\)"),
+        ("file.txt", "not a folder written by convert.py"),
+        (str(small_checkpoint), "did not write \\(model.safetensors, model_config"),
+    ):
+        with pytest.raises(ValueError, match=refusal):
             convert.convert(str(small_checkpoint), str(tmp_path / target), force=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (
         tmp_path / "file.txt"

@@ -63,6 +63,33 @@ class Config:
     quantization: dict = None  # {"group_size", "bits"} of a quantized DiT
 
 
+# Bounds on what a config may ask for, far beyond the released models (44.1 kHz, a
+# 47.55 s window of 1024 latents, seconds up to 512), so that an absurd one is refused
+# rather than crashing out of memory
+RATES = (1_000, 384_000)
+MAX_LATENTS = 1 << 16
+MAX_SECONDS = 3600
+
+
+def check_sizes(model_config: dict, conditioner, vae):
+    """Refuse a sample rate, window or seconds range that no model of ours could run."""
+    rate, size = model_config["sample_rate"], model_config["sample_size"]
+    ratio = vae.downsampling_ratio
+    if not RATES[0] <= rate <= RATES[1]:
+        raise ValueError(f"sample_rate {rate} is not in [{RATES[0]}, {RATES[1]}] Hz.")
+    if size % ratio or not 1 <= size // ratio <= MAX_LATENTS:
+        raise ValueError(
+            f"sample_size {size} must be a multiple of the autoencoder's downsampling"
+            f" ratio ({ratio}), at most {MAX_LATENTS} latents."
+        )
+    for name, (low, high) in conditioner.numbers.items():
+        if not -MAX_SECONDS <= low < high <= MAX_SECONDS:
+            raise ValueError(
+                f"The {name} condition's range [{low}, {high}] is beyond"
+                f" [-{MAX_SECONDS}, {MAX_SECONDS}]."
+            )
+
+
 def parse_config(model_config: dict, t5_config: dict) -> Config:
     """Read the architecture from the checkpoint's own configs, refusing what we do not
     implement."""
@@ -87,6 +114,7 @@ def parse_config(model_config: dict, t5_config: dict) -> Config:
         ("autoencoder", vae),
     ):
         check_values(section, c)
+    check_sizes(model_config, conditioner, vae)
     number_widths = len(conditioner.global_ids) * conditioner.cond_dim
     checks = [
         (

@@ -128,6 +128,7 @@ class Settings:
             s._check_continuation(config)
             s._check_sampling(config)
             s._check_guidance()
+            s._check_memory(config)
         except ArgumentError as e:  # the page's and the CLI's noise level, when given
             if e.argument == "sigma_max" and s.init_audio is not None:
                 e.argument = "init_noise_level"
@@ -307,6 +308,20 @@ class Settings:
         )
         require(0 <= self.seed < 2**64, "seed", "the seed must be in [0, 2**64)")
 
+    def _check_memory(self, config):
+        """Refuse, with the figure, audio that could not fit in this machine's memory
+        (a lower bound: the decoded float32 audio and its copy to numpy); past it, MLX
+        on Linux crashes rather than failing."""
+        samples = round(self.seconds_total * config.sample_rate)
+        need = 2 * 4 * self.batch_size * config.vae.audio_channels * samples
+        have = physical_memory()
+        require(
+            need <= have,
+            "batch_size",
+            f"{self.batch_size} audios of {self.seconds_total:g} s need at least"
+            f" {need / 2**30:.1f} GB; this machine has {have / 2**30:.1f} GB",
+        )
+
     def _check_guidance(self):
         low, high = self.cfg_interval
         require(0 <= self.apg_scale <= 1, "apg_scale", "apg_scale must be in [0, 1]")
@@ -323,6 +338,11 @@ class Settings:
             "cfg_interval",
             f"the CFG interval must satisfy 0 <= MIN <= MAX <= 1 ({INTERVAL_UNITS})",
         )
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def require(ok: bool, argument: str, message: str):
