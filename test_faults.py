@@ -456,6 +456,14 @@ DECODER = ("model", "pretransform", "config", "decoder", "config")
             True,
         ),
         ("t5 vocab 50", "tokens, more than T5's vocab_size 50", True),
+        (_set(("sample_size",), 10**11), "sample_size 100000000000 must be", True),
+        (_set(("sample_size",), 7), "a multiple of the autoencoder's", True),
+        (_set(("sample_rate",), 10**12), "sample_rate 1000000000000 is not in", True),
+        (
+            _set(("model", "conditioning", "configs", 2, "config", "max_val"), 1e9),
+            "The seconds_total condition's range [0, 1000000000.0] is beyond",
+            True,
+        ),
     ],
 )
 def test_damaged_or_wrong_files_are_refused_by_name(
