@@ -10,11 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import app
 import convert
+import finetune
 import txt2audio
 from conftest import _copy_folder, _listing, _main
 from stable_audio import hub, model_io
 from stable_audio import sampler as sampler_lib
+from stable_audio.cli import number, parse_interval, parse_range
 
 # ---------------------------------------------------------------- tier 1: the command line under fuzzing
 
@@ -261,3 +264,24 @@ def test_convert_under_fuzzing(
             model_io.load_config(str(room / target))
 
     run()
+
+
+@pytest.mark.parametrize("script", [txt2audio, finetune, app])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_every_float_flag_refuses_what_is_not_finite(script, value, capsys):
+    """Every float flag of every script (and every range) is read by cli.number or
+    parse_range, which refuse non-finite numbers while parsing, before anything loads;
+    no flag reads a plain float."""
+    parser = script.arguments()
+    actions = [a for a in parser._actions if a.option_strings]
+    assert not [a.dest for a in actions if a.type is float]
+    numeric = [a for a in actions if a.type in (number, parse_range, parse_interval)]
+    assert numeric
+    for action in numeric:
+        text = value if action.type is number else f"0:{value}"
+        with pytest.raises(SystemExit) as exit:
+            parser.parse_args([action.option_strings[-1], text])
+        assert exit.value.code.startswith(
+            f"error: argument {'/'.join(action.option_strings)}: expected"
+        ), exit.value.code
+        assert "\n" not in exit.value.code
