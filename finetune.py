@@ -3,7 +3,11 @@ captioned audio files, written in stable-audio-tools 0.0.20's adapter format."""
 
 import json
 import math
+import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +26,17 @@ from stable_audio import (
     trainer,
 )
 from stable_audio.audio import peak_normalize, write_audio
-from stable_audio.cli import DTYPES, dtype_name, first_line, one_line_errors, parser
+from stable_audio.cli import (
+    DTYPES,
+    dtype_name,
+    first_line,
+    number,
+    one_line_errors,
+    parser,
+)
+from stable_audio.conditioners import Conditioner
+from stable_audio.dit import DiT
+from stable_audio.files import check_writable, same_file
 from stable_audio.model_io import Components
 
 CFG_DROPOUT = 0.1  # 0.0.20's default
@@ -36,17 +50,35 @@ INTERRUPTED = (
 )
 
 
-def check_output(output: str, force: bool):
-    path = Path(output)
+def check_output(args):
+    """Refuse an adapter name we cannot take, and any file the run will write that
+    could not be written: now, not after the training."""
+    path = Path(args.output)
     if path.suffix != ".safetensors":
-        raise ValueError(f"The adapter file {output!r} must end in .safetensors.")
-    if not path.parent.is_dir():
-        raise ValueError(f"The folder of {output!r} does not exist.")
-    if path.exists() and not force:
+        raise ValueError(f"The adapter file {args.output!r} must end in .safetensors.")
+    for output in output_files(args):
+        check_writable(output)
+    if path.exists() and not (args.force or args.resume):
         raise ValueError(
-            f"{output} already exists; choose another --output, or replace it with"
+            f"{args.output} already exists; choose another --output, or replace it with"
             " --force."
         )
+    if args.preview_prompt is not None and same_file(path.parent, args.data):
+        raise ValueError(
+            "--preview-prompt would write its previews into the data folder"
+            f" {args.data}, where the next run would take them for training files;"
+            " choose an --output outside --data."
+        )
+
+
+def output_files(args) -> list:
+    """The files a run writes: the adapter, its checkpoint and, with --preview-prompt,
+    the first and the last preview (no other's name is longer)."""
+    paths = [Path(args.output), checkpoint_path(args.output)]
+    if args.preview_prompt is not None:
+        first = min(args.preview_every, args.steps)
+        paths += [preview_path(args.output, s) for s in sorted({first, args.steps})]
+    return paths
 
 
 def model_key(model: str) -> str:
@@ -196,11 +228,15 @@ def write_preview(models, text, args, step: int) -> Path:
     audio = np.array(
         pipe.decode(latents)[0, :, : round(args.preview_seconds * config.sample_rate)]
     )
-    path = Path(args.output).with_name(
-        f"{Path(args.output).stem}.preview-{step:06d}.wav"
-    )
+    path = preview_path(args.output, step)
     write_audio(path, peak_normalize(audio), config.sample_rate)
     return path
+
+
+def preview_path(output: str, step: int) -> Path:
+    """Where the preview of `step` is written, beside the adapter file."""
+    path = Path(output)
+    return path.with_name(f"{path.stem}.preview-{step:06d}.wav")
 
 
 def checkpoint_path(output: str) -> Path:
@@ -240,7 +276,7 @@ def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
         raise ValueError(
             f"{path} is not a checkpoint written by finetune.py."
         ) from None
-    changed = [k for k in settings if stored.get(k) != settings[k]]
+    changed = [k for k in settings if not same_setting(k, stored.get(k), settings[k])]
     if changed:
         raise ValueError(
             f"{path} is of another run: its {changed[0]} is {stored.get(changed[0])!r},"
@@ -276,6 +312,26 @@ def load_checkpoint(path: Path, model, optimizer, settings: dict) -> int:
     return step
 
 
+def same_setting(key: str, stored, current) -> bool:
+    """Whether a checkpoint's setting is this run's: paths as the files they name
+    ("data/", "./data" and the absolute path are one folder)."""
+    if key in PATHS and isinstance(stored, str):
+        return same_file(stored, current)
+    return stored == current
+
+
+def run_settings(args, world: int) -> dict:
+    """The settings a checkpoint records, the paths that exist made absolute (so that
+    a run resumed from another folder is the same run)."""
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    settings["processes"] = world
+    for key in PATHS:
+        if Path(settings[key]).exists():
+            settings[key] = str(Path(settings[key]).resolve())
+    return settings
+
+
+PATHS = ("model", "data")  # settings compared as the files they name
 SETTINGS = (  # what a checkpoint must have been trained with to be resumed
     "model",
     "data",
@@ -300,10 +356,18 @@ SETTINGS = (  # what a checkpoint must have been trained with to be resumed
 
 def _adapter(group):
     add = group.add_argument
-    add("--rank", type=int, default=8, help="Adapter rank (default: %(default)s)")
+    add(
+        "--rank",
+        type=int,
+        default=8,
+        help=(
+            "Adapter rank, at most the smaller side of the smallest layer adapted"
+            " (default: %(default)s)"
+        ),
+    )
     add(
         "--alpha",
-        type=float,
+        type=number,
         help="Adapter alpha; the update is scaled by alpha / rank (default: the rank)",
     )
     add(
@@ -352,7 +416,7 @@ def _training(group):
     )
     add(
         "--learning-rate",
-        type=float,
+        type=number,
         default=1e-4,
         help="AdamW's learning rate after warm-up (default: %(default)s)",
     )
@@ -364,7 +428,7 @@ def _training(group):
     )
     add(
         "--weight-decay",
-        type=float,
+        type=number,
         default=1e-3,
         help="AdamW's weight decay (default: %(default)s, SAO 1.0's)",
     )
@@ -379,7 +443,7 @@ def _training(group):
     )
     add(
         "--crop-seconds",
-        type=float,
+        type=number,
         help="Train on windows of this length (default: the model's whole window)",
     )
     add(
@@ -447,7 +511,7 @@ def _saving(group):
     )
     add(
         "--preview-seconds",
-        type=float,
+        type=number,
         default=10.0,
         help="Length of a preview (default: %(default)s)",
     )
@@ -518,12 +582,8 @@ def arguments():
 
 
 def check(args):
-    """Refuse bad flags before anything is read."""
-    check_output(args.output, args.force or args.resume)
-    if args.resume and not checkpoint_path(args.output).is_file():
-        raise ValueError(
-            f"There is no checkpoint {checkpoint_path(args.output)} to resume from."
-        )
+    """Refuse bad flags, and outputs that could not be written, before anything is
+    read."""
     problems = [
         (args.rank < 1, "--rank must be >= 1"),
         (args.steps < 1, "--steps must be >= 1"),
@@ -541,10 +601,21 @@ def check(args):
             args.preview_every < 1 or args.preview_steps < 1,
             "--preview-every and --preview-steps must be >= 1",
         ),
+        (not args.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (
+            args.crop_seconds is not None and not args.crop_seconds > 0,
+            "--crop-seconds must be > 0",
+        ),
+        (not 0 <= args.seed < 2**64, "--seed must be in [0, 2**64)"),
     ]
     for failed, message in problems:
         if failed:
             raise ValueError(message + ".")
+    check_output(args)
+    if args.resume and not checkpoint_path(args.output).is_file():
+        raise ValueError(
+            f"There is no checkpoint {checkpoint_path(args.output)} to resume from."
+        )
 
 
 def crop_samples(args, config) -> int:
@@ -559,20 +630,76 @@ def crop_samples(args, config) -> int:
     window_seconds = config.sample_size / config.sample_rate
     seconds = window_seconds if args.crop_seconds is None else args.crop_seconds
     ratio = config.vae.downsampling_ratio
+    refusal = (
+        f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window."
+    )
+    if not 0 < seconds <= window_seconds + 1e-9:  # before sizing: 1e308 would overflow
+        raise ValueError(refusal)
     window = math.ceil(seconds * config.sample_rate / ratio) * ratio  # whole latents
-    if not (0 < seconds <= window_seconds + 1e-9 and window <= config.sample_size):
-        raise ValueError(
-            f"--crop-seconds must be in (0, {window_seconds:.2f}], the model's window."
-        )
-    if (
-        args.preview_prompt is not None
-        and not 0 < args.preview_seconds <= window_seconds + 1e-9
-    ):
+    if window > config.sample_size:
+        raise ValueError(refusal)
+    longest = window_seconds + 1e-9 if args.preview_prompt is not None else math.inf
+    if not 0 < args.preview_seconds <= longest:  # unused without a prompt, yet > 0
         raise ValueError(
             f"--preview-seconds must be in (0, {window_seconds:.2f}], the model's"
             " window."
         )
     return window
+
+
+def adapted_shapes(args, config) -> dict:
+    """{layer name: (out, in)} of the layers --include/--exclude pick, from the config
+    alone: a skeleton whose (lazy) random weights are never computed."""
+    modules = {"dit": DiT(config.dit), "conditioner": Conditioner(config.conditioner)}
+    layers = lora.official_layers(
+        len(modules["dit"].layers), modules["conditioner"].numbers
+    )
+    return {
+        name: lora._dense_shape(lora._module(modules[component], path))
+        for name, (component, path) in layers.items()
+        if lora.picked(name, args.include, args.exclude)
+    }
+
+
+def machine_memory() -> int:
+    """The machine's physical memory in bytes (0 where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def check_adapters(args, config):
+    """Refuse, before the weights load, a rank beyond the smallest adapted layer's
+    smaller side (it adds nothing there), and adapters whose training state (weights,
+    gradients and AdamW's two moments, float32) would not fit in the machine's memory:
+    running out of it is a crash, not an error, on Linux."""
+    shapes = adapted_shapes(args, config)
+    if not shapes:
+        raise ValueError("The include/exclude patterns leave no layer to adapt.")
+    smallest = min(shapes, key=lambda name: min(shapes[name]))
+    limit = min(shapes[smallest])
+    if not args.rank <= limit:
+        out_dim, in_dim = shapes[smallest]
+        raise ValueError(
+            f"--rank must be in [1, {limit}]: the smallest layer adapted, {smallest},"
+            f" is {out_dim} x {in_dim} (leave it out with --exclude)."
+        )
+    magnitudes = args.adapter_type == "dora-rows"
+    count = sum(args.rank * (o + i) + o * magnitudes for o, i in shapes.values())
+    needed, memory = count * 4 * 4, machine_memory()
+    if memory and needed > memory:
+        raise ValueError(
+            f"--rank {args.rank} needs {readable(needed)} for the adapters' training"
+            f" state ({count:,} parameters), more than this machine's"
+            f" {readable(memory)}; lower --rank or adapt fewer layers (--include,"
+            " --exclude)."
+        )
+
+
+def readable(size: int) -> str:
+    """A size in bytes as people read it."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
 
 
 def prepare(args, clips, window: int, leader: bool) -> tuple:
@@ -608,6 +735,26 @@ def prepare(args, clips, window: int, leader: bool) -> tuple:
     return models, clips, texts
 
 
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C, SIGTERM and SIGHUP wait for the block to end, then interrupt: files are
+    never left half-made, nor an adapter without the checkpoint of its step. In the main
+    thread only, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(s, lambda n, _: received.append(n)) for s in signals]
+    try:
+        yield
+    finally:
+        for s, handler in zip(signals, before):
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def optimizer(args):
     """AdamW, its learning rate warming up linearly from lr / warmup, then constant."""
     warmup = max(args.warmup, 1)
@@ -640,8 +787,7 @@ def train(args, models, clips, texts, window: int, group):
     )
     adam = optimizer(args)
     models.dit.checkpoint_blocks = args.grad_checkpoint
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    settings["processes"] = world
+    settings = run_settings(args, world)
     adam.init(model.trainable_parameters())
     first = 1
     if args.resume:
@@ -678,8 +824,11 @@ def train(args, models, clips, texts, window: int, group):
         if leader and (
             (args.save_every and i % args.save_every == 0) or i == args.steps
         ):
-            lora.save_adapter(args.output, model.adapter_tensors(), model.lora_config)
-            save_checkpoint(checkpoint_path(args.output), model, adam, i, settings)
+            with deferred_interrupts():  # the adapter and its checkpoint, both whole
+                lora.save_adapter(
+                    args.output, model.adapter_tensors(), model.lora_config
+                )
+                save_checkpoint(checkpoint_path(args.output), model, adam, i, settings)
         if (
             leader
             and args.preview_prompt is not None
@@ -699,6 +848,7 @@ def main(argv=None):
         clips = datasets.find_clips(args.data)
         config = model_io.load_config(args.model)
         window = crop_samples(args, config)
+        check_adapters(args, config)
         models, clips, texts = prepare(args, clips, window, leader)
         losses = train(args, models, clips, texts, window, group)
         if losses and leader:

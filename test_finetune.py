@@ -987,3 +987,345 @@ def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path):
         f" output by {rel_err(adapted, plain):.1e}"
     )
     assert err < PARITY_RTOL and rel_err(adapted, plain) > 1e-3
+
+
+# ---------------------------------------------------------------- nothing lost, spliced or stranded
+
+FLOAT_FLAGS = (
+    "--alpha",
+    "--learning-rate",
+    "--weight-decay",
+    "--crop-seconds",
+    "--preview-seconds",
+)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """The model's weights may not load: a refusal must come before any work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(model_io, "load", refuse)
+
+
+def _run_args(model, data, output, *more) -> list:
+    """finetune.py's arguments for a short run of the small model."""
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--steps",
+        "2",
+        "--rank",
+        "2",
+        *more,
+    ]
+
+
+def _finetune_process(argv: list, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "finetune.py"), *argv], text=True, **kwargs
+    )
+
+
+def test_finetune_files_follow_the_umask(small_converted, tone_data, tmp_path):
+    """Under umask 022 the adapter, its checkpoint, the previews and the latent cache
+    are 0644, as any program's files are (mkstemp made them 0600)."""
+    out = tmp_path / "run" / "adapter.safetensors"
+    out.parent.mkdir()
+    cache = tmp_path / "cache"
+    argv = _run_args(small_converted, tone_data, out, "--cache", str(cache))
+    argv += ["--preview-prompt", "low tone", "--preview-seconds", "0.01"]
+    process = _finetune_process(
+        [*argv, "--preview-steps", "1"], stderr=subprocess.PIPE, umask=0o022
+    )
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.parent.iterdir()}
+    modes.update({p.name: oct(p.stat().st_mode & 0o777) for p in cache.iterdir()})
+    assert len(modes) == 7 and set(modes.values()) == {"0o644"}, modes
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "preview", "long name", "read-only"])
+def test_finetune_checks_every_output_before_work(
+    small_converted, tone_data, tmp_path, no_loading, case
+):
+    """An output the run could not write (the checkpoint's or a preview's name taken by
+    a folder, a name too long once the temporary suffix is added, a read-only folder) is
+    refused in one line before the model loads, not after the training."""
+    import os
+
+    import finetune
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    out = folder / ("a" * 220 if case == "long name" else "adapter")
+    out = out.with_suffix(".safetensors")
+    argv = _run_args(small_converted, tone_data, out)
+    message = "is a folder"
+    if case == "checkpoint":
+        finetune.checkpoint_path(str(out)).mkdir()
+    elif case == "preview":
+        argv += ["--preview-prompt", "low tone", "--preview-every", "5"]
+        finetune.preview_path(str(out), 2).mkdir()
+    elif case == "long name":  # the adapter's temporary name fits; the checkpoint's not
+        message = f"Cannot write {finetune.checkpoint_path(str(out))}: File name too"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        message = "Permission denied"
+        folder.chmod(0o555)
+    before = _listing(tmp_path)
+    try:
+        error = _main(finetune, argv)
+    finally:
+        folder.chmod(0o755)
+    assert message in error, error
+    assert _listing(tmp_path) == before
+
+
+def test_finetune_names_a_full_disk(small_converted, tone_data, tmp_path, monkeypatch):
+    """A write that fails for want of space (MLX says only "System error") names the
+    file and the full disk, in one line, and leaves no partial file."""
+    import shutil
+    import types
+
+    import finetune
+
+    def full(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[save_safetensors] System error.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    free = types.SimpleNamespace(total=10**9, used=10**9, free=0)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: free)
+    out = tmp_path / "run" / "adapter.safetensors"
+    out.parent.mkdir()
+    argv = _run_args(small_converted, tone_data, out, "--no-cache", "--save-every", "1")
+    assert _main(finetune, argv) == (
+        f"error: Cannot write {out}: the disk is full. Free some space and retry."
+    )
+    assert list(out.parent.iterdir()) == []
+
+
+def test_finetune_refuses_numbers_that_are_not_finite(
+    small_converted, tone_data, tmp_path, no_loading
+):
+    """Every float flag of finetune.py refuses inf, -inf, nan and 1e400 in argparse's
+    one line (--crop-seconds inf was a traceback, --weight-decay nan a diverged loss).
+    """
+    import finetune
+    from stable_audio.cli import number
+
+    actions = finetune.arguments()._actions
+    typed = {a.option_strings[-1]: a.type for a in actions if a.type in (float, number)}
+    assert typed == dict.fromkeys(FLOAT_FLAGS, number)
+    argv = _run_args(small_converted, tone_data, tmp_path / "adapter.safetensors")
+    for flag in FLOAT_FLAGS:
+        for value in ("inf", "-inf", "nan", "1e400"):
+            error = _main(finetune, [*argv, "--preview-prompt", "x", f"{flag}={value}"])
+            assert error.startswith(
+                f"error: argument {flag}: expected a finite number"
+            ), error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--alpha", "0", "--alpha must be > 0."),
+        ("--learning-rate", "-1e-4", "--learning-rate must be > 0."),
+        ("--weight-decay", "-0.1", "--weight-decay must be >= 0."),
+        ("--crop-seconds", "-1", "--crop-seconds must be > 0."),
+        ("--crop-seconds", "1e308", "--crop-seconds must be in (0, 0.01]"),
+        ("--preview-seconds", "0", "--preview-seconds must be in (0, 0.01]"),
+        ("--preview-seconds", "1e308", "--preview-seconds must be in (0, 0.01]"),
+        ("--seed", "-1", "--seed must be in [0, 2**64)."),
+        ("--seed", str(2**64), "--seed must be in [0, 2**64)."),
+    ],
+)
+def test_finetune_refuses_numbers_out_of_range(
+    small_converted, tone_data, tmp_path, no_loading, flag, value, message
+):
+    import finetune
+
+    argv = _run_args(small_converted, tone_data, tmp_path / "adapter.safetensors")
+    error = _main(finetune, [*argv, "--preview-prompt", "x", f"{flag}={value}"])
+    assert error.startswith(f"error: {message}"), error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_bounds_the_rank_and_its_memory(
+    small_converted, tone_data, tmp_path, monkeypatch, no_loading
+):
+    """A rank beyond the smallest adapted layer's smaller side is refused with the figure
+    (--rank 100000 took 23.5 GB and was killed), and adapters whose training state would
+    not fit in the machine's memory too, before the model loads."""
+    import os
+
+    import finetune
+
+    argv = _run_args(small_converted, tone_data, tmp_path / "adapter.safetensors")
+    assert _main(finetune, [*argv, "--rank", "100000"]) == (
+        "error: --rank must be in [1, 8]: the smallest layer adapted,"
+        " model.preprocess_conv, is 8 x 8 (leave it out with --exclude)."
+    )
+    widest = ["--include", "transformer.layers.0.", "--exclude", "to_kv"]
+    assert "--rank must be in [1, 256]: the smallest layer adapted" in _main(
+        finetune, [*argv, *widest, "--rank", "257"]
+    )
+    sysconf = os.sysconf
+    pages = lambda name: 256 if name == "SC_PHYS_PAGES" else sysconf(name)
+    monkeypatch.setattr(os, "sysconf", pages)
+    assert _main(finetune, [*argv, "--rank", "8"]) == (
+        f"error: --rank 8 needs 2.73 MB for the adapters' training state (170,384"
+        f" parameters), more than this machine's {256 * sysconf('SC_PAGE_SIZE') / 1e6:.2f}"
+        " MB; lower --rank or adapt fewer layers (--include, --exclude)."
+    )
+    monkeypatch.setattr(os, "sysconf", sysconf)
+    with pytest.raises(AssertionError, match="loaded"):  # allowed: on to loading
+        _main(finetune, [*argv, "--rank", "8"])
+
+
+def test_captions_that_are_not_utf8_are_named(tmp_path):
+    """A caption or metadata file that is not UTF-8 is refused naming the file (it was
+    "'utf-8' codec can't decode byte 0xff ..."); a byte-order mark is not caption."""
+    import soundfile as sf
+
+    from stable_audio import datasets
+
+    sf.write(tmp_path / "a.wav", np.full(4410, 0.5, dtype=np.float32), 44100)
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbflow tone\r\n")
+    assert datasets.find_clips(tmp_path)[0][1] == "low tone"
+    (tmp_path / "a.txt").write_bytes("low tone, café".encode("latin-1"))
+    with pytest.raises(
+        ValueError,
+        match=r"a\.txt is not UTF-8 text \(byte 0xe9 at position 13\); save it as UTF-8",
+    ):
+        datasets.find_clips(tmp_path)
+    for name, text in (("metadata.jsonl", '{"file": "a.wav"}'), ("metadata.csv", "")):
+        (tmp_path / name).write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+        with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(byte 0xff"):
+            datasets.find_clips(tmp_path)
+        (tmp_path / name).unlink()
+
+
+def test_resume_knows_its_data_folder_however_named(
+    small_converted, tone_data, tmp_path, monkeypatch
+):
+    """--resume compares the data folder as a folder, not as text: "data/", "./data" and
+    the absolute path are one run (they were "another run"); another folder is not."""
+    import finetune
+
+    data = _copy_folder(tone_data, tmp_path / "data")
+    out = tmp_path / "run" / "adapter.safetensors"
+    out.parent.mkdir()
+    argv = _run_args(small_converted, data, out)
+    assert _main(finetune, argv) == ""
+    monkeypatch.chdir(tmp_path)
+    for steps, spelling in ((3, "data/"), (4, "./data")):
+        resumed = [*argv, "--data", spelling, "--steps", str(steps), "--resume"]
+        assert _main(finetune, resumed) == ""
+    other = [*argv, "--data", str(tone_data), "--steps", "5", "--resume"]
+    assert "is of another run: its data is" in _main(finetune, other)
+
+
+def test_previews_are_kept_out_of_the_data(
+    small_converted, tone_data, tmp_path, monkeypatch, no_loading
+):
+    """--preview-prompt with an --output in the data folder is refused before work: the
+    previews would be taken for training files by the next run ("... has no caption").
+    """
+    import finetune
+
+    data = _copy_folder(tone_data, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    argv = _run_args(small_converted, "data/", "./data/adapter.safetensors")
+    before = _listing(tmp_path)
+    assert _main(finetune, [*argv, "--preview-prompt", "low tone"]) == (
+        "error: --preview-prompt would write its previews into the data folder data/,"
+        " where the next run would take them for training files; choose an --output"
+        " outside --data."
+    )
+    assert _listing(tmp_path) == before
+    with pytest.raises(AssertionError, match="loaded"):  # without previews: allowed
+        _main(finetune, argv)
+    assert data.is_dir()
+
+
+def test_an_interrupt_while_saving_waits_for_both_files(
+    small_converted, tone_data, tmp_path, monkeypatch
+):
+    """Ctrl-C (SIGTERM, SIGHUP) while the adapter is written waits until the adapter and
+    its checkpoint are whole, then stops the run: no adapter without the checkpoint of its
+    step, nothing half-made; the run resumes."""
+    import os
+    import signal
+
+    import finetune
+
+    save = mx.save_safetensors
+
+    def interrupted(path, *args, **kwargs):
+        if not (tmp_path / "sent").exists():
+            (tmp_path / "sent").touch()
+            os.kill(os.getpid(), signal.SIGINT)
+        save(path, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", interrupted)
+    out = tmp_path / "run" / "adapter.safetensors"
+    out.parent.mkdir()
+    argv = _run_args(small_converted, tone_data, out, "--no-cache", "--save-every", "1")
+    with pytest.raises(SystemExit) as stop:
+        finetune.main([*argv, "--steps", "5"])
+    assert stop.value.code == finetune.INTERRUPTED
+    checkpoint = finetune.checkpoint_path(str(out))
+    assert sorted(out.parent.iterdir()) == [checkpoint, out]
+    assert mx.load(str(checkpoint), return_metadata=True)[1]["step"] == "1"
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    assert _main(finetune, [*argv, "--steps", "2", "--resume"]) == ""
+
+
+def test_sigterm_leaves_no_partial_files_and_the_run_resumes(
+    small_converted, tone_data, tmp_path
+):
+    """SIGTERM to a training run writing a checkpoint every step: it stops with the
+    Ctrl-C line, leaving the adapter and its checkpoint whole and nothing else, and the
+    checkpoint resumes."""
+    import signal
+    import time
+
+    import finetune
+
+    out = tmp_path / "run" / "adapter.safetensors"
+    out.parent.mkdir()
+    argv = _run_args(small_converted, tone_data, out, "--no-cache", "--save-every", "1")
+    checkpoint = finetune.checkpoint_path(str(out))
+    with open(tmp_path / "log", "w") as log:
+        process = _finetune_process(
+            [*argv, "--steps", "100000"], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # some steps, and their writes, further
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    output = (tmp_path / "log").read_text()
+    assert process.returncode == 1 and output.rstrip().endswith(finetune.INTERRUPTED)
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        checkpoint.name,
+        out.name,
+    ]
+    step = int(mx.load(str(checkpoint), return_metadata=True)[1]["step"])
+    assert step >= 1
+    assert _main(finetune, [*argv, "--steps", str(step + 1), "--resume"]) == ""

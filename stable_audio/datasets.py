@@ -15,6 +15,7 @@ a fresh posterior sample of it, as 0.0.20's encoder draws one."""
 
 import csv
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
@@ -31,13 +32,26 @@ SILENCE_DB = -60.0  # 0.0.20 rejects a window whose peak is below this
 CACHE_VERSION = "1"  # bump when what the cache holds, or how it is computed, changes
 
 
+def _read_text(path: Path) -> str:
+    """A caption or metadata file's text, UTF-8 (a byte-order mark dropped); one that
+    is not is refused by name."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at position"
+            f" {e.start}); save it as UTF-8."
+        ) from None
+
+
 def _metadata_captions(folder: Path) -> dict:
     """{file name: caption} from metadata.jsonl or metadata.csv, if the folder has
     one."""
     rows = []
     if (folder / "metadata.jsonl").is_file():
         path = folder / "metadata.jsonl"
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -47,8 +61,7 @@ def _metadata_captions(folder: Path) -> dict:
                     ) from None
     elif (folder / "metadata.csv").is_file():
         path = folder / "metadata.csv"
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     else:
         return {}
     captions = {}
@@ -86,7 +99,7 @@ def find_clips(folder) -> list:
         if path.name in listed:
             caption = listed[path.name]
         elif path.with_suffix(".txt").is_file():
-            caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            caption = _read_text(path.with_suffix(".txt")).strip()
         else:
             raise ValueError(
                 f"{path} has no caption: add {path.with_suffix('.txt').name} or a row"
