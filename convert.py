@@ -106,8 +106,10 @@ def convert(
     check_output(mlx_path, force)
     for path, strength in loras:
         lora.check_lora(path, strength)
-    tmp = files.temporary(mlx_path, folder=True)  # made first: can the folder take it?
+    tmp = None
     try:
+        with files.deferred_interrupts():  # made first: can the folder take it?
+            tmp = files.temporary(mlx_path, folder=True)
         print(f"[INFO] Loading {hf_path}")
         models, merged = load_models(hf_path, dtype, quantize, allow_pickle, loras)
         print(f"[INFO] Writing {mlx_path}")
@@ -116,7 +118,8 @@ def convert(
         put_in_place(tmp, mlx_path)
     except BaseException as e:
         failure = files.full_disk(mlx_path, e, tmp)
-        files.remove(tmp)
+        if tmp is not None:
+            files.remove(tmp)
         if failure is not None:
             raise failure from None
         raise

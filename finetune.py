@@ -3,11 +3,7 @@ captioned audio files, written in stable-audio-tools 0.0.20's adapter format."""
 
 import json
 import math
-import os
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -36,8 +32,9 @@ from stable_audio.cli import (
 )
 from stable_audio.conditioners import Conditioner
 from stable_audio.dit import DiT
-from stable_audio.files import check_writable, same_file
+from stable_audio.files import check_writable, deferred_interrupts, same_file
 from stable_audio.model_io import Components
+from stable_audio.settings import physical_memory
 
 CFG_DROPOUT = 0.1  # 0.0.20's default
 MEMORY_ADVICE = (
@@ -361,7 +358,7 @@ def _adapter(group):
         type=int,
         default=8,
         help=(
-            "Adapter rank, at most the smaller side of the smallest layer adapted"
+            "Adapter rank, at most the largest smaller side among the layers adapted"
             " (default: %(default)s)"
         ),
     )
@@ -647,47 +644,27 @@ def crop_samples(args, config) -> int:
     return window
 
 
-def adapted_shapes(args, config) -> dict:
-    """{layer name: (out, in)} of the layers --include/--exclude pick, from the config
-    alone: a skeleton whose (lazy) random weights are never computed."""
-    modules = {"dit": DiT(config.dit), "conditioner": Conditioner(config.conditioner)}
-    layers = lora.official_layers(
-        len(modules["dit"].layers), modules["conditioner"].numbers
-    )
-    return {
-        name: lora._dense_shape(lora._module(modules[component], path))
-        for name, (component, path) in layers.items()
-        if lora.picked(name, args.include, args.exclude)
-    }
-
-
-def machine_memory() -> int:
-    """The machine's physical memory in bytes (0 where it cannot be told)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
 def check_adapters(args, config):
-    """Refuse, before the weights load, a rank beyond the smallest adapted layer's
-    smaller side (it adds nothing there), and adapters whose training state (weights,
-    gradients and AdamW's two moments, float32) would not fit in the machine's memory:
-    running out of it is a crash, not an error, on Linux."""
-    shapes = adapted_shapes(args, config)
+    """Refuse, before the weights load, a rank beyond every adapted layer's smaller side
+    (it adds nothing anywhere), and adapters whose training state (weights, gradients
+    and AdamW's two moments, float32) would not fit in the machine's memory: running
+    out of it is a crash, not an error, on Linux. The shapes come from the config alone:
+    a skeleton whose (lazy) random weights are never computed."""
+    dit, conditioner = DiT(config.dit), Conditioner(config.conditioner)
+    shapes = lora.layer_shapes(dit, conditioner, args.include, args.exclude)
     if not shapes:
         raise ValueError("The include/exclude patterns leave no layer to adapt.")
-    smallest = min(shapes, key=lambda name: min(shapes[name]))
-    limit = min(shapes[smallest])
+    widest = max(shapes, key=lambda name: min(shapes[name]))
+    limit = min(shapes[widest])
     if not args.rank <= limit:
-        out_dim, in_dim = shapes[smallest]
+        out_dim, in_dim = shapes[widest]
         raise ValueError(
-            f"--rank must be in [1, {limit}]: the smallest layer adapted, {smallest},"
-            f" is {out_dim} x {in_dim} (leave it out with --exclude)."
+            f"--rank must be in [1, {limit}]: no layer adapted has a smaller side"
+            f" above that ({widest} is {out_dim} x {in_dim})."
         )
     magnitudes = args.adapter_type == "dora-rows"
     count = sum(args.rank * (o + i) + o * magnitudes for o, i in shapes.values())
-    needed, memory = count * 4 * 4, machine_memory()
+    needed, memory = count * 4 * 4, physical_memory()
     if memory and needed > memory:
         raise ValueError(
             f"--rank {args.rank} needs {readable(needed)} for the adapters' training"
@@ -733,26 +710,6 @@ def prepare(args, clips, window: int, leader: bool) -> tuple:
     if args.quantize:
         model_io.quantize_dit(models.dit, 64, args.quantize)
     return models, clips, texts
-
-
-@contextmanager
-def deferred_interrupts():
-    """Ctrl-C, SIGTERM and SIGHUP wait for the block to end, then interrupt: files are
-    never left half-made, nor an adapter without the checkpoint of its step. In the main
-    thread only, where Python runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    before = [signal.signal(s, lambda n, _: received.append(n)) for s in signals]
-    try:
-        yield
-    finally:
-        for s, handler in zip(signals, before):
-            signal.signal(s, handler)
-    if received:
-        raise KeyboardInterrupt
 
 
 def optimizer(args):

@@ -1163,7 +1163,7 @@ def test_finetune_refuses_numbers_out_of_range(
 def test_finetune_bounds_the_rank_and_its_memory(
     small_converted, tone_data, tmp_path, monkeypatch, no_loading
 ):
-    """A rank beyond the smallest adapted layer's smaller side is refused with the figure
+    """A rank beyond every adapted layer's smaller side is refused with the figure
     (--rank 100000 took 23.5 GB and was killed), and adapters whose training state would
     not fit in the machine's memory too, before the model loads."""
     import os
@@ -1172,12 +1172,12 @@ def test_finetune_bounds_the_rank_and_its_memory(
 
     argv = _run_args(small_converted, tone_data, tmp_path / "adapter.safetensors")
     assert _main(finetune, [*argv, "--rank", "100000"]) == (
-        "error: --rank must be in [1, 8]: the smallest layer adapted,"
-        " model.preprocess_conv, is 8 x 8 (leave it out with --exclude)."
+        "error: --rank must be in [1, 257]: no layer adapted has a smaller side above"
+        " that (conditioners.seconds_start.embedder.embedding.1 is 768 x 257)."
     )
-    widest = ["--include", "transformer.layers.0.", "--exclude", "to_kv"]
-    assert "--rank must be in [1, 256]: the smallest layer adapted" in _main(
-        finetune, [*argv, *widest, "--rank", "257"]
+    blocks = ["--include", "transformer.layers.0.", "--exclude", "to_kv"]
+    assert "--rank must be in [1, 256]: no layer adapted" in _main(
+        finetune, [*argv, *blocks, "--rank", "257"]
     )
     sysconf = os.sysconf
     pages = lambda name: 256 if name == "SC_PHYS_PAGES" else sysconf(name)

@@ -88,14 +88,16 @@ def full_disk(path, error: BaseException, written: Path = None) -> OSError:
 def written(path):
     """Yields a temporary file to write `path`'s content to; when the block ends, it is
     renamed to `path`, and on any failure removed."""
-    path = Path(path)
-    tmp = temporary(path)
+    path, tmp = Path(path), None
     try:
+        with deferred_interrupts():  # the file made and its name known, as one step
+            tmp = temporary(path)
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         failure = full_disk(path, e, tmp)
-        remove(tmp)
+        if tmp is not None:
+            remove(tmp)
         if failure is not None:
             raise failure from None
         raise
@@ -107,6 +109,26 @@ def remove(path: Path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C, SIGTERM and SIGHUP wait for the block to end, then interrupt: what it
+    makes is never left half-made. In the main thread only, where Python runs signal
+    handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(s, lambda n, _: received.append(n)) for s in signals]
+    try:
+        yield
+    finally:
+        for s, handler in zip(signals, before):
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _interrupt(signum, frame):

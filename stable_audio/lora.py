@@ -340,6 +340,17 @@ def _checked(path, key, value, kind, rank, layers, claimed, modules) -> tuple:
     return layer, name, value
 
 
+def layer_shapes(dit, conditioner, include=None, exclude=None) -> dict:
+    """{official layer name: (out, in)} of the layers `include`/`exclude` pick."""
+    modules = {"dit": dit, "conditioner": conditioner}
+    layers = official_layers(len(dit.layers), conditioner.numbers)
+    return {
+        name: _dense_shape(_module(modules[component], path))
+        for name, (component, path) in layers.items()
+        if picked(name, include, exclude)
+    }
+
+
 def initial_tensors(
     dit,
     conditioner,

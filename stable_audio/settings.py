@@ -316,7 +316,7 @@ class Settings:
         need = 2 * 4 * self.batch_size * config.vae.audio_channels * samples
         have = physical_memory()
         require(
-            need <= have,
+            not have or need <= have,
             "batch_size",
             f"{self.batch_size} audios of {self.seconds_total:g} s need at least"
             f" {need / 2**30:.1f} GB; this machine has {have / 2**30:.1f} GB",
@@ -341,8 +341,11 @@ class Settings:
 
 
 def physical_memory() -> int:
-    """Bytes of memory this machine has."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes of memory this machine has (0 where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def require(ok: bool, argument: str, message: str):
