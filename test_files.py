@@ -354,13 +354,13 @@ def test_what_cannot_fit_in_memory_is_refused_with_the_figure(
 ):
     """MLX on Linux crashes when memory runs out, so what is computable is refused up
     front: here, 64 audios of 512 s on a machine of 1 GB (2 copies x 4 bytes x 64 x 2
-    channels x 512 s x 44100 Hz = 21.5 GiB)."""
+    channels x 512 s x 44100 Hz = 23.1 GB)."""
     from stable_audio import settings
 
     config = load_config(str(small_checkpoint))
     monkeypatch.setattr(settings, "physical_memory", lambda: 2**30)
     with pytest.raises(
-        ArgumentError, match="need at least 21.5 GB; this machine has 1.0 GB"
+        ArgumentError, match="need at least 23.1 GB; this machine has 1.1 GB"
     ):
         Settings(seconds_total=512, batch_size=64).check(config)
     Settings(seconds_total=512, batch_size=1).check(config)

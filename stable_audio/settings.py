@@ -319,7 +319,7 @@ class Settings:
             not have or need <= have,
             "batch_size",
             f"{self.batch_size} audios of {self.seconds_total:g} s need at least"
-            f" {need / 2**30:.1f} GB; this machine has {have / 2**30:.1f} GB",
+            f" {need / 1e9:.1f} GB; this machine has {have / 1e9:.1f} GB",
         )
 
     def _check_guidance(self):
