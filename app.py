@@ -12,31 +12,35 @@ import json
 import math
 import re
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import soundfile as sf
 
 from stable_audio import DEFAULTS, ArgumentError, Settings, StableAudio, load_config
-from stable_audio.audio import FORMATS, read_audio, set_level, write_audio
+from stable_audio.audio import FORMATS, read_audio, resample, set_level, write_audio
 from stable_audio.cli import (
     add_lora_arguments,
     add_model_arguments,
     dtype,
     first_line,
     lora_settings,
+    number,
     one_line_errors,
     parse_range,
     parser,
 )
+from stable_audio.files import check_writable, written
 from stable_audio.sampler import samplers_for
 from stable_audio.spectrogram import write_spectrogram
 
@@ -62,6 +66,7 @@ MAX_JSON = (
     1 << 20
 )  # a request's settings; uploads have their own bound (--max-upload-mb)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STOP_WAIT = 60  # seconds: a step of the largest model, its decoding and its files
 
 
 class Cancelled(Exception):
@@ -82,16 +87,18 @@ def field(data: dict, name: str, kind=float):
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise refusal
     try:
-        number = (
+        parsed = (
             float(value)
             if kind is float
             else int(value.strip() if isinstance(value, str) else value)
         )
     except (ValueError, OverflowError):
         raise refusal from None
-    if kind is int and isinstance(value, float) and value != number:
+    if kind is int and isinstance(value, float) and value != parsed:
         raise refusal
-    return number
+    if not math.isfinite(parsed):  # "inf", "nan", 1e400, Infinity: as Settings says it
+        raise ArgumentError(f"{name} must be a finite number.", name)
+    return parsed
 
 
 def text(data: dict, name: str) -> str:
@@ -128,8 +135,9 @@ class Studio:
             compile,
             max_upload,
         )
-        self.pipe = self.load_error = None
+        self.pipe = self.load_error = self.running = None  # running: the worker's job
         self.ready = threading.Event()
+        self.stopping = False  # set by stop(): the worker takes no other job
         self.uploads_dir = tempfile.TemporaryDirectory(prefix="stable-audio-uploads-")
         self.uploads = {}  # id -> {path, name, seconds, ...}
         self.jobs, self.pending, self.history = {}, deque(), []
@@ -145,17 +153,31 @@ class Studio:
         """
         threading.Thread(target=self._work, args=(load,), daemon=True).start()
 
+    def stop(self, wait: float) -> bool:
+        """Stop the work before the process ends: a generation still sampling stops at
+        its next step (writing nothing), the results of one being written are finished,
+        no other starts; whether the worker was idle within `wait` seconds. The worker
+        stays, idle: a thread that ran MLX is not ended while the process exits."""
+        with self.lock:
+            self.stopping = True
+            for job in self.jobs.values():
+                job["cancel"].set()
+            return self.lock.wait_for(lambda: self.running is None, wait)
+
+    def longest(self) -> float:
+        """The longest seconds_total the model takes (at least its window)."""
+        window = self.pipe.window_seconds
+        numbers = self.pipe.config.conditioner.numbers
+        return max(numbers.get("seconds_total", (0, window))[1], window)
+
     def info(self) -> dict:
         config = self.pipe.config
         objective = config.dit.objective
-        window = self.pipe.window_seconds
         return {
             "model": self.name,
             "sample_rate": config.sample_rate,
-            "window": window,
-            "longest": max(
-                config.conditioner.numbers.get("seconds_total", (0, window))[1], window
-            ),
+            "window": self.pipe.window_seconds,
+            "longest": self.longest(),
             "samplers": list(samplers_for(objective)),
             "defaults": DEFAULTS[objective],
             "formats": [f[1:] for f in FORMATS],
@@ -167,8 +189,9 @@ class Studio:
     # --- requests
 
     def upload(self, body: bytes, filename: str) -> dict:
-        """Keep an uploaded file if soundfile reads it; ValueError (soundfile's reason)
-        if not."""
+        """Keep an uploaded file if the model can use it: soundfile reads it, its
+        samples are finite and its rate can be resampled; else an ArgumentError. Only
+        what the model could use is decoded; the rest is described by the header."""
         suffix = "".join(
             c for c in Path(filename).suffix[:8] if c.isalnum() or c == "."
         )
@@ -176,16 +199,18 @@ class Studio:
         path = Path(self.uploads_dir.name) / f"{upload_id}{suffix}"
         path.write_bytes(body)
         try:
-            rate, samples = read_audio(str(path))
-        except (
-            ValueError
-        ) as e:  # read_audio's message, about the file by the name it was sent with
+            rate, samples = read_audio(str(path), self.longest())
+            if not np.isfinite(samples).all():
+                raise ValueError(f"{filename!r} holds NaN or infinite samples.")
+            resample(samples[:, :1], rate, self.pipe.sample_rate)  # a rate it refuses
+            frames = sf.info(str(path)).frames
+        except (ValueError, RuntimeError) as e:  # named as it was sent, not as kept
             path.unlink()
             raise ArgumentError(str(e).replace(str(path), filename), "upload") from None
         entry = {
             "path": str(path),
             "name": filename,
-            "seconds": samples.shape[1] / rate,
+            "seconds": frames / rate,
             "sample_rate": rate,
             "channels": samples.shape[0],
         }
@@ -227,14 +252,19 @@ class Studio:
         if given.get("sampler") is not None and not isinstance(given["sampler"], str):
             raise ArgumentError("sampler must be a name.", "sampler")
         given = {k: v for k, v in given.items() if v is not None}
-        if upload:  # its path stands for it until the worker reads it
+        shown = dict(given, seed=None, mode=mode, format=audio_format)
+        if upload:  # check() reads what it uses of the file (the job keeps that)
             given[MODES[mode]] = upload["path"]
-        s = Settings(**given, compile=self.compile).check(self.pipe.config)
-        shown = {k: v for k, v in given.items() if k not in MODES.values()}
-        shown.update(seed=s.seed, mode=mode, format=audio_format)
-        if upload:
             shown["upload"] = upload["name"]
-        return (s, upload, audio_format), shown
+        try:
+            s = Settings(**given, compile=self.compile).check(self.pipe.config)
+        except ArgumentError as e:  # the file is the upload, by the name it was sent
+            if e.argument not in MODES.values():
+                raise
+            message = str(e).replace(upload["path"], upload["name"])
+            raise ArgumentError(message, "upload") from None
+        shown["seed"] = s.seed
+        return (s, audio_format), shown
 
     @staticmethod
     def _fields(data: dict, mode: str) -> dict:
@@ -313,9 +343,9 @@ class Studio:
             self.ready.set()
         while True:
             with self.lock:
-                while not self.pending:
+                while not self.pending or self.stopping:
                     self.lock.wait()
-                job = self.pending.popleft()
+                job = self.running = self.pending.popleft()
                 job["state"] = "running"
             try:
                 results = self._generate(job)
@@ -352,9 +382,11 @@ class Studio:
             with self.lock:
                 job.update(state=state, error=error, field=argument, results=results)
                 self.history[:0] = results
+                self.running = None
+                self.lock.notify_all()  # stop() may be waiting for it
 
     def _generate(self, job) -> list:
-        s, upload, audio_format = job["request"]
+        s, audio_format = job["request"]
 
         def progress(done, total):
             with self.lock:
@@ -362,10 +394,6 @@ class Studio:
             if job["cancel"].is_set():
                 raise Cancelled
 
-        if upload is not None:
-            name = MODES[job["settings"]["mode"]]
-            window = None if name == "continue_audio" else self.pipe.window_seconds
-            s = replace(s, **{name: read_audio(upload["path"], window)})
         audio = np.array(self.pipe.generate(settings=s, progress=progress))
         results = []
         for i, item in enumerate(audio):
@@ -374,9 +402,8 @@ class Studio:
             write_audio(path, set_level(item, "peak"), self.pipe.sample_rate)
             write_spectrogram(path.with_suffix(".png"), item, self.pipe.sample_rate)
             settings = {**job["settings"], "index": i, "file": path.name}
-            partial = path.with_name(f".{stem}.json.partial")
-            partial.write_text(json.dumps(settings, indent=1))
-            partial.replace(path.with_suffix(".json"))
+            with written(path.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps(settings, indent=1))
             with self.lock:
                 for p in (path, path.with_suffix(".png"), path.with_suffix(".json")):
                     self.files[p.name] = p
@@ -473,7 +500,14 @@ class Handler(BaseHTTPRequestHandler):
                 "upload",
             )
             return None
-        return self.rfile.read(int(length))
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):  # the client stopped early: never act on a part
+            self.close_connection = True
+            self._error(
+                HTTPStatus.BAD_REQUEST, "The request ended before its Content-Length."
+            )
+            return None
+        return body
 
     def do_HEAD(self):
         self.do_GET()
@@ -514,7 +548,8 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def _file(self, path: Path):
-        """A result, whole or the one byte range a media element asks for."""
+        """A result, whole or the one byte range a media element asks for; a range that
+        starts past its end is answered 416, as HTTP says."""
         data = path.read_bytes()
         content_type = CONTENT_TYPES.get(
             path.suffix.lower(), "application/octet-stream"
@@ -523,20 +558,19 @@ class Handler(BaseHTTPRequestHandler):
             ("Accept-Ranges", "bytes"),
             ("Content-Disposition", f'inline; filename="{path.name}"'),
         ]
-        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
-        if match and any(match.groups()) and data:
-            first, last = match.groups()
-            start = int(first) if first else max(len(data) - int(last), 0)
-            end = min(int(last), len(data) - 1) if first and last else len(data) - 1
-            if start <= end:
-                headers.append(("Content-Range", f"bytes {start}-{end}/{len(data)}"))
-                return self._send(
-                    HTTPStatus.PARTIAL_CONTENT,
-                    data[start : end + 1],
-                    content_type,
-                    headers,
-                )
-        self._send(HTTPStatus.OK, data, content_type, headers)
+        span = byte_range(self.headers.get("Range", ""), len(data))
+        if span is None:
+            return self._send(HTTPStatus.OK, data, content_type, headers)
+        if not span:
+            headers.append(("Content-Range", f"bytes */{len(data)}"))
+            return self._send(
+                HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"", content_type, headers
+            )
+        start, end = span
+        headers.append(("Content-Range", f"bytes {start}-{end}/{len(data)}"))
+        self._send(
+            HTTPStatus.PARTIAL_CONTENT, data[start : end + 1], content_type, headers
+        )
 
     def do_POST(self):
         try:
@@ -560,6 +594,10 @@ class Handler(BaseHTTPRequestHandler):
                         return self._error(
                             HTTPStatus.BAD_REQUEST, "The request is not JSON."
                         )
+                    except RecursionError:  # e.g. "[" * 100000
+                        return self._error(
+                            HTTPStatus.BAD_REQUEST, "The request's JSON is too deep."
+                        )
                     self._json(self.studio.submit(data))
                 return
             match = re.fullmatch(r"/api/jobs/([0-9a-f]+)/cancel", path)
@@ -581,16 +619,68 @@ class Handler(BaseHTTPRequestHandler):
             )
 
 
+def byte_range(header: str, size: int):
+    """(first, last) byte of the one range `header` asks of `size` bytes; None for the
+    whole file (no range, or one this server does not serve), () if it starts past the
+    end."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header)
+    if not match or not any(match.groups()) or not size:
+        return None
+    first, last = (None if g == "" else offset(g, size) for g in match.groups())
+    start = first if first is not None else size - last
+    end = size - 1 if first is None or last is None else min(last, size - 1)
+    return (start, end) if start <= end else ()
+
+
+def offset(digits: str, size: int) -> int:
+    """A Range header's number, at most `size`: Python refuses int() of more than 4300
+    digits, and any beyond 18 exceed every file."""
+    digits = digits.lstrip("0") or "0"
+    return size if len(digits) > 18 else min(int(digits), size)
+
+
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that left (a lying Content-Length too): nothing to report
+        super().handle_error(request, client_address)
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+def listen(host: str, port: int) -> Server:
+    """The server, listening on `host` (IPv6 if it has a colon); a ValueError if it
+    cannot."""
+    try:
+        return (Server6 if ":" in host else Server)((host, port), Handler)
+    except OSError as e:
+        shown = f"[{host}]" if ":" in host else host
+        raise ValueError(
+            f"Cannot listen on {shown}:{port} ({e.strerror or e}); try another --port."
+        ) from None
+
+
 def check_output_dir(output_dir: str) -> Path:
+    """The output folder, made if missing; a ValueError now, before the model loads,
+    if results could not be written to it."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output-dir {output_dir!r} is a file, not a folder.")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        check_writable(path / uuid.uuid4().hex)  # a name no file has: only the folder
+    except (OSError, ValueError) as e:  # "Cannot write PATH: REASON." keeps REASON
+        reason = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
+        raise ValueError(
+            f"Cannot write to --output-dir {output_dir!r}: {reason.rstrip('.')}."
+        ) from None
     return path
 
 
 def stop(signum, frame):
-    raise KeyboardInterrupt  # a SIGTERM ends the server as Ctrl-C does
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP end the server as Ctrl-C does
 
 
 def arguments():
@@ -623,7 +713,7 @@ def arguments():
     add_lora_arguments(p)  # applied to every generation
     add(
         "--max-upload-mb",
-        type=float,
+        type=number,
         default=100.0,
         help="The largest audio file the page may upload, in MB (default: %(default)s)",
     )
@@ -636,7 +726,7 @@ def main(argv=None):
         dtypes = dtype(args.dtype), dtype(args.vae_dtype)
         if not (0 <= args.port < 65536):
             raise ValueError(f"--port must be in [0, 65535], not {args.port}.")
-        if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        if not args.max_upload_mb > 0:
             raise ValueError("--max-upload-mb must be a positive number.")
         loras = lora_settings(args)
         output_dir = check_output_dir(args.output_dir)
@@ -645,13 +735,7 @@ def main(argv=None):
             raise ValueError(
                 f"{args.model} is already quantized; leave out --quantize."
             )
-        try:  # listen before loading, so that a port in use fails at once
-            server = ThreadingHTTPServer((args.host, args.port), Handler)
-        except OSError as e:
-            raise ValueError(
-                f"Cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
-                "try another --port."
-            ) from None
+        server = listen(args.host, args.port)  # before loading: a port in use fails now
         print(f"[INFO] Loading {args.model}", flush=True)
         upload_bytes = int(args.max_upload_mb * 1e6)
         studio = Studio(args.model, output_dir, args.compile, upload_bytes)
@@ -682,18 +766,22 @@ def main(argv=None):
         f" {output_dir}",
         flush=True,
     )
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        for signum in (
-            signal.SIGINT,
-            signal.SIGTERM,
-        ):  # a second Ctrl-C must not break the cleanup
+    finally:  # a second Ctrl-C must not break the cleanup
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         server.server_close()
+        if not studio.stop(STOP_WAIT):
+            print(
+                f"[WARNING] The running generation did not stop within {STOP_WAIT} s;"
+                " its files may be incomplete.",
+                flush=True,
+            )
         studio.uploads_dir.cleanup()
     print("Stopped.")
 

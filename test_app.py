@@ -20,14 +20,18 @@ from conftest import HERE, _txt2audio
 class AppServer:
     """app.py run as users run it, on the small model: its address, output folder and process."""
 
-    def __init__(self, model: Path, output_dir: Path, *args):
-        self.output_dir = output_dir
+    def __init__(
+        self, model: Path, output_dir: Path, *args, host="127.0.0.1", env=None
+    ):
+        self.output_dir, self.host = output_dir, host
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 str(HERE / "app.py"),
                 "--model",
                 str(model),
+                "--host",
+                host,
                 "--port",
                 "0",
                 "--output-dir",
@@ -37,14 +41,15 @@ class AppServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
         self.lines = []
         for (
             line
         ) in self.process.stdout:  # the process prints its address once it listens
             self.lines.append(line)
-            if match := re.search(r"Serving on (http://127\.0\.0\.1:(\d+))", line):
-                self.url, self.port = match[1], int(match[2])
+            if match := re.search(r"Serving on (http://(\S+):(\d+)) ", line):
+                self.url, self.address, self.port = match[1], match[2], int(match[3])
                 return
         raise AssertionError(f"app.py did not start: {''.join(self.lines)}")
 
@@ -52,7 +57,7 @@ class AppServer:
         """(status, parsed JSON or bytes, headers) of one request, its path sent exactly as given."""
         import http.client
 
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
         headers = dict(headers or {})
         if isinstance(body, (dict, list, str)) and "Content-Type" not in headers:
             body, headers["Content-Type"] = (
@@ -62,7 +67,7 @@ class AppServer:
         elif isinstance(body, str):
             body = body.encode()
         connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        connection.putheader("Host", headers.pop("Host", f"127.0.0.1:{self.port}"))
+        connection.putheader("Host", headers.pop("Host", f"{self.address}:{self.port}"))
         if body is not None and "Content-Length" not in headers:
             headers["Content-Length"] = str(len(body))
         for k, v in headers.items():
@@ -97,9 +102,16 @@ class AppServer:
     def alive(self) -> bool:
         return self.process.poll() is None and self.request("GET", "/")[0] == 200
 
-    def stop(self) -> str:
-        self.process.terminate()
-        rest = self.process.communicate(timeout=60)[0]
+    def stop(self, signum=None) -> str:
+        """Its whole log, once `signum` (default SIGTERM) has ended it."""
+        import signal
+
+        self.process.send_signal(signum or signal.SIGTERM)
+        try:
+            rest = self.process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
         return "".join(self.lines) + rest
 
 
@@ -298,7 +310,8 @@ def test_app_refuses_bad_values_as_the_command_line_does(
     app_server, small_converted, tmp_path, form, argument, cli
 ):
     """Each value the checks refuse comes back as a 400 naming its field, with the line the
-    command line prints for the same value; nothing is queued or written."""
+    command line prints for the same value (for a number that is not finite, the command
+    line's argparse refuses it, in its own words); nothing is queued or written."""
     before = _files(app_server.output_dir)
     status, body, _ = app_server.request(
         "POST",
@@ -317,7 +330,14 @@ def test_app_refuses_bad_values_as_the_command_line_does(
             str(tmp_path / "x.wav"),
             *cli,
         )
-        assert result.stderr.strip() == f"error: {body['error']}"
+        if body["error"] == f"{argument} must be a finite number.":
+            flag = cli[0]
+            assert result.stderr.strip() == (
+                f"error: argument {flag}: expected a finite number, not {cli[1]!r} (see"
+                " --help)"
+            )
+        else:
+            assert result.stderr.strip() == f"error: {body['error']}"
     assert _files(app_server.output_dir) == before and app_server.alive()
 
 
@@ -703,8 +723,24 @@ def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_pat
         browser.quit()
 
 
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder no file can be made in: a read-only one, or (for root, who writes
+    there too) /sys; the test is skipped where neither is."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            (candidate / "probe").touch()
+            (candidate / "probe").unlink()
+        except OSError:
+            return candidate
+    pytest.skip("no folder here refuses to be written to")
+
+
 def test_app_refuses_bad_command_lines(small_converted, tmp_path):
-    """app.py's own bad input: one line, before anything is loaded or served."""
+    """app.py's own bad input: one line, before anything is loaded or served (an output
+    folder it could not write to included)."""
     busy = AppServer(small_converted, tmp_path / "out")
     try:
         for args, message in [
@@ -714,6 +750,11 @@ def test_app_refuses_bad_command_lines(small_converted, tmp_path):
             (["--dtype", "float8"], "Unknown dtype"),
             (["--lora", str(tmp_path / "none.safetensors")], "does not exist"),
             (["--max-upload-mb", "0"], "--max-upload-mb must be"),
+            (["--max-upload-mb", "inf"], "--max-upload-mb: expected a finite number"),
+            (
+                ["--output-dir", str(_unwritable(tmp_path))],
+                "Cannot write to --output-dir",
+            ),
         ]:
             argv = [
                 sys.executable,
@@ -730,3 +771,386 @@ def test_app_refuses_bad_command_lines(small_converted, tmp_path):
     finally:
         log = busy.stop()
     assert busy.process.returncode == 0 and "Stopped." in log
+
+
+# ------------------------------------------------ nothing lost, spliced or stranded
+
+
+def _upload(server, data: bytes, name: str):
+    return server.request(
+        "POST",
+        "/api/upload",
+        data,
+        headers={"Content-Type": "application/octet-stream", "X-Filename": name},
+    )
+
+
+def _wav(rate: int, samples, subtype="PCM_16") -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def _whole_results(folder: Path) -> list:
+    """The stems of the results in `folder`, each checked whole: a readable audio file
+    beside its spectrogram and its settings, and no temporary file left."""
+    import soundfile as sf
+
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.startswith(".") or "partial" in n], names
+    stems = {Path(n).stem for n in names}
+    for stem in stems:
+        assert {f"{stem}.wav", f"{stem}.png", f"{stem}.json"} <= set(names), names
+        assert len(sf.read(folder / f"{stem}.wav")[0]) > 0
+        assert (
+            json.loads((folder / f"{stem}.json").read_text())["file"] == f"{stem}.wav"
+        )
+    assert len(names) == 3 * len(stems), names
+    return sorted(stems)
+
+
+def test_app_writes_settings_under_a_name_of_their_own(small_converted, tmp_path):
+    """A result's settings are written under a temporary name no other writer uses (a
+    fixed one, here taken by folders, would fail the generation), then renamed."""
+    server = AppServer(small_converted, tmp_path / "out")
+    try:
+        now = time.time()
+        taken = [  # each name a fixed `.STEM.json.partial` would take in a minute
+            tmp_path / "out" / f".{time.strftime('%Y%m%d-%H%M%S', time.localtime(t))}"
+            f"-seed9.json.partial"
+            for t in range(int(now), int(now) + 60)
+        ]
+        for folder in taken:
+            folder.mkdir()
+        job = server.wait(
+            server.generate(seconds_total="0.01", steps="1", seed="9")["id"]
+        )
+        assert job["state"] == "done", job["error"]
+        for folder in taken:
+            folder.rmdir()
+        assert _whole_results(server.output_dir) == [
+            Path(job["results"][0]["name"]).stem
+        ]
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+def test_app_refuses_non_finite_numbers(app_server, audio_files):
+    """Every number of the API, as text ("inf", "nan", "1e400"...), as JSON's Infinity
+    and NaN, or as a JSON number too large for a float, is a 400 naming its field."""
+    status, upload, _ = _upload(
+        app_server, (audio_files / "stereo.flac").read_bytes(), "stereo.flac"
+    )
+    assert status == 200, upload
+    texts = ['"inf"', '"-inf"', '"nan"', '"NaN"', '"1e400"', '"-1e400"']
+    constants = ["Infinity", "-Infinity", "NaN", "1e400", "-1e400"]
+    forms = {
+        name: '{"prompt": "x", "seconds_total": "0.01", "%s": %%s}' % name
+        for name in (
+            "seconds_total",
+            "steps",
+            "cfg_scale",
+            "seed",
+            "batch_size",
+            "overlap",
+            "bpm",
+            "bars",
+            "beats_per_bar",
+        )
+    }
+    forms["init_noise_level"] = (
+        '{"prompt": "x", "mode": "variation", "upload": "%s", "init_noise_level": %%s}'
+        % upload["id"]
+    )
+    forms["inpaint_ranges"] = (
+        '{"prompt": "x", "mode": "inpaint", "upload": "%s", "inpaint_ranges": %%s}'
+        % upload["id"]
+    )
+    before = _files(app_server.output_dir)
+    for name, form in forms.items():
+        values = texts + constants
+        if name == "inpaint_ranges":  # START:END, either one not finite
+            values = (
+                constants
+                + [f'"0:{t[1:]}' for t in texts]
+                + [f'{t[:-1]}:0"' for t in texts]
+            )
+        for value in values:
+            body = form % value
+            status, answer, _ = app_server.request(
+                "POST", "/api/generate", body, {"Content-Type": "application/json"}
+            )
+            assert status == 400 and answer["field"] == name, (body, answer)
+            assert "\n" not in answer["error"]
+    assert _files(app_server.output_dir) == before and app_server.alive()
+
+
+def test_app_reads_uploads_before_queueing(small_converted, audio_files, tmp_path):
+    """The settings are checked with the upload's audio read: a continuation not longer
+    than its file is refused before it is queued; a queued job holds what it read (the
+    upload's file may go), so the worker reads nothing again."""
+    uploads = tmp_path / "tmp"
+    uploads.mkdir()
+    server = AppServer(
+        small_converted, tmp_path / "out", env={**os.environ, "TMPDIR": str(uploads)}
+    )
+    try:
+        status, upload, _ = _upload(
+            server, (audio_files / "stereo.flac").read_bytes(), "stereo.flac"
+        )
+        assert status == 200 and upload["seconds"] == pytest.approx(600 / 44100)
+        status, body, _ = server.request(
+            "POST",
+            "/api/generate",
+            {
+                "prompt": "x",
+                "mode": "continue",
+                "upload": upload["id"],
+                "seconds_total": "0.01",
+            },
+        )
+        assert status == 400 and body["field"] == "seconds_total", body
+        assert "longer than the audio it continues" in body["error"]
+        long = server.generate(seconds_total="0.01", steps="10000", seed="1")
+        server.wait(long["id"], until=lambda j: j["state"] == "running")
+        varied = server.generate(
+            mode="variation",
+            upload=upload["id"],
+            steps="2",
+            seed="2",
+            seconds_total="0.01",
+        )
+        assert varied["state"] == "queued"
+        for file in uploads.glob("stable-audio-uploads-*/*"):
+            file.unlink()  # the queued job already holds its audio
+        server.request("POST", f"/api/jobs/{long['id']}/cancel")
+        job = server.wait(varied["id"])
+        assert job["state"] == "done", job["error"]
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+def _peak_memory(pid: int) -> int:
+    """A process's peak resident memory in bytes (Linux's VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="needs Linux's /proc"
+)
+def test_app_describes_an_upload_without_decoding_it(small_converted, tmp_path):
+    """An hour of silence (90 KB of FLAC, 115 MB of samples) is described by its header
+    and decoded no further than the model could use (its longest seconds_total)."""
+    import numpy as np
+    import soundfile as sf
+
+    silence = tmp_path / "an hour.flac"
+    with sf.SoundFile(silence, "w", 8000, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(60):
+            f.write(np.zeros(8000 * 60, np.float32))
+    server = AppServer(small_converted, tmp_path / "out", "--max-upload-mb", "1")
+    try:
+        before = _peak_memory(server.process.pid)
+        status, upload, _ = _upload(server, silence.read_bytes(), silence.name)
+        grown = _peak_memory(server.process.pid) - before
+        assert status == 200 and upload["seconds"] == 3600, upload
+        longest = server.request("GET", "/api/info")[1]["longest"]
+        # at most the longest length and a second, as float32 samples, with one copy
+        assert grown < 2 * 4 * 8000 * (longest + 1) + (20 << 20), grown
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
+def test_app_refuses_uploads_the_model_cannot_use(app_server):
+    """An upload with NaN or infinite samples, or at a rate the model could not resample
+    (44101 Hz to 44100 Hz: too fine a ratio), is refused when it is uploaded, with
+    one line naming the file."""
+    import numpy as np
+
+    noisy = np.zeros((100, 2), np.float32)
+    noisy[50, 1] = np.nan
+    for data, name, words in [
+        (
+            _wav(44100, noisy, "FLOAT"),
+            "nan.wav",
+            "'nan.wav' holds NaN or infinite samples.",
+        ),
+        (_wav(44100, noisy * 0 + np.inf, "FLOAT"), "inf.wav", "holds NaN or infinite"),
+        (
+            _wav(44101, np.zeros((100, 2), np.float32)),
+            "odd rate.wav",
+            "Cannot resample 44101 Hz to 44100 Hz (their ratio is too fine);",
+        ),
+    ]:
+        status, body, _ = _upload(app_server, data, name)
+        assert status == 400 and body["field"] == "upload", body
+        assert words in body["error"] and "\n" not in body["error"], body
+    ok = _wav(48000, np.zeros((100, 2), np.float32))
+    assert _upload(app_server, ok, "fine.wav")[0] == 200
+    assert app_server.alive()
+
+
+def test_app_answers_odd_requests_without_failing(app_server):
+    """JSON nested too deeply is a 400; a Range of thousands of digits (more than
+    Python's int() takes) is clamped to the file: past its end a 416, as HTTP says."""
+    status, body, _ = app_server.request(
+        "POST", "/api/generate", "[" * 100000, {"Content-Type": "application/json"}
+    )
+    assert status == 400 and "too deep" in body["error"], body
+    job = app_server.wait(app_server.generate(seconds_total="0.01", steps="1")["id"])
+    url = job["results"][0]["audio"]
+    whole = app_server.request("GET", url)[1]
+    huge = "9" * 5000
+    for header, status, part in [
+        (f"bytes={huge}-", 416, b""),
+        (f"bytes={len(whole)}-", 416, b""),
+        (f"bytes=0-{huge}", 206, whole),
+        (f"bytes=-{huge}", 206, whole),
+        (f"bytes={'0' * 5000}1-", 206, whole[1:]),
+        ("bytes=-4", 206, whole[-4:]),
+        ("bytes=x-y", 200, whole),
+    ]:
+        answer = app_server.request("GET", url, headers={"Range": header})
+        assert (answer[0], answer[1]) == (status, part), header[:20]
+        if status == 416:
+            assert answer[2].getheader("Content-Range") == f"bytes */{len(whole)}"
+    assert app_server.alive()
+
+
+def _raw(server, data: bytes, then: str) -> bytes:
+    """Send `data` on a connection of its own, then "reset" it (RST: the server's reads
+    and writes fail) or "half-close" it (the server reads to the end) and read the
+    answer."""
+    import socket
+    import struct
+
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        s.sendall(data)
+        if then == "reset":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return b""
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_app_takes_lying_clients_quietly(small_converted, tmp_path):
+    """A body shorter than its Content-Length is never acted on (a 400 if the client
+    still listens), and clients that leave mid-request or mid-answer leave no traceback
+    in the server's log."""
+    server = AppServer(small_converted, tmp_path / "out")
+    try:
+        job = server.wait(server.generate(seconds_total="0.01", steps="1")["id"])
+        form = b'{"prompt": "x", "seconds_total": "0.01", "steps": "1"}'
+        head = b"POST /api/generate HTTP/1.1\r\nHost: %s:%d\r\n" % (
+            server.address.encode(),
+            server.port,
+        )
+        lying = head + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        answer = _raw(server, lying + form, "half-close")
+        assert answer.startswith(b"HTTP/1.0 400") and b"ended before" in answer, answer
+        upload = lying.replace(b"generate", b"upload").replace(
+            b"application/json", b"application/octet-stream"
+        )
+        get = b"GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (
+            job["results"][0]["spectrogram"].encode(),
+            server.address.encode(),
+            server.port,
+        )
+        for _ in range(3):
+            for data in (lying + form, upload + b"RIFF", get, get[:10], head):
+                _raw(server, data, "reset")
+        time.sleep(0.5)
+        assert server.alive() and len(server.request("GET", "/api/history")[1]) == 1
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log and "Exception" not in log, log
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)"
+)
+def test_app_serves_ipv6(small_converted, tmp_path):
+    """--host ::1 serves on IPv6's loopback, answering requests addressed to [::1]."""
+    server = AppServer(small_converted, tmp_path / "out", host="::1")
+    try:
+        assert server.url == f"http://[::1]:{server.port}"
+        assert server.request("GET", "/")[0] == 200
+        assert (
+            server.request("GET", "/", headers={"Host": "attacker.example"})[0] == 400
+        )
+    finally:
+        log = server.stop()
+    assert server.process.returncode == 0 and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_app_stops_on_signals(small_converted, audio_files, tmp_path, signum):
+    """Ctrl-C, SIGTERM and a closed terminal (SIGHUP) all stop the server cleanly,
+    removing the folder of its uploads."""
+    import signal
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
+    server = AppServer(small_converted, tmp_path / "out", env=env)
+    try:
+        sent = _upload(server, (audio_files / "stereo.flac").read_bytes(), "a.flac")
+        kept = list(temporary.glob("stable-audio-uploads-*/*.flac"))
+    finally:
+        log = server.stop(getattr(signal, signum))
+    assert sent[0] == 200 and kept, sent
+    assert server.process.returncode == 0 and "Stopped." in log, log
+    assert "Traceback" not in log and not list(temporary.iterdir()), log
+
+
+def test_app_interrupted_leaves_only_whole_results(small_converted, tmp_path):
+    """Ctrl-C while a job's results are being written lets them all be written whole
+    (audio, spectrogram and settings; no temporary file); Ctrl-C while sampling stops
+    the generation at its next step, writing nothing."""
+    import signal
+
+    server = AppServer(small_converted, tmp_path / "out")
+    try:
+        job = server.generate(seconds_total="0.01", steps="1", batch_size="24")
+        while not [p for p in server.output_dir.glob("*.wav") if p.name[0] != "."]:
+            state = server.request("GET", f"/api/jobs/{job['id']}")[1]["state"]
+            assert state in ("queued", "running", "done"), state
+            time.sleep(0.001)
+    finally:
+        log = server.stop(signal.SIGINT)
+    assert server.process.returncode == 0 and "Traceback" not in log, log
+    assert len(_whole_results(server.output_dir)) == 24
+
+    server = AppServer(small_converted, tmp_path / "later")
+    try:
+        job = server.generate(seconds_total="0.01", steps="10000", batch_size="3")
+        server.wait(job["id"], until=lambda j: j["step"] > 0)
+    finally:
+        started = time.monotonic()
+        log = server.stop(signal.SIGINT)
+    assert server.process.returncode == 0 and "Traceback" not in log, log
+    assert time.monotonic() - started < 10 and not list(server.output_dir.iterdir())
