@@ -40,7 +40,7 @@ from stable_audio.cli import (
     parse_range,
     parser,
 )
-from stable_audio.files import check_writable, written
+from stable_audio.files import check_writable, interruptible, written
 from stable_audio.sampler import samplers_for
 from stable_audio.spectrogram import write_spectrogram
 
@@ -62,9 +62,7 @@ MODES = {
     "inpaint": "inpaint_audio",
     "continue": "continue_audio",
 }
-MAX_JSON = (
-    1 << 20
-)  # a request's settings; uploads have their own bound (--max-upload-mb)
+MAX_JSON = 1_000_000  # bytes of a request's settings (uploads: --max-upload-mb)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STOP_WAIT = 60  # seconds: a step of the largest model, its decoding and its files
 
@@ -493,11 +491,13 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if int(length) > limit:
             self.close_connection = True
+            upload = content_type != "application/json"
+            what = "The upload" if upload else "The request"
             self._error(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"The upload is larger than the limit of {limit / 1e6:g} MB"
-                " (--max-upload-mb).",
-                "upload",
+                f"{what} is larger than the limit of {limit / 1e6:g} MB"
+                + (" (--max-upload-mb)." if upload else "."),
+                "upload" if upload else None,
             )
             return None
         body = self.rfile.read(int(length))
@@ -679,10 +679,6 @@ def check_output_dir(output_dir: str) -> Path:
     return path
 
 
-def stop(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM and SIGHUP end the server as Ctrl-C does
-
-
 def arguments():
     p = parser("Serve a local page that makes audio from text with Stable Audio Open.")
     add = p.add_argument
@@ -766,10 +762,9 @@ def main(argv=None):
         f" {output_dir}",
         flush=True,
     )
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
     try:
-        server.serve_forever()
+        with interruptible():  # SIGTERM and SIGHUP end the server as Ctrl-C does
+            server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:  # a second Ctrl-C must not break the cleanup

@@ -410,6 +410,15 @@ def test_app_refuses_what_it_must_not_serve_or_take(
         send_body=False,
     )
     assert status == 413 and body["field"] == "upload" and "0.05 MB" in body["error"]
+    status, body, _ = app_server.request(
+        "POST",
+        "/api/generate",
+        b"{}",
+        headers={"Content-Type": "application/json", "Content-Length": "2000000"},
+        send_body=False,
+    )
+    assert (status, body["field"]) == (413, None), body  # not the upload's limit
+    assert body["error"] == "The request is larger than the limit of 1 MB."
     garbage = (audio_files / "broken.wav").read_bytes()
     status, body, _ = app_server.request(
         "POST",
