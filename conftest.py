@@ -7,10 +7,12 @@ identical random weights. Test files import the helpers that are not fixtures wi
 `from conftest import ...`.
 """
 
+import contextlib
 import copy
 import importlib.machinery
 import json
 import math
+import shutil
 import subprocess
 import sys
 import types
@@ -360,8 +362,6 @@ def tone_data(tmp_path_factory):
 
 
 def _copy_folder(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -405,6 +405,33 @@ def _refused(result, *phrases):
     for phrase in phrases:
         assert phrase in last, last
     return last
+
+
+@contextlib.contextmanager
+def full_disk(tmp_path):
+    """A folder on a full 1 MiB tmpfs where the tests may mount one; else None (then a
+    test simulates the failures a full disk gives)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = (
+        sys.platform == "linux"
+        and shutil.which("mount")
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    try:
+        if mounted:
+            with contextlib.suppress(OSError), open(folder / "filler", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        yield folder if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
 
 
 def _main(module, argv: list) -> str:

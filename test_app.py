@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, _txt2audio
+from conftest import HERE, _txt2audio, full_disk
 
 # ---------------------------------------------------------------- tier 1: the local app (app.py)
 
@@ -1163,3 +1163,41 @@ def test_app_interrupted_leaves_only_whole_results(small_converted, tmp_path):
         log = server.stop(signal.SIGINT)
     assert server.process.returncode == 0 and "Traceback" not in log, log
     assert time.monotonic() - started < 10 and not list(server.output_dir.iterdir())
+
+
+SIMULATED_FULL_DISK = """
+import shutil, soundfile
+usage = shutil.disk_usage
+shutil.disk_usage = lambda path: usage(path)._replace(free=4096)
+def write(*args, **kwargs):
+    raise RuntimeError("Error : System error.")
+soundfile.write = write
+"""
+
+
+def test_app_names_a_full_disk(small_converted, tmp_path):
+    """A result that cannot be written for want of space fails its generation with the
+    file named and the reason (it was "MLX failed (System error.) ..."), leaving no
+    temporary file; where no tmpfs can be mounted, libsndfile's failure on a full disk
+    is simulated in the server's process."""
+    env = None
+    with full_disk(tmp_path) as disk:
+        if disk is None:
+            disk = tmp_path / "disk"
+            (tmp_path / "site").mkdir()
+            (tmp_path / "site" / "sitecustomize.py").write_text(SIMULATED_FULL_DISK)
+            env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+        server = AppServer(small_converted, disk / "results", env=env)
+        try:
+            before = sorted(p.name for p in (disk / "results").iterdir())
+            job = server.wait(server.generate(seconds_total=0.01, steps=1)["id"])
+            assert job["state"] == "failed", job
+            assert re.fullmatch(
+                f"Cannot write {re.escape(str(disk))}/results/\\S+\\.wav: the disk is"
+                " full. Free some space and retry.",
+                job["error"],
+            ), job["error"]
+            assert sorted(p.name for p in (disk / "results").iterdir()) == before
+        finally:
+            log = server.stop()
+        assert server.process.returncode == 0 and "Traceback" not in log, log

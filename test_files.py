@@ -4,7 +4,6 @@ unwritable output refused before any work; a continuation too long for its setti
 refused before encoding, reading no more than it uses; a full disk (a real one, on a
 small tmpfs, where the test can mount one); SIGTERM and SIGHUP; pipes."""
 
-import contextlib
 import errno
 import os
 import shutil
@@ -20,7 +19,7 @@ import soundfile as sf
 
 import convert
 import txt2audio
-from conftest import HERE, _listing, _main, _script
+from conftest import HERE, _listing, _main, _script, full_disk
 from stable_audio import ArgumentError, Settings, StableAudio
 from stable_audio import audio as audio_io
 from stable_audio import files, load_config, model_io
@@ -207,32 +206,6 @@ def test_a_continuation_is_checked_before_encoding(
     rate, samples = audio_io.read_audio(str(source))
     with pytest.raises(ArgumentError, match="longer than the audio it continues"):
         Settings(continue_audio=(rate, samples), seconds_total=59.9).check(config)
-
-
-@contextlib.contextmanager
-def full_disk(tmp_path):
-    """A folder on a full 1 MiB tmpfs where this test may mount one; else None."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = (
-        sys.platform == "linux"
-        and shutil.which("mount")
-        and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-    try:
-        if mounted:
-            with contextlib.suppress(OSError), open(folder / "filler", "wb") as f:
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
-        yield folder if mounted else None
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_a_full_disk_is_named(small_checkpoint, tmp_path, monkeypatch):
