@@ -34,6 +34,7 @@ import mlx.core as mx  # noqa: E402
 
 from stable_audio import Conditioning, StableAudio, limit_memory, lora
 from stable_audio.cli import number
+from stable_audio.cli import parser as one_line_parser
 from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
@@ -406,8 +407,8 @@ def measure_training(
     return result
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments() -> argparse.ArgumentParser:
+    parser = one_line_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -498,7 +499,11 @@ if __name__ == "__main__":
             " too, where torch has CUDA)"
         ),
     )
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = arguments().parse_args()
     if args.gemms:
         print(
             f"mlx {mx.__version__}, {mx.default_device()}, float16, the products of one"

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
+import benchmark
 import convert
 import finetune
 import txt2audio
@@ -266,7 +267,7 @@ def test_convert_under_fuzzing(
     run()
 
 
-@pytest.mark.parametrize("script", [txt2audio, finetune, app])
+@pytest.mark.parametrize("script", [txt2audio, finetune, app, benchmark])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
 def test_every_float_flag_refuses_what_is_not_finite(script, value, capsys):
     """Every float flag of every script (and every range) is read by cli.number or
