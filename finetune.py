@@ -55,9 +55,10 @@ def check_output(args):
         raise ValueError(f"The adapter file {args.output!r} must end in .safetensors.")
     for output in output_files(args):
         check_writable(output)
-    if path.exists() and not (args.force or args.resume):
+    kept = [p for p in (path, checkpoint_path(args.output)) if p.exists()]
+    if kept and not (args.force or args.resume):  # a checkpoint alone is a run's too
         raise ValueError(
-            f"{args.output} already exists; choose another --output, or replace it with"
+            f"{kept[0]} already exists; choose another --output, or replace it with"
             " --force."
         )
     if args.preview_prompt is not None and same_file(path.parent, args.data):

@@ -947,6 +947,24 @@ def test_finetune_refuses_bad_input(
     assert _listing(tmp_path) == before  # nothing written
 
 
+def test_a_lone_checkpoint_is_not_replaced_unasked(
+    small_converted, tone_data, tmp_path
+):
+    """A checkpoint beside --output (its adapter file gone) is a run's state too: a new
+    run refuses to replace it without --force or --resume."""
+    import finetune
+
+    out = tmp_path / "adapter.safetensors"
+    finetune.checkpoint_path(str(out)).write_bytes(b"a run's state")
+    argv = ["--model", str(small_converted), "--data", str(tone_data)]
+    error = _main(finetune, [*argv, "--output", str(out), "--steps", "1"])
+    assert error == (
+        f"error: {finetune.checkpoint_path(str(out))} already exists; choose another"
+        " --output, or replace it with --force."
+    )
+    assert finetune.checkpoint_path(str(out)).read_bytes() == b"a run's state"
+
+
 def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path):
     """An adapter trained by finetune.py (a DoRA on the layers its include/exclude pick)
     loads in 0.0.20's load_and_apply_loras and gives there what it gives here: the DiT's
