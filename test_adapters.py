@@ -27,7 +27,7 @@ from conftest import (
     _with_adapters,
     rel_err,
 )
-from stable_audio import StableAudio
+from stable_audio import StableAudio, lora
 from stable_audio.guidance import guide
 
 # ---------------------------------------------------------------- LoRA adapters, without PyTorch
@@ -701,3 +701,78 @@ def test_layer_patterns_match_reference(reference):
             for n in names
             if lora.matches(n[len("model.") :], lora.filter_patterns(text))
         ] == expected, text
+
+
+# ---------------------------------------------------------------- tier 2: the forms of all eight types
+
+
+def _reference_form(reference, kind: str, weight, rank: int, alpha: float, seed: int):
+    """0.0.20's LoRAParametrization of `kind` over `weight` (a Linear's (out, in) or a
+    Conv1d's (out, in, k)), every trainable tensor made non-zero and the magnitudes
+    moved off the weight's norms, at strength 0.7."""
+    from stable_audio_tools.models.lora.model import LoRAParametrization
+
+    torch = reference.torch
+    torch.manual_seed(seed)
+    w2d = weight.reshape(weight.shape[0], -1)
+    form = LoRAParametrization(
+        w2d.shape[1],
+        w2d.shape[0],
+        rank=rank,
+        lora_alpha=alpha,
+        adapter_type=kind,
+        W0=w2d,
+    )
+    with torch.no_grad():
+        for name, value in form.named_parameters():
+            if name.startswith("magnitude"):
+                value.mul_(1 + 0.3 * torch.rand_like(value))
+            else:
+                value.copy_(0.2 * torch.randn_like(value))
+        form.lora_strength.fill_(0.7)
+    return form
+
+
+@pytest.mark.parametrize("kind", list(lora.TENSORS))
+@pytest.mark.parametrize("shape", [(48, 32), (24, 16, 3)], ids=["linear", "conv1d"])
+def test_every_form_matches_reference(reference, kind, shape):
+    """Each of 0.0.20's eight adapter types as a function of the weight, float32, at
+    strength 0.7 and alpha 6 over rank 4: ours (the -xs types with bases from our own
+    SVD) within 1e-5 of LoRAParametrization's weight."""
+    torch = reference.torch
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    form = _reference_form(reference, kind, weight, rank=4, alpha=6, seed=2)
+    with torch.no_grad():
+        theirs = form(weight).reshape(shape[0], -1).numpy()
+    w2d = mx.array(weight.reshape(shape[0], -1).numpy())
+    tensors = {
+        name: mx.array(value.detach().numpy())
+        for name, value in form.named_parameters()
+    }
+    if kind.endswith("-xs"):
+        tensors["U"], tensors["V"] = lora.svd_bases(w2d, 4)
+    ours = lora.adapted_weight(w2d, kind, tensors, 0.7 * 6 / 4)
+    assert rel_err(ours, theirs) < 1e-5
+    unchanged = lora.adapted_weight(w2d, kind, tensors, 0.0)  # strength 0
+    assert rel_err(unchanged, weight.reshape(shape[0], -1).numpy()) < 1e-7
+
+
+def test_svd_bases_follow_the_sign_convention(reference):
+    """The -xs bases are 0.0.20's: the top singular vectors with each U column's
+    largest-magnitude entry positive (V flipped with it). Without the convention the
+    signs are LAPACK's, and some of the 4 x 16 columns here come out flipped."""
+    from stable_audio_tools.models.lora.model import _canonicalize_svd_signs
+
+    torch = reference.torch
+    generator = torch.Generator().manual_seed(3)
+    for shape in ((64, 40), (40, 64), (96, 96), (17, 50)):
+        weight = torch.randn(shape, generator=generator)
+        u, _, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, vh = _canonicalize_svd_signs(u, vh)
+        ours_u, ours_v = map(np.array, lora.svd_bases(mx.array(weight.numpy()), 16))
+        # column by column the same vectors, same signs (two float32 SVDs agree to
+        # about 1e-5 where singular values are close; a flipped column gives -1)
+        for ours, theirs in ((ours_u, u[:, :16].numpy()), (ours_v, vh[:16].T.numpy())):
+            assert ((ours * theirs).sum(axis=0) > 0.9999).all()
+        largest = np.abs(ours_u).argmax(axis=0)
+        assert (ours_u[largest, np.arange(16)] > 0).all()

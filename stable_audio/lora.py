@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_unflatten
 
 from .model_io import FLOATS, RENAMES, read_safetensors, write_safetensors
@@ -32,7 +33,16 @@ NOT_IMPLEMENTED = (
     "dora-cols-xs",
     "bora-xs",
 )
-TENSORS = {"lora": ("lora_A", "lora_B"), "dora-rows": ("lora_A", "lora_B", "magnitude")}
+TENSORS = {  # each type's tensors in a file (the -xs types' bases U, V are not saved)
+    "lora": ("lora_A", "lora_B"),
+    "dora-rows": ("lora_A", "lora_B", "magnitude"),
+    "dora-cols": ("lora_A", "lora_B", "magnitude"),
+    "bora": ("lora_A", "lora_B", "magnitude_r", "magnitude_c"),
+    "lora-xs": ("M_xs",),
+    "dora-rows-xs": ("M_xs", "magnitude"),
+    "dora-cols-xs": ("M_xs", "magnitude"),
+    "bora-xs": ("M_xs", "magnitude_r", "magnitude_c"),
+}
 KEY = (  # between a layer's name and its tensor's, in the files
     ".parametrizations.weight.0."
 )
@@ -400,19 +410,44 @@ def save_adapter(path, layers: dict, lora_config: dict):
     write_safetensors(path, tensors, {"lora_config": json.dumps(lora_config)})
 
 
-def adapted_weight(
-    weight: mx.array,
-    lora_a: mx.array,
-    lora_b: mx.array,
-    scale: float,
-    magnitude: mx.array = None,
-) -> mx.array:
-    """The weight (out, in) an adapter makes of `weight` (LoRAParametrization in
-    stable_audio_tools/models/lora/model.py)."""
-    v = weight + scale * (lora_b @ lora_a)
-    if magnitude is None:
+def svd_bases(weight, rank: int) -> tuple:
+    """U (out, rank) and V (in, rank), the top singular vectors of `weight` (out, in),
+    for the -xs types: a float32 SVD, each U column's largest-magnitude entry made
+    positive (and its V column flipped with it), as 0.0.20's _canonicalize_svd_signs
+    does, so that the bases do not depend on the LAPACK that computed them."""
+    u, _, vt = np.linalg.svd(np.asarray(weight, np.float32), full_matrices=False)
+    u, v = u[:, :rank], vt[:rank].T
+    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(rank)])
+    signs[signs == 0] = 1
+    return mx.array(u * signs), mx.array(v * signs)
+
+
+def update(kind: str, tensors: dict) -> mx.array:
+    """The low-rank update (out, in): B A, or U M V^T for the -xs types."""
+    if kind.endswith("-xs"):
+        return tensors["U"] @ tensors["M_xs"] @ tensors["V"].T
+    return tensors["lora_B"] @ tensors["lora_A"]
+
+
+def adapted_weight(weight: mx.array, kind: str, tensors: dict, scale: float):
+    """The weight (out, in) an adapter of type `kind` makes of `weight`, its update
+    scaled by `scale` (strength x alpha / rank), as LoRAParametrization does
+    (stable_audio_tools/models/lora/model.py): V = W + scale x update; then DoRA-rows
+    rescales V's rows to the magnitudes m (m_i V_i / ||V_i||), DoRA-cols its columns,
+    BoRA its rows (m_r) and then the result's columns (m_c). For the magnitude types,
+    scale 0 returns W itself."""
+    form = kind.removesuffix("-xs")
+    if scale == 0 and form != "lora":
+        return weight
+    v = weight + scale * update(kind, tensors)
+    if form == "lora":
         return v
-    return v * (magnitude / (mx.linalg.norm(v, axis=1) + EPS))[:, None]
+    if form == "dora-rows":
+        return v * (tensors["magnitude"] / (mx.linalg.norm(v, axis=1) + EPS))[:, None]
+    if form == "dora-cols":
+        return v * (tensors["magnitude"] / (mx.linalg.norm(v, axis=0) + EPS))[None]
+    h = v * (tensors["magnitude_r"] / (mx.linalg.norm(v, axis=1) + EPS))[:, None]
+    return h * (tensors["magnitude_c"] / (mx.linalg.norm(h, axis=0) + EPS))[None]
 
 
 def _chain(layer) -> tuple:
@@ -473,13 +508,20 @@ class LoRALinear(nn.Module):
                 w = _dense_weight(layer)
                 for a in inner:
                     if on.get(id(a), True):
-                        w = adapted_weight(
-                            w, a.lora_a, a.lora_b, a.scale, a.get("magnitude")
-                        )
+                        w = adapted_weight(w, a.kind, a.tensors(), a.scale)
                 v_norm = mx.linalg.norm(w + scale * (lora_b @ lora_a), axis=1)
                 scales.append(magnitude / (v_norm + EPS))
             self.row_scales = mx.stack(scales)
             mx.eval(self.row_scales)
+
+    @property
+    def kind(self) -> str:
+        return "dora-rows" if "magnitude" in self else "lora"
+
+    def tensors(self) -> dict:
+        return {"lora_A": self.lora_a, "lora_B": self.lora_b} | (
+            {"magnitude": self.magnitude} if "magnitude" in self else {}
+        )
 
     def active(self, level: mx.array) -> mx.array:
         return (self.low <= level) & (level <= self.high)
@@ -552,7 +594,9 @@ def apply_adapter(
         gated = interval if component == "dit" else None
         a, b, m = tensors["lora_A"], tensors["lora_B"], tensors.get("magnitude")
         if gated is None and type(layer) in (nn.Linear, nn.Conv1d):
-            w = adapted_weight(_dense_weight(layer), a, b, scale, m)
+            w = adapted_weight(
+                _dense_weight(layer), adapter.adapter_type, tensors, scale
+            )
             layer.weight = w.reshape(layer.weight.shape).astype(layer.weight.dtype)
             mx.eval(layer.weight)  # one layer at a time: the old weight is freed now
         else:
