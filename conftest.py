@@ -626,10 +626,11 @@ def _noise_source(torch, shape, n, seed):
 
 
 @contextmanager
-def _with_adapters(ref, entries):
+def _with_adapters(ref, entries, svd_bases=None):
     """The reference (load_and_apply_loras, strengths as its gradio sets them) and our
     model (lora.apply_adapter) with the adapters `entries` = [(file, strength, interval,
-    layer_filter)], both restored afterwards."""
+    layer_filter)], both restored afterwards; `svd_bases`, a .pt file of -xs bases for
+    the reference (its svd_bases_path)."""
     from stable_audio_tools.models.lora import load_and_apply_loras, set_lora_strength
     from torch.nn.utils import parametrize
 
@@ -642,7 +643,9 @@ def _with_adapters(ref, entries):
         ours.conditioner.parameters(),
     )
     try:
-        load_and_apply_loras(ref.model, [str(e[0]) for e in entries], "diffusion_cond")
+        load_and_apply_loras(
+            ref.model, [str(e[0]) for e in entries], "diffusion_cond", svd_bases
+        )
         for i, (_, strength, *_) in enumerate(entries):
             set_lora_strength(ref.model.model, strength, i)
             set_lora_strength(ref.model.conditioner, strength, i)
@@ -673,6 +676,7 @@ def _with_adapters(ref, entries):
         ours.dit.update(saved[1])
         ours.conditioner.update(saved[2])
         ours.dit.gated_adapters = False
+        ours.dit.merged_adapters = ours.conditioner.merged_adapters = set()
 
 
 def _adapted_dit_error(ref, cfg_scale, lora_configs=None) -> tuple:

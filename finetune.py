@@ -370,7 +370,7 @@ def _adapter(group):
     )
     add(
         "--adapter-type",
-        choices=lora.ADAPTER_TYPES,
+        choices=lora.TRAINED,
         default="lora",
         help="lora or dora-rows (default: %(default)s)",
     )

@@ -72,11 +72,19 @@ def _our_adapter(
                 rng.standard_normal((out_dim, rank)) * 0.05, dtype=mx.float32
             ),
         }
-        if kind == "dora-rows":
-            norms = mx.linalg.norm(w.astype(mx.float32).reshape(out_dim, -1), axis=1)
-            layers[name]["magnitude"] = norms * mx.array(
-                rng.uniform(0.5, 1.5, out_dim), dtype=mx.float32
-            )
+        if kind.endswith("-xs"):
+            m = rng.standard_normal((rank, rank)) * 0.05
+            layers[name] = {"M_xs": mx.array(m, dtype=mx.float32)}
+        w2d = w.astype(mx.float32).reshape(out_dim, -1)
+        rows, cols = mx.linalg.norm(w2d, axis=1), mx.linalg.norm(w2d, axis=0)
+        for tensor, norms in (
+            ("magnitude", cols if kind.startswith("dora-cols") else rows),
+            ("magnitude_r", rows),
+            ("magnitude_c", cols),
+        ):
+            if tensor in lora.TENSORS[kind]:
+                factors = rng.uniform(0.5, 1.5, norms.shape[0])
+                layers[name][tensor] = norms * mx.array(factors, dtype=mx.float32)
     lora_config = {"rank": rank, "alpha": alpha, "adapter_type": kind}
     lora_config.update(
         {k: v for k, v in (("include", include), ("exclude", exclude)) if v is not None}
@@ -268,6 +276,20 @@ def _damage_adapter(kind: str):
     def settings(**changes):
         return lambda layers, config: config.update(changes)
 
+    def bora_without_c(layers, config):
+        config["adapter_type"] = "bora"
+        for tensors in layers.values():
+            tensors["magnitude_r"] = mx.ones(tensors["lora_B"].shape[0])
+
+    def xs(rank, odd=None):
+        def edit(layers, config):
+            config.update(adapter_type="lora-xs", rank=rank)
+            for name, tensors in layers.items():
+                tensors.clear()
+                tensors["M_xs"] = mx.zeros((rank + (name == odd), rank))
+
+        return edit
+
     return {
         "missing tensor": (
             drop_b,
@@ -299,11 +321,20 @@ def _damage_adapter(kind: str):
             nan,
             "model.preprocess_conv.parametrizations.weight.0.lora_B holds NaN",
         ),
-        "bora": (
-            settings(adapter_type="bora"),
-            "holds bora adapters, which are not implemented",
+        "bora without magnitude_c": (
+            bora_without_c,
+            "has no tensor model.to_timestep_embed.0.parametrizations.weight.0"
+            ".magnitude_c",
         ),
-        "lora-xs": (settings(adapter_type="lora-xs"), "holds lora-xs adapters"),
+        "M_xs of the wrong size": (
+            xs(4, "model.to_cond_embed.2"),
+            "tensor model.to_cond_embed.2.parametrizations.weight.0.M_xs has shape"
+            " (5, 4); this model, at the file's rank 4, expects (4, 4)",
+        ),
+        "an -xs rank beyond a layer": (
+            xs(9),
+            "M_xs is of rank 9, beyond the smaller side of its 8 x 256 layer",
+        ),
         "unknown type": (settings(adapter_type="loha"), "unknown adapter_type 'loha'"),
         "rank": (settings(rank=0), "rank 0 is not a positive integer"),
         "include": (settings(include="layers"), "include is not a list of strings"),
@@ -319,8 +350,9 @@ def _damage_adapter(kind: str):
         "unknown key",
         "excluded layer",
         "NaN",
-        "bora",
-        "lora-xs",
+        "bora without magnitude_c",
+        "M_xs of the wrong size",
+        "an -xs rank beyond a layer",
         "unknown type",
         "rank",
         "include",
@@ -468,9 +500,9 @@ def _reference_layers(model) -> dict:
 def _random_adapter(
     model, kind: str, rank: int, seed: int, include=None, exclude=None
 ) -> dict:
-    """Random tensors of an adapter on the reference's layers, B non-zero (0.0.20 starts it
-    at zero) and of a size that changes each weight by about 30%; DoRA magnitudes of 0.5
-    to 1.5 times the rows' norms."""
+    """Random tensors of an adapter of type `kind` on the reference's layers, B (or M)
+    non-zero (0.0.20 starts them at zero) and of a size that changes each weight by
+    about 30%; magnitudes of 0.5 to 1.5 times the rows' (or columns') norms."""
     from stable_audio.lora import matches
 
     rng = np.random.default_rng(seed)
@@ -481,15 +513,23 @@ def _random_adapter(
         ):
             continue
         out_dim, in_dim = w.shape
-        b_std = 0.3 * w.std() * math.sqrt(3 * in_dim / rank)
-        layer = {
-            "lora_A": rng.uniform(-1, 1, (rank, in_dim)) / math.sqrt(in_dim),
-            "lora_B": rng.standard_normal((out_dim, rank)) * b_std,
-        }
-        if kind == "dora-rows":
-            layer["magnitude"] = np.linalg.norm(w, axis=1) * rng.uniform(
-                0.5, 1.5, out_dim
-            )
+        if kind.endswith("-xs"):  # ||U M V^T|| = ||M||: about 30% of ||W||
+            m_std = 0.3 * np.linalg.norm(w) / rank
+            layer = {"M_xs": rng.standard_normal((rank, rank)) * m_std}
+        else:
+            b_std = 0.3 * w.std() * math.sqrt(3 * in_dim / rank)
+            layer = {
+                "lora_A": rng.uniform(-1, 1, (rank, in_dim)) / math.sqrt(in_dim),
+                "lora_B": rng.standard_normal((out_dim, rank)) * b_std,
+            }
+        rows, cols = np.linalg.norm(w, axis=1), np.linalg.norm(w, axis=0)
+        for name_, norms in (
+            ("magnitude", cols if kind.startswith("dora-cols") else rows),
+            ("magnitude_r", rows),
+            ("magnitude_c", cols),
+        ):
+            if name_ in lora.TENSORS[kind]:
+                layer[name_] = norms * rng.uniform(0.5, 1.5, len(norms))
         tensors[name] = {k: v.astype(np.float32) for k, v in layer.items()}
     return tensors
 
@@ -535,13 +575,55 @@ def _write_adapter(
     return path
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora-rows"])
+def _our_bases(model, path: Path, rank: int) -> Path:
+    """Our -xs bases of XS_LAYERS' weights, as 0.0.20's svd_bases_path file: the
+    reference then uses the bases ours computes (two float32 SVDs, LAPACK's and
+    PyTorch's, differ by about 1e-5 where singular values are close: 5e-5 to 8e-5 on
+    the DiT's output at cfg 1; the SVD itself is test_svd_bases_...'s)."""
+    from stable_audio.lora import matches
+
+    torch = sys.modules["torch"]
+    bases = {}
+    for name, w in _reference_layers(model).items():
+        if matches(name, XS_LAYERS):
+            u, v = lora.svd_bases(mx.array(w), rank)
+            root = "conditioner." if name.startswith("conditioners.") else "model."
+            bases[f"{root}{name}.weight"] = {
+                "U": torch.from_numpy(np.array(u)),
+                "V": torch.from_numpy(np.array(v)),
+            }
+    torch.save(bases, path)
+    return path
+
+
+# The -xs types' layers in the tests: every kind of layer, but 2 of the 24 blocks (each
+# side computes 178 layers' SVDs in about 5 minutes on 2 CPU cores)
+XS_LAYERS = [
+    "layers.[0-1].",
+    "to_timestep_embed",
+    "to_cond_embed",
+    "to_global_embed",
+    "preprocess_conv",
+    "postprocess_conv",
+    "project_",
+    "seconds_",
+]
+
+
+@pytest.mark.parametrize("kind", list(lora.TENSORS))
 def test_adapters_match_reference(sao, tmp_path, kind):
-    """Each adapter type on all 180 layers of the full-width SAO 1.0 DiT and conditioner
-    (178 + the 2 seconds embedders), rank 8, alpha 16, strength 0.7, file written by
-    0.0.20: the DiT's output at cfg 1 and 7 against stable-audio-tools 0.0.20's."""
-    path = _write_adapter(sao.model, tmp_path / "a.safetensors", kind, 8, 16, seed=5)
-    with _with_adapters(sao, [(path, 0.7, None, "")]):
+    """Each of the eight adapter types on all 180 layers of the full-width SAO 1.0 DiT
+    and conditioner (178 + the 2 seconds embedders; the -xs types on XS_LAYERS), rank
+    8, alpha 16, strength 0.7, file written by 0.0.20 (the -xs types' bases computed by
+    each side from the weights): the DiT's output at cfg 1 and 7 against
+    stable-audio-tools 0.0.20's."""
+    xs = kind.endswith("-xs")
+    include = XS_LAYERS if xs else None
+    path = _write_adapter(
+        sao.model, tmp_path / "a.safetensors", kind, 8, 16, 5, include=include
+    )
+    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8) if xs else None
+    with _with_adapters(sao, [(path, 0.7, None, "")], bases):
         assert len(_reference_layers(sao.model)) == 180
         for cfg_scale in (1.0, 7.0):
             err, adapted = _adapted_dit_error(sao, cfg_scale)
@@ -584,6 +666,55 @@ def test_stacked_adapters_match_reference(sao, tmp_path):
             print(f"stacked adapters, DiT cfg {cfg_scale}: rel. error {err:.2e}")
             assert err < PARITY_RTOL
     assert rel_err(adapted, first_only) > 0.1  # the second one counts
+
+
+def test_stacked_new_types_match_reference(sao, tmp_path):
+    """A bora-xs adapter at 0.7 under a dora-cols one at 1.3 (on some of its layers),
+    files by 0.0.20's writer and ours: the DiT's output at cfg 1 and 7. The -xs one
+    comes first: its bases are the original weights' (as in 0.0.20)."""
+    first = _write_adapter(
+        sao.model, tmp_path / "first.safetensors", "bora-xs", 8, 8, 9, include=XS_LAYERS
+    )
+    subset = ["layers.[1-1].", "to_cond_embed", "postprocess_conv", "seconds_total"]
+    second = _write_adapter(
+        sao.model,
+        tmp_path / "second.safetensors",
+        "dora-cols",
+        4,
+        8,
+        10,
+        writer="ours",
+        include=subset,
+    )
+    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8)
+    with _with_adapters(sao, [(first, 0.7, None, "")], bases):
+        first_only = _adapted_dit_error(sao, 7.0)[1]
+    both = [(first, 0.7, None, ""), (second, 1.3, None, "")]
+    with _with_adapters(sao, both, bases):
+        for cfg_scale in (1.0, 7.0):
+            err, adapted = _adapted_dit_error(sao, cfg_scale)
+            print(f"bora-xs + dora-cols, DiT cfg {cfg_scale}: rel. error {err:.2e}")
+            assert err < PARITY_RTOL
+    assert rel_err(adapted, first_only) > 0.1  # the second one counts
+
+
+def test_new_types_refuse_what_they_cannot_do(small_converted, tmp_path):
+    """An -xs adapter over a layer that an adapter merged before it has changed (its
+    bases are the original weight's), and a type that cannot yet run beside a gated
+    layer, are refused in one line naming the file; the model is left as it was."""
+    pipe = StableAudio.from_pretrained(str(small_converted))
+    plain = _our_adapter(pipe, tmp_path / "plain.safetensors")
+    xs = _our_adapter(pipe, tmp_path / "xs.safetensors", kind="lora-xs", rank=4)
+    bora = _our_adapter(pipe, tmp_path / "bora.safetensors", kind="bora")
+    before = dict(tree_flatten(pipe.dit.parameters()))
+    with pytest.raises(ValueError, match="bora.safetensors: a bora adapter cannot yet"):
+        pipe.load_lora(bora, 1.0, (0.5, 1.0))
+    after = dict(tree_flatten(pipe.dit.parameters()))
+    assert all(mx.array_equal(before[k], after[k]).item() for k in before)
+    pipe.load_lora(xs)  # first: fine
+    pipe.load_lora(plain)
+    with pytest.raises(ValueError, match="xs.safetensors: its bases are the singular"):
+        pipe.load_lora(xs)
 
 
 def test_gated_adapters_match_reference(sao, tmp_path):

@@ -1,14 +1,18 @@
-"""LoRA and DoRA adapters on the DiT and the seconds conditioners, read and written in
-stable-audio-tools 0.0.20's file format (stable_audio_tools/models/lora/;
-docs/reference.md, "Adapters").
+"""Adapters on the DiT and the seconds conditioners, all eight types of
+stable-audio-tools 0.0.20, read and written in its file format
+(stable_audio_tools/models/lora/; docs/reference.md, "Adapters").
 
-An adapter turns a layer's weight W (out, in) into
-    lora:       W + s B A
-    dora-rows:  m * V / ||V||, V = W + s B A, the norm taken over each row (eps 1e-12)
-with s = alpha / rank * strength. Adapters stack in the order they are applied, each on
-the weight the ones before it made. One that is always on is merged into a
-floating-point weight once; the others (over a quantized weight, or active only within a
-noise interval) wrap their layer in a LoRALinear."""
+An adapter turns a layer's weight W (out, in) into V = W + s D, s = alpha / rank *
+strength, D = B A (or U M V^T for the -xs types, U and V the top singular vectors of the
+original W), then
+    lora:       V
+    dora-rows:  m * V / ||V||, the norm taken over each row (eps 1e-12)
+    dora-cols:  the same over each column
+    bora:       rows, then the result's columns, each to its own magnitudes
+Adapters stack in the order they are applied, each on the weight the ones before it
+made. One that is always on is merged into a floating-point weight once; the others
+(over a quantized weight, or active only within a noise interval) wrap their layer in a
+LoRALinear."""
 
 import json
 import math
@@ -24,15 +28,7 @@ from mlx.utils import tree_unflatten
 
 from .model_io import FLOATS, RENAMES, read_safetensors, write_safetensors
 
-ADAPTER_TYPES = ("lora", "dora-rows")
-NOT_IMPLEMENTED = (
-    "dora-cols",
-    "bora",
-    "lora-xs",
-    "dora-rows-xs",
-    "dora-cols-xs",
-    "bora-xs",
-)
+TRAINED = ("lora", "dora-rows")  # the types finetune.py trains
 TENSORS = {  # each type's tensors in a file (the -xs types' bases U, V are not saved)
     "lora": ("lora_A", "lora_B"),
     "dora-rows": ("lora_A", "lora_B", "magnitude"),
@@ -43,6 +39,8 @@ TENSORS = {  # each type's tensors in a file (the -xs types' bases U, V are not 
     "dora-cols-xs": ("M_xs", "magnitude"),
     "bora-xs": ("M_xs", "magnitude_r", "magnitude_c"),
 }
+ADAPTER_TYPES = tuple(TENSORS)
+BESIDE = ("lora", "dora-rows", "lora-xs", "dora-rows-xs")  # run beside a layer too
 KEY = (  # between a layer's name and its tensor's, in the files
     ".parametrizations.weight.0."
 )
@@ -244,9 +242,27 @@ def read_adapter(path, dit, conditioner) -> AdapterFile:
                 f"{path} has no tensor {layer}{KEY}{missing[0]}, for a layer that its"
                 " lora_config claims."
             )
+    if kind.endswith("-xs"):
+        _add_bases(path, found, rank, layers, modules)
     return AdapterFile(
         path, kind, rank, alpha, settings, {name: found[name] for name in claimed}
     )
+
+
+def _add_bases(path, found: dict, rank: int, layers: dict, modules: dict):
+    """The -xs bases U, V of each layer, from its original weight (as 0.0.20 takes
+    them, whatever adapters came before): refused where an adapter merged before has
+    changed that weight."""
+    for layer, tensors in found.items():
+        component, module = layers[layer]
+        if layer in getattr(modules[component], "merged_adapters", ()):
+            raise ValueError(
+                f"{path}: its bases are the singular vectors of {layer}'s original"
+                " weight, which an adapter applied before it has changed: apply this"
+                " one first."
+            )
+        weight = _dense_weight(_chain(_module(modules[component], module))[1])
+        tensors["U"], tensors["V"] = svd_bases(weight, rank)
 
 
 def _lora_config(path: Path, metadata: dict) -> dict:
@@ -285,17 +301,12 @@ def _kind_rank_alpha(path: Path, settings: dict, tensors: dict) -> tuple:
             if magnitudes and magnitudes[0].ndim == 2 and magnitudes[0].shape[0] == 1
             else "dora-rows"
         )
-    if kind in NOT_IMPLEMENTED:
-        raise ValueError(
-            f"{path} holds {kind} adapters, which are not implemented here (supported:"
-            f" {', '.join(ADAPTER_TYPES)})."
-        )
     if kind not in ADAPTER_TYPES:
         raise ValueError(
             f"{path}: unknown adapter_type {kind!r} in its lora_config (supported:"
             f" {', '.join(ADAPTER_TYPES)})."
         )
-    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A")]
+    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith((".lora_A", ".M_xs"))]
     rank = settings.get("rank", ranks[0] if ranks else None)  # as 0.0.20 infers it
     alpha = settings.get("alpha", rank)
     if type(rank) is not int or rank <= 0:
@@ -332,13 +343,22 @@ def _checked(path, key, value, kind, rank, layers, claimed, modules) -> tuple:
         )
     component, module = layers[layer]
     out_dim, in_dim = _dense_shape(_module(modules[component], module))
+    if kind.endswith("-xs") and rank > min(out_dim, in_dim):
+        raise ValueError(
+            f"{path}: tensor {key} is of rank {rank}, beyond the smaller side of its"
+            f" {out_dim} x {in_dim} layer (an -xs adapter's bases are its singular"
+            " vectors)."
+        )
     expected = {
         "lora_A": (rank, in_dim),
         "lora_B": (out_dim, rank),
-        "magnitude": (out_dim,),
+        "magnitude": (in_dim,) if kind.startswith("dora-cols") else (out_dim,),
+        "magnitude_r": (out_dim,),
+        "magnitude_c": (in_dim,),
+        "M_xs": (rank, rank),
     }[name]
-    if name == "magnitude" and value.shape == (out_dim, 1):  # 0.0.20 squeezes them
-        value = value.reshape(out_dim)
+    if name.startswith("magnitude") and value.ndim == 2 and 1 in value.shape:
+        value = value.reshape(-1)  # 0.0.20 squeezes them
     if tuple(value.shape) != expected:
         raise ValueError(
             f"{path}: tensor {key} has shape {tuple(value.shape)}; this model, at the"
@@ -582,25 +602,51 @@ def apply_adapter(
     layers = official_layers(len(dit.layers), conditioner.numbers)
     patterns = filter_patterns(layer_filter)
     modules = {"dit": dit, "conditioner": conditioner}
-    wrapped = {"dit": [], "conditioner": []}
-    scale = adapter.scale * strength
-    for name, tensors in adapter.layers.items():
+    merged, beside = [], []
+    for name in adapter.layers:
         component, path = layers[name]
-        if component == "dit" and matches(
-            name[len("model.") :], patterns
-        ):  # named as under DiffusionTransformer
-            continue
+        if component == "dit" and matches(name[len("model.") :], patterns):
+            continue  # the filter names layers as under DiffusionTransformer
         layer = _module(modules[component], path)
         gated = interval if component == "dit" else None
-        a, b, m = tensors["lora_A"], tensors["lora_B"], tensors.get("magnitude")
-        if gated is None and type(layer) in (nn.Linear, nn.Conv1d):
-            w = adapted_weight(
-                _dense_weight(layer), adapter.adapter_type, tensors, scale
-            )
-            layer.weight = w.reshape(layer.weight.shape).astype(layer.weight.dtype)
-            mx.eval(layer.weight)  # one layer at a time: the old weight is freed now
-        else:
-            wrapped[component].append((path, LoRALinear(layer, a, b, scale, m, gated)))
+        mergeable = gated is None and type(layer) in (nn.Linear, nn.Conv1d)
+        (merged if mergeable else beside).append((name, component, path, layer, gated))
+    if beside and adapter.adapter_type not in BESIDE:
+        raise ValueError(
+            f"{adapter.path}: a {adapter.adapter_type} adapter cannot yet run beside"
+            " a quantized or interval-gated layer (only"
+            f" {', '.join(BESIDE)} can): load a floating-point model, without an"
+            " interval."
+        )
+    scale = adapter.scale * strength
+    for name, component, path, layer, _ in merged:
+        tensors = adapter.layers[name]
+        w = adapted_weight(_dense_weight(layer), adapter.adapter_type, tensors, scale)
+        layer.weight = w.reshape(layer.weight.shape).astype(layer.weight.dtype)
+        mx.eval(layer.weight)  # one layer at a time: the old weight is freed now
+        _merged_adapters(modules[component]).add(name)
+    wrapped = {"dit": [], "conditioner": []}
+    for name, component, path, layer, gated in beside:
+        a, b, m = _low_rank(adapter.adapter_type, adapter.layers[name])
+        wrapped[component].append((path, LoRALinear(layer, a, b, scale, m, gated)))
     for component, items in wrapped.items():
         if items:
             modules[component].update_modules(tree_unflatten(items))
+
+
+def _merged_adapters(module) -> set:
+    """The layers of `module` (official names) whose weights an adapter was merged
+    into."""
+    if not hasattr(module, "merged_adapters"):
+        module.merged_adapters = set()
+    return module.merged_adapters
+
+
+def _low_rank(kind: str, tensors: dict) -> tuple:
+    """(A, B, row magnitudes or None) of an adapter that runs beside its layer: an -xs
+    update U M V^T is B A with A = V^T, B = U M."""
+    if kind.endswith("-xs"):
+        a, b = tensors["V"].T, tensors["U"] @ tensors["M_xs"]
+    else:
+        a, b = tensors["lora_A"], tensors["lora_B"]
+    return a, b, tensors.get("magnitude")
