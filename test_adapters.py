@@ -907,3 +907,26 @@ def test_svd_bases_follow_the_sign_convention(reference):
             assert ((ours * theirs).sum(axis=0) > 0.9999).all()
         largest = np.abs(ours_u).argmax(axis=0)
         assert (ours_u[largest, np.arange(16)] > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora-rows", "lora-xs", "dora-rows-xs"])
+def test_adapters_beside_a_layer_equal_merged_ones(kind):
+    """The types that run beside a layer (over a quantized weight, or gated) give what
+    merging gives: the -xs ones as B A with A = V^T, B = U M."""
+    rng = np.random.default_rng(0)
+    layer = nn.Linear(24, 40)
+    weight = layer.weight
+    tensors = {
+        "lora_A": mx.array(rng.standard_normal((4, 24)), dtype=mx.float32),
+        "lora_B": mx.array(rng.standard_normal((40, 4)), dtype=mx.float32),
+        "M_xs": mx.array(rng.standard_normal((4, 4)), dtype=mx.float32),
+        "magnitude": mx.array(rng.uniform(0.5, 1.5, 40), dtype=mx.float32),
+    }
+    tensors = {k: v for k, v in tensors.items() if k in lora.TENSORS[kind]}
+    if kind.endswith("-xs"):
+        tensors["U"], tensors["V"] = lora.svd_bases(weight, 4)
+    x = mx.array(rng.standard_normal((3, 24)), dtype=mx.float32)
+    merged = x @ lora.adapted_weight(weight, kind, tensors, 0.3).T + layer.bias
+    a, b, magnitude = lora._low_rank(kind, tensors)
+    beside = lora.LoRALinear(layer, a, b, 0.3, magnitude)(x)
+    assert rel_err(beside, merged) < 1e-6
