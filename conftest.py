@@ -12,6 +12,7 @@ import copy
 import importlib.machinery
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,20 @@ def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_folder(tmp_path_factory):
+    """$STABLE_AUDIO_CACHE (the -xs SVD bases' cache) in a temporary folder for the
+    whole session, for the scripts it runs too: nothing is written to the user's cache,
+    and tests share the bases they compute."""
+    before = os.environ.get("STABLE_AUDIO_CACHE")
+    os.environ["STABLE_AUDIO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        del os.environ["STABLE_AUDIO_CACHE"]
+    else:
+        os.environ["STABLE_AUDIO_CACHE"] = before
 
 
 # ---------------------------------------------------------------- test checkpoints
@@ -623,6 +638,61 @@ def _noise_source(torch, shape, n, seed):
     theirs, ours = iter(draws), iter(draws)
     to_mlx = lambda t: mx.array(t.numpy()).transpose(0, 2, 1)
     return (lambda s, s_next: next(theirs)), (lambda s, s_next: to_mlx(next(ours)))
+
+
+# Every kind of layer an adapter changes, but 2 of the 24 blocks: for the tests whose
+# cost grows with the layers (SVDs, dense weights formed on both sides)
+SOME_LAYERS = [
+    "layers.[0-1].",
+    "to_timestep_embed",
+    "to_cond_embed",
+    "to_global_embed",
+    "preprocess_conv",
+    "postprocess_conv",
+    "project_",
+    "seconds_",
+]
+
+
+def _reference_layers(model) -> dict:
+    """{name: (weight as an (out, in) matrix)} of every layer stable-audio-tools 0.0.20
+    adapts (each Linear and Conv1d of the DiT wrapper and of the conditioner), named as
+    its adapter files name them. Read from the reference model, not from our code."""
+    nn = sys.modules["torch"].nn
+    layers = {}
+    for root in (model.model, model.conditioner):
+        for name, module in root.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                w = (
+                    module.parametrizations.weight.original
+                    if hasattr(module, "parametrizations")
+                    else module.weight
+                )
+                layers[name] = w.detach().reshape(w.shape[0], -1).numpy()
+    return layers
+
+
+def _our_bases(model, path: Path, rank: int, include=None) -> Path:
+    """Our -xs bases of the reference `model`'s layers (those matching `include`, None:
+    all), as 0.0.20's svd_bases_path file: the reference then uses the bases ours
+    computes (two float32 SVDs, LAPACK's and PyTorch's, differ by about 1e-5 where
+    singular values are close: 5e-5 to 8e-5 on the DiT's output at cfg 1; the SVD itself
+    is test_svd_bases_...'s)."""
+    from stable_audio import bases
+    from stable_audio.lora import matches
+
+    torch = sys.modules["torch"]
+    found = {}
+    for name, w in _reference_layers(model).items():
+        if include is None or matches(name, include):
+            u, v = bases.cached_bases(mx.array(w), rank)
+            root = "conditioner." if name.startswith("conditioners.") else "model."
+            found[f"{root}{name}.weight"] = {
+                "U": torch.from_numpy(np.array(u)),
+                "V": torch.from_numpy(np.array(v)),
+            }
+    torch.save(found, path)
+    return path
 
 
 @contextmanager

@@ -360,7 +360,7 @@ def _adapter(group):
         default=8,
         help=(
             "Adapter rank, at most the largest smaller side among the layers adapted"
-            " (default: %(default)s)"
+            " (the -xs types: the smallest) (default: %(default)s)"
         ),
     )
     add(
@@ -370,9 +370,12 @@ def _adapter(group):
     )
     add(
         "--adapter-type",
-        choices=lora.TRAINED,
+        choices=lora.ADAPTER_TYPES,
         default="lora",
-        help="lora or dora-rows (default: %(default)s)",
+        help=(
+            "Any of stable-audio-tools 0.0.20's types (docs/lora.md; default:"
+            " %(default)s)"
+        ),
     )
     add(
         "--include",
@@ -647,25 +650,34 @@ def crop_samples(args, config) -> int:
 
 def check_adapters(args, config):
     """Refuse, before the weights load, a rank beyond every adapted layer's smaller side
-    (it adds nothing anywhere), and adapters whose training state (weights, gradients
-    and AdamW's two moments, float32) would not fit in the machine's memory: running
+    (it adds nothing anywhere; an -xs type's bases, singular vectors, need it within
+    each layer's), and adapters whose training state (weights, gradients and AdamW's two
+    moments, float32; the -xs bases once) would not fit in the machine's memory: running
     out of it is a crash, not an error, on Linux. The shapes come from the config alone:
     a skeleton whose (lazy) random weights are never computed."""
     dit, conditioner = DiT(config.dit), Conditioner(config.conditioner)
     shapes = lora.layer_shapes(dit, conditioner, args.include, args.exclude)
     if not shapes:
         raise ValueError("The include/exclude patterns leave no layer to adapt.")
-    widest = max(shapes, key=lambda name: min(shapes[name]))
-    limit = min(shapes[widest])
+    xs = args.adapter_type.endswith("-xs")
+    pick = min if xs else max
+    bound = pick(shapes, key=lambda name: min(shapes[name]))
+    limit = min(shapes[bound])
     if not args.rank <= limit:
-        out_dim, in_dim = shapes[widest]
+        out_dim, in_dim = shapes[bound]
         raise ValueError(
-            f"--rank must be in [1, {limit}]: no layer adapted has a smaller side"
-            f" above that ({widest} is {out_dim} x {in_dim})."
+            f"--rank must be in [1, {limit}]: "
+            + (
+                "an -xs adapter's bases are singular vectors, as many as each"
+                f" layer's smaller side, and {bound} is {out_dim} x {in_dim}."
+                if xs
+                else f"no layer adapted has a smaller side above that ({bound} is"
+                f" {out_dim} x {in_dim})."
+            )
         )
-    magnitudes = args.adapter_type == "dora-rows"
-    count = sum(args.rank * (o + i) + o * magnitudes for o, i in shapes.values())
-    needed, memory = count * 4 * 4, physical_memory()
+    sizes = [training_sizes(args.adapter_type, args.rank, *s) for s in shapes.values()]
+    count, frozen = map(sum, zip(*sizes))
+    needed, memory = count * 4 * 4 + frozen * 4, physical_memory()
     if memory and needed > memory:
         raise ValueError(
             f"--rank {args.rank} needs {readable(needed)} for the adapters' training"
@@ -673,6 +685,19 @@ def check_adapters(args, config):
             f" {readable(memory)}; lower --rank or adapt fewer layers (--include,"
             " --exclude)."
         )
+
+
+def training_sizes(kind: str, rank: int, out_dim: int, in_dim: int) -> tuple:
+    """A layer's adapter parameters: (trained, frozen), the frozen ones the -xs
+    bases."""
+    form = kind.removesuffix("-xs")
+    magnitudes = {"lora": 0, "dora-rows": out_dim, "dora-cols": in_dim}.get(
+        form, out_dim + in_dim
+    )
+    low_rank = rank * (out_dim + in_dim)
+    if kind.endswith("-xs"):
+        return rank * rank + magnitudes, low_rank
+    return low_rank + magnitudes, 0
 
 
 def readable(size: int) -> str:

@@ -19,15 +19,18 @@ from conftest import (
     NEGATIVE,
     PARITY_RTOL,
     PROMPTS,
+    SOME_LAYERS,
     _adapted_dit_error,
     _listing,
     _main,
     _noise_source,
+    _our_bases,
     _patched,
+    _reference_layers,
     _with_adapters,
     rel_err,
 )
-from stable_audio import StableAudio, lora
+from stable_audio import StableAudio, bases, lora
 from stable_audio.guidance import guide
 
 # ---------------------------------------------------------------- LoRA adapters, without PyTorch
@@ -479,24 +482,6 @@ def test_lora_flags_are_checked(small_converted, tmp_path, args, message):
 # ---------------------------------------------------------------- tier 2: LoRA adapters against the reference
 
 
-def _reference_layers(model) -> dict:
-    """{name: (weight as an (out, in) matrix)} of every layer stable-audio-tools 0.0.20
-    adapts (each Linear and Conv1d of the DiT wrapper and of the conditioner), named as
-    its adapter files name them. Read from the reference model, not from our code."""
-    nn = sys.modules["torch"].nn
-    layers = {}
-    for root in (model.model, model.conditioner):
-        for name, module in root.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                w = (
-                    module.parametrizations.weight.original
-                    if hasattr(module, "parametrizations")
-                    else module.weight
-                )
-                layers[name] = w.detach().reshape(w.shape[0], -1).numpy()
-    return layers
-
-
 def _random_adapter(
     model, kind: str, rank: int, seed: int, include=None, exclude=None
 ) -> dict:
@@ -575,54 +560,19 @@ def _write_adapter(
     return path
 
 
-def _our_bases(model, path: Path, rank: int) -> Path:
-    """Our -xs bases of XS_LAYERS' weights, as 0.0.20's svd_bases_path file: the
-    reference then uses the bases ours computes (two float32 SVDs, LAPACK's and
-    PyTorch's, differ by about 1e-5 where singular values are close: 5e-5 to 8e-5 on
-    the DiT's output at cfg 1; the SVD itself is test_svd_bases_...'s)."""
-    from stable_audio.lora import matches
-
-    torch = sys.modules["torch"]
-    bases = {}
-    for name, w in _reference_layers(model).items():
-        if matches(name, XS_LAYERS):
-            u, v = lora.svd_bases(mx.array(w), rank)
-            root = "conditioner." if name.startswith("conditioners.") else "model."
-            bases[f"{root}{name}.weight"] = {
-                "U": torch.from_numpy(np.array(u)),
-                "V": torch.from_numpy(np.array(v)),
-            }
-    torch.save(bases, path)
-    return path
-
-
-# The -xs types' layers in the tests: every kind of layer, but 2 of the 24 blocks (each
-# side computes 178 layers' SVDs in about 5 minutes on 2 CPU cores)
-XS_LAYERS = [
-    "layers.[0-1].",
-    "to_timestep_embed",
-    "to_cond_embed",
-    "to_global_embed",
-    "preprocess_conv",
-    "postprocess_conv",
-    "project_",
-    "seconds_",
-]
-
-
 @pytest.mark.parametrize("kind", list(lora.TENSORS))
 def test_adapters_match_reference(sao, tmp_path, kind):
     """Each of the eight adapter types on all 180 layers of the full-width SAO 1.0 DiT
-    and conditioner (178 + the 2 seconds embedders; the -xs types on XS_LAYERS), rank
+    and conditioner (178 + the 2 seconds embedders; the -xs types on SOME_LAYERS), rank
     8, alpha 16, strength 0.7, file written by 0.0.20 (the -xs types' bases computed by
     each side from the weights): the DiT's output at cfg 1 and 7 against
     stable-audio-tools 0.0.20's."""
     xs = kind.endswith("-xs")
-    include = XS_LAYERS if xs else None
+    include = SOME_LAYERS if xs else None
     path = _write_adapter(
         sao.model, tmp_path / "a.safetensors", kind, 8, 16, 5, include=include
     )
-    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8) if xs else None
+    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8, SOME_LAYERS) if xs else None
     with _with_adapters(sao, [(path, 0.7, None, "")], bases):
         assert len(_reference_layers(sao.model)) == 180
         for cfg_scale in (1.0, 7.0):
@@ -673,7 +623,13 @@ def test_stacked_new_types_match_reference(sao, tmp_path):
     files by 0.0.20's writer and ours: the DiT's output at cfg 1 and 7. The -xs one
     comes first: its bases are the original weights' (as in 0.0.20)."""
     first = _write_adapter(
-        sao.model, tmp_path / "first.safetensors", "bora-xs", 8, 8, 9, include=XS_LAYERS
+        sao.model,
+        tmp_path / "first.safetensors",
+        "bora-xs",
+        8,
+        8,
+        9,
+        include=SOME_LAYERS,
     )
     subset = ["layers.[1-1].", "to_cond_embed", "postprocess_conv", "seconds_total"]
     second = _write_adapter(
@@ -686,7 +642,7 @@ def test_stacked_new_types_match_reference(sao, tmp_path):
         writer="ours",
         include=subset,
     )
-    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8)
+    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8, SOME_LAYERS)
     with _with_adapters(sao, [(first, 0.7, None, "")], bases):
         first_only = _adapted_dit_error(sao, 7.0)[1]
     both = [(first, 0.7, None, ""), (second, 1.3, None, "")]
@@ -698,23 +654,20 @@ def test_stacked_new_types_match_reference(sao, tmp_path):
     assert rel_err(adapted, first_only) > 0.1  # the second one counts
 
 
-def test_new_types_refuse_what_they_cannot_do(small_converted, tmp_path):
+def test_xs_adapters_refuse_a_changed_weight(small_converted, tmp_path):
     """An -xs adapter over a layer that an adapter merged before it has changed (its
-    bases are the original weight's), and a type that cannot yet run beside a gated
-    layer, are refused in one line naming the file; the model is left as it was."""
+    bases are the original weight's) is refused in one line naming the file; the model
+    is left as it was."""
     pipe = StableAudio.from_pretrained(str(small_converted))
     plain = _our_adapter(pipe, tmp_path / "plain.safetensors")
     xs = _our_adapter(pipe, tmp_path / "xs.safetensors", kind="lora-xs", rank=4)
-    bora = _our_adapter(pipe, tmp_path / "bora.safetensors", kind="bora")
-    before = dict(tree_flatten(pipe.dit.parameters()))
-    with pytest.raises(ValueError, match="bora.safetensors: a bora adapter cannot yet"):
-        pipe.load_lora(bora, 1.0, (0.5, 1.0))
-    after = dict(tree_flatten(pipe.dit.parameters()))
-    assert all(mx.array_equal(before[k], after[k]).item() for k in before)
     pipe.load_lora(xs)  # first: fine
     pipe.load_lora(plain)
+    before = dict(tree_flatten(pipe.dit.parameters()))
     with pytest.raises(ValueError, match="xs.safetensors: its bases are the singular"):
         pipe.load_lora(xs)
+    after = dict(tree_flatten(pipe.dit.parameters()))
+    assert all(mx.array_equal(before[k], after[k]).item() for k in before)
 
 
 def test_gated_adapters_match_reference(sao, tmp_path):
@@ -881,7 +834,7 @@ def test_every_form_matches_reference(reference, kind, shape):
         for name, value in form.named_parameters()
     }
     if kind.endswith("-xs"):
-        tensors["U"], tensors["V"] = lora.svd_bases(w2d, 4)
+        tensors["U"], tensors["V"] = bases.svd_bases(w2d, 4)
     ours = lora.adapted_weight(w2d, kind, tensors, 0.7 * 6 / 4)
     assert rel_err(ours, theirs) < 1e-5
     unchanged = lora.adapted_weight(w2d, kind, tensors, 0.0)  # strength 0
@@ -900,7 +853,7 @@ def test_svd_bases_follow_the_sign_convention(reference):
         weight = torch.randn(shape, generator=generator)
         u, _, vh = torch.linalg.svd(weight, full_matrices=False)
         u, vh = _canonicalize_svd_signs(u, vh)
-        ours_u, ours_v = map(np.array, lora.svd_bases(mx.array(weight.numpy()), 16))
+        ours_u, ours_v = map(np.array, bases.svd_bases(mx.array(weight.numpy()), 16))
         # column by column the same vectors, same signs (two float32 SVDs agree to
         # about 1e-5 where singular values are close; a flipped column gives -1)
         for ours, theirs in ((ours_u, u[:, :16].numpy()), (ours_v, vh[:16].T.numpy())):
@@ -909,24 +862,237 @@ def test_svd_bases_follow_the_sign_convention(reference):
         assert (ours_u[largest, np.arange(16)] > 0).all()
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora-rows", "lora-xs", "dora-rows-xs"])
+def _random_tensors(kind: str, weight, rng) -> dict:
+    """An adapter's tensors for one layer, every one moved off its start."""
+    (out_dim, in_dim), rank = weight.shape, 4
+    shapes = {
+        "lora_A": (rank, in_dim),
+        "lora_B": (out_dim, rank),
+        "M_xs": (rank, rank),
+        "magnitude": (in_dim,) if kind.startswith("dora-cols") else (out_dim,),
+        "magnitude_r": (out_dim,),
+        "magnitude_c": (in_dim,),
+    }
+    tensors = {
+        name: mx.array(
+            (
+                rng.uniform(0.5, 1.5, shapes[name])
+                if name.startswith("magnitude")
+                else rng.standard_normal(shapes[name])
+            ),
+            dtype=mx.float32,
+        )
+        for name in lora.TENSORS[kind]
+    }
+    if kind.endswith("-xs"):
+        tensors["U"], tensors["V"] = bases.svd_bases(weight, rank)
+    return tensors
+
+
+@pytest.mark.parametrize("kind", lora.ADAPTER_TYPES)
 def test_adapters_beside_a_layer_equal_merged_ones(kind):
-    """The types that run beside a layer (over a quantized weight, or gated) give what
-    merging gives: the -xs ones as B A with A = V^T, B = U M."""
+    """Every type runs beside a layer (over a quantized weight, or gated) as merging
+    gives it: rows and columns rescaled around the base layer, the bias left alone;
+    gated, the base layer outside its interval."""
     rng = np.random.default_rng(0)
     layer = nn.Linear(24, 40)
-    weight = layer.weight
-    tensors = {
-        "lora_A": mx.array(rng.standard_normal((4, 24)), dtype=mx.float32),
-        "lora_B": mx.array(rng.standard_normal((40, 4)), dtype=mx.float32),
-        "M_xs": mx.array(rng.standard_normal((4, 4)), dtype=mx.float32),
-        "magnitude": mx.array(rng.uniform(0.5, 1.5, 40), dtype=mx.float32),
-    }
-    tensors = {k: v for k, v in tensors.items() if k in lora.TENSORS[kind]}
-    if kind.endswith("-xs"):
-        tensors["U"], tensors["V"] = lora.svd_bases(weight, 4)
+    tensors = _random_tensors(kind, layer.weight, rng)
     x = mx.array(rng.standard_normal((3, 24)), dtype=mx.float32)
-    merged = x @ lora.adapted_weight(weight, kind, tensors, 0.3).T + layer.bias
-    a, b, magnitude = lora._low_rank(kind, tensors)
-    beside = lora.LoRALinear(layer, a, b, 0.3, magnitude)(x)
-    assert rel_err(beside, merged) < 1e-6
+    merged = x @ lora.adapted_weight(layer.weight, kind, tensors, 0.3).T + layer.bias
+    beside = lora.LoRALinear(layer, kind, tensors, 0.3)
+    assert rel_err(beside(x), merged) < 1e-6
+    gated = lora.LoRALinear(layer, kind, tensors, 0.3, interval=(0.2, 0.6))
+    assert rel_err(gated(x, mx.array(0.4)), merged) < 1e-6
+    assert mx.array_equal(gated(x, mx.array(0.8)), layer(x)).item()
+
+
+@pytest.mark.parametrize(
+    "inner, outer", [("bora", "dora-cols"), ("dora-cols-xs", "bora-xs")]
+)
+def test_stacked_beside_a_gated_adapter(inner, outer):
+    """An adapter over a gated one follows the weight the gated one makes when it is
+    on, and the original weight when it is off (its factors precomputed for both)."""
+    rng = np.random.default_rng(1)
+    layer = nn.Linear(24, 40)
+    first = _random_tensors(inner, layer.weight, rng)
+    second = _random_tensors(outer, layer.weight, rng)
+    gated = lora.LoRALinear(layer, inner, first, 0.3, interval=(0.2, 0.6))
+    stacked = lora.LoRALinear(gated, outer, second, 0.5)
+    x = mx.array(rng.standard_normal((3, 24)), dtype=mx.float32)
+    on = lora.adapted_weight(
+        lora.adapted_weight(layer.weight, inner, first, 0.3), outer, second, 0.5
+    )
+    off = lora.adapted_weight(layer.weight, outer, second, 0.5)
+    for level, weight in ((0.4, on), (0.8, off)):
+        assert rel_err(stacked(x, mx.array(level)), x @ weight.T + layer.bias) < 1e-6
+
+
+# ---------------------------------------------------------------- the -xs bases' cache on disk
+
+
+def _bits(*arrays) -> list:
+    """Arrays as (dtype, shape, bytes): equal only where equal bit for bit."""
+    return [(np.asarray(a).dtype, np.shape(a), np.asarray(a).tobytes()) for a in arrays]
+
+
+def _svd_weight(seed=0, shape=(48, 32)) -> mx.array:
+    return mx.array(np.random.default_rng(seed).standard_normal(shape), mx.float32)
+
+
+@pytest.fixture
+def svd_calls(monkeypatch) -> list:
+    """The shapes np.linalg.svd is called on, as they come."""
+    calls, svd = [], np.linalg.svd
+
+    def counted(a, *args, **kwargs):
+        calls.append(np.shape(a))
+        return svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "svd", counted)
+    return calls
+
+
+def _stored_rank(folder: Path) -> list:
+    """The rank of each entry in a bases cache folder."""
+    return [mx.load(str(p))["U"].shape[1] for p in sorted(folder.glob("*.safetensors"))]
+
+
+def test_svd_bases_cached_compute_nothing_the_second_time(tmp_path, monkeypatch):
+    """The second request for a weight's bases (the same values, another array) reads
+    them: no SVD, and bit for bit what svd_bases computes."""
+    from stable_audio import bases
+
+    weight = _svd_weight()
+    expected = _bits(*bases.svd_bases(weight, 8))
+    assert _bits(*bases.cached_bases(weight, 8, tmp_path)) == expected
+
+    def refused(*args, **kwargs):
+        raise AssertionError("an SVD was computed")
+
+    monkeypatch.setattr(np.linalg, "svd", refused)
+    again = bases.cached_bases(mx.array(np.array(weight)), 8, tmp_path)
+    assert _bits(*again) == expected
+
+
+def test_svd_bases_cached_at_a_smaller_rank_are_the_first_columns(tmp_path, svd_calls):
+    """A smaller rank is sliced from the entry, bit for bit svd_bases' at that rank (the
+    sign fix is per column); the entry keeps its larger rank."""
+    from stable_audio import bases
+
+    weight = _svd_weight(1, (40, 56))
+    bases.cached_bases(weight, 8, tmp_path)
+    for rank in (1, 3, 7):
+        expected = _bits(*bases.svd_bases(weight, rank))
+        assert _bits(*bases.cached_bases(weight, rank, tmp_path)) == expected
+    assert len(svd_calls) == 1 + 3  # the first, and svd_bases' own here
+    assert _stored_rank(tmp_path) == [8]
+
+
+def test_svd_bases_cached_at_a_larger_rank_are_computed(tmp_path, svd_calls):
+    """A larger rank than the entry holds is computed and replaces it; smaller ones are
+    then read from it."""
+    from stable_audio import bases
+
+    weight = _svd_weight(2)
+    bases.cached_bases(weight, 3, tmp_path)
+    larger = bases.cached_bases(weight, 8, tmp_path)
+    assert len(svd_calls) == 2
+    assert _stored_rank(tmp_path) == [8]
+    assert _bits(*larger) == _bits(*bases.svd_bases(weight, 8))
+    svd_calls.clear()
+    bases.cached_bases(weight, 5, tmp_path)
+    bases.cached_bases(weight, 8, tmp_path)
+    assert svd_calls == []
+
+
+@pytest.mark.parametrize(
+    "damage", ["garbage", "cut short", "transposed", "no V", "float16", "empty"]
+)
+def test_svd_bases_cached_in_a_damaged_file_are_computed_again(
+    tmp_path, svd_calls, damage
+):
+    """An entry that cannot be read, or holds the wrong tensors, is computed again and
+    replaced; the load goes on."""
+    from stable_audio import bases
+
+    weight = _svd_weight(3)
+    u, v = bases.cached_bases(weight, 4, tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a safetensors file" * 10)
+    elif damage == "cut short":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "transposed":  # each the other's shape
+        mx.save_safetensors(str(path), {"U": v, "V": u})
+    elif damage == "no V":
+        mx.save_safetensors(str(path), {"U": u})
+    elif damage == "float16":
+        mx.save_safetensors(
+            str(path), {"U": u.astype(mx.float16), "V": v.astype(mx.float16)}
+        )
+    else:
+        path.write_bytes(b"")
+    svd_calls.clear()
+    again = bases.cached_bases(weight, 4, tmp_path)
+    assert len(svd_calls) == 1
+    assert _bits(*again) == _bits(u, v)
+    svd_calls.clear()
+    assert _bits(*bases.cached_bases(weight, 4, tmp_path)) == _bits(u, v)
+    assert svd_calls == []  # replaced by a good entry
+
+
+@pytest.mark.parametrize("where", ["under a file", "entry is a folder"])
+def test_svd_bases_cached_in_an_unwritable_folder_are_still_returned(tmp_path, where):
+    """A cache folder that cannot be made, or an entry that cannot be written (we run as
+    root here, so the obstacle is a file or a folder in the way, not permissions), is
+    skipped: the bases are returned all the same."""
+    from stable_audio import bases
+
+    weight = _svd_weight(4)
+    folder = tmp_path / "cache"
+    if where == "under a file":
+        (tmp_path / "a file").write_text("")
+        folder = tmp_path / "a file" / "svd-bases"
+    else:
+        entry = bases.weight_digest(np.array(weight))
+        (folder / f"{entry}.safetensors").mkdir(parents=True)
+    got = bases.cached_bases(weight, 4, folder)
+    assert _bits(*got) == _bits(*bases.svd_bases(weight, 4))
+    assert not list(tmp_path.rglob("*.partial*"))  # no temporary left behind
+
+
+def test_svd_bases_cached_per_weight_content(tmp_path, svd_calls):
+    """Weights one ulp apart in one element, or of the same values in another shape,
+    have entries of their own: the key is the whole float32 content and shape."""
+    from stable_audio import bases
+
+    weight = np.array(_svd_weight(5))
+    nudged = weight.copy()
+    nudged[17, 9] = np.nextafter(nudged[17, 9], np.inf)
+    reshaped = weight.reshape(32, 48)
+    results = [
+        bases.cached_bases(mx.array(w), 4, tmp_path) for w in (weight, nudged, reshaped)
+    ]
+    assert len(svd_calls) == 3
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    for w, got in zip((weight, nudged, reshaped), results):
+        assert _bits(*got) == _bits(*bases.svd_bases(w, 4))
+
+
+def test_svd_bases_cache_folder(tmp_path, monkeypatch):
+    """The cache is svd-bases in $STABLE_AUDIO_CACHE, else in stable-audio-mlx of
+    $XDG_CACHE_HOME or ~/.cache; the tests' own is a temporary folder (conftest)."""
+    from stable_audio import bases
+
+    assert not bases.cache_folder().is_relative_to(Path.home() / ".cache")
+    monkeypatch.setenv("STABLE_AUDIO_CACHE", str(tmp_path / "ours"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bases.cache_folder() == tmp_path / "ours" / "svd-bases"
+    bases.cached_bases(_svd_weight(6), 2)
+    assert len(list((tmp_path / "ours" / "svd-bases").glob("*.safetensors"))) == 1
+    monkeypatch.delenv("STABLE_AUDIO_CACHE")
+    assert bases.cache_folder() == tmp_path / "xdg" / "stable-audio-mlx" / "svd-bases"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = tmp_path / "home" / ".cache" / "stable-audio-mlx" / "svd-bases"
+    assert bases.cache_folder() == expected

@@ -22,15 +22,17 @@ from conftest import (
     HERE,
     PARITY_RTOL,
     PROMPTS,
+    SOME_LAYERS,
     _adapted_dit_error,
     _copy_folder,
     _listing,
     _main,
+    _our_bases,
     _Stub,
     _with_adapters,
     rel_err,
 )
-from stable_audio import StableAudio, model_io
+from stable_audio import StableAudio, lora, model_io
 
 # ---------------------------------------------------------------- fine-tuning
 
@@ -59,7 +61,7 @@ def reference_training(reference):
     return utils
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora-rows"])
+@pytest.mark.parametrize("kind", lora.ADAPTER_TYPES)
 def test_training_loss_and_gradients_match_reference(
     sao, reference_training, tmp_path, kind
 ):
@@ -68,12 +70,14 @@ def test_training_loss_and_gradients_match_reference(
     their defaults) on the full-width SAO 1.0 model, 16 latents, batch 2 with one sample
     padded after 11 latents and one cfg-dropped, the same t, noise and adapter values (B
     non-zero); then the gradient of every adapter tensor of the 180 layers against torch
-    autograd's."""
+    autograd's. The six types 0.0.20 added later train on SOME_LAYERS (26 layers of every
+    kind; their dense weights and SVDs cost 3 minutes a type on all 180), the -xs ones'
+    reference given our bases (its svd_bases_path)."""
     torch = sys.modules["torch"]
     from stable_audio_tools.models.lora import load_and_apply_loras
     from torch.nn.utils import parametrize
 
-    from stable_audio import lora, trainer
+    from stable_audio import trainer
 
     ours = sao.ours
     saved = [
@@ -87,34 +91,20 @@ def test_training_loss_and_gradients_match_reference(
             rank=4,
             alpha=8,
             adapter_type=kind,
+            include=None if kind in ("lora", "dora-rows") else SOME_LAYERS,
             key=mx.random.key(1),
         )
-        rng = np.random.default_rng(2)
-        for (
-            path,
-            name,
-        ) in (
-            model._layer_names.items()
-        ):  # B non-zero, magnitudes moved; float16 values, as files hold
-            adapter = lora._module(model, path)
-            adapter.lora_b = mx.array(
-                rng.standard_normal(adapter.lora_b.shape) * 0.02, dtype=mx.float16
-            ).astype(mx.float32)
-            adapter.lora_a = adapter.lora_a.astype(mx.float16).astype(mx.float32)
-            if "magnitude" in adapter:
-                adapter.magnitude = (
-                    (
-                        adapter.magnitude
-                        * mx.array(rng.uniform(0.8, 1.2, adapter.magnitude.shape))
-                    )
-                    .astype(mx.float16)
-                    .astype(mx.float32)
-                )
+        _move_adapters(model, np.random.default_rng(2))
         path = tmp_path / "adapter.safetensors"
         lora.save_adapter(path, model.adapter_tensors(), model.lora_config)
         for p in sao.model.parameters():
             p.requires_grad_(False)
-        load_and_apply_loras(sao.model, [str(path)], "diffusion_cond")
+        bases = (
+            _our_bases(sao.model, tmp_path / "bases.pt", 4, SOME_LAYERS)
+            if "xs" in kind
+            else None
+        )
+        load_and_apply_loras(sao.model, [str(path)], "diffusion_cond", bases)
         theirs = {}
         for name in model._layer_names.values():
             root = (
@@ -181,19 +171,19 @@ def test_training_loss_and_gradients_match_reference(
         grads = dict(tree_flatten(grads))
         errors = {}
         for path, name in model._layer_names.items():
-            for ours_name, their_name in trainer.ADAPTER_TENSORS.items():
-                if f"{path}.{ours_name}" in grads:
-                    g = grads[f"{path}.{ours_name}"]
-                    errors[f"{name}.{their_name}"] = rel_err(
-                        g, getattr(theirs[name], their_name).grad
-                    )
+            for tensor in lora.TENSORS[kind]:
+                errors[f"{name}.{tensor}"] = rel_err(
+                    grads.pop(f"{path}.{tensor.lower()}"),
+                    getattr(theirs[name], tensor).grad,
+                )
         worst = max(errors, key=errors.get)
         print(
             f"{kind} training loss rel. error {err:.2e}; gradients of {len(errors)}"
             f" tensors: worst {errors[worst]:.2e} ({worst}), median"
             f" {np.median(list(errors.values())):.2e}"
         )
-        assert len(errors) == 180 * (3 if kind == "dora-rows" else 2)
+        layers = 180 if kind in ("lora", "dora-rows") else 26
+        assert len(errors) == layers * len(lora.TENSORS[kind]) and not grads  # no U, V
         assert err < PARITY_RTOL and errors[worst] < 1e-4
     finally:
         for m, leaves, params in saved:
@@ -206,6 +196,20 @@ def test_training_loss_and_gradients_match_reference(
                     parametrize.remove_parametrizations(
                         module, "weight", leave_parametrized=False
                     )
+
+
+def _move_adapters(model, rng):
+    """Move a new adapter off its start, as training would (B, M non-zero, magnitudes
+    changed), to float16 values, as files hold."""
+    for path in model._layer_names:
+        adapter = lora._module(model, path)
+        for name in lora.TENSORS[adapter.kind]:
+            value = np.array(adapter[name.lower()])
+            if name in ("lora_B", "M_xs"):
+                value = rng.standard_normal(value.shape) * 0.02
+            elif name.startswith("magnitude"):
+                value = value * rng.uniform(0.8, 1.2, value.shape)
+            adapter[name.lower()] = mx.array(value.astype(np.float16), mx.float32)
 
 
 def test_data_preparation_matches_reference(reference_training):
@@ -890,7 +894,7 @@ def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path):
         (["--rank", "0"], "--rank must be >= 1"),
         (["--crop-seconds", "100"], "--crop-seconds must be in"),
         (["--resume"], "no checkpoint"),
-        (["--adapter-type", "bora"], "invalid choice"),
+        (["--adapter-type", "dora"], "invalid choice"),
         (["--include", "nothing-matches"], "leave no layer to adapt"),
         (["--data", "{silent}"], "Every clip is silent"),
         (
@@ -965,10 +969,12 @@ def test_a_lone_checkpoint_is_not_replaced_unasked(
     assert finetune.checkpoint_path(str(out)).read_bytes() == b"a run's state"
 
 
-def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path):
-    """An adapter trained by finetune.py (a DoRA on the layers its include/exclude pick)
-    loads in 0.0.20's load_and_apply_loras and gives there what it gives here: the DiT's
-    output at cfg 7 on the small reference model."""
+@pytest.mark.parametrize("kind", lora.ADAPTER_TYPES)
+def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path, kind):
+    """An adapter of each type trained by finetune.py (on the layers its include/exclude
+    pick) loads in 0.0.20's load_and_apply_loras and gives there what it gives here: the
+    DiT's output at cfg 7 on the small reference model (the -xs types' reference given
+    our bases)."""
     import finetune
 
     out = tmp_path / "tones.safetensors"
@@ -980,11 +986,11 @@ def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path):
         "--output",
         str(out),
         "--steps",
-        "30",
+        "12",
         "--rank",
         "4",
         "--adapter-type",
-        "dora-rows",
+        kind,
         "--learning-rate",
         "5e-3",
         "--warmup",
@@ -997,11 +1003,17 @@ def test_finetuned_adapter_loads_in_reference(small, tone_data, tmp_path):
         "to_kv",
     ]
     assert _main(finetune, args) == ""
-    with _with_adapters(small, [(out, 1.0, None, "")]):
+    include = ["layers.1.", "seconds_total"]
+    bases = (
+        _our_bases(small.model, tmp_path / "bases.pt", 4, include)
+        if "xs" in kind
+        else None
+    )
+    with _with_adapters(small, [(out, 1.0, None, "")], bases):
         err, adapted = _adapted_dit_error(small, 7.0)
     plain = _adapted_dit_error(small, 7.0)[1]
     print(
-        f"finetune.py's adapter in 0.0.20: DiT cfg 7 rel. error {err:.2e}; it moves the"
+        f"finetune.py's {kind} in 0.0.20: DiT cfg 7 rel. error {err:.2e}; it moves the"
         f" output by {rel_err(adapted, plain):.1e}"
     )
     assert err < PARITY_RTOL and rel_err(adapted, plain) > 1e-3
@@ -1197,6 +1209,10 @@ def test_finetune_bounds_the_rank_and_its_memory(
     assert "--rank must be in [1, 256]: no layer adapted" in _main(
         finetune, [*argv, *blocks, "--rank", "257"]
     )
+    assert _main(finetune, [*argv, "--adapter-type", "bora-xs", "--rank", "9"]) == (
+        "error: --rank must be in [1, 8]: an -xs adapter's bases are singular vectors,"
+        " as many as each layer's smaller side, and model.preprocess_conv is 8 x 8."
+    )  # the small model's 8 latent channels
     sysconf = os.sysconf
     pages = lambda name: 256 if name == "SC_PHYS_PAGES" else sysconf(name)
     monkeypatch.setattr(os, "sysconf", pages)

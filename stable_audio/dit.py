@@ -110,7 +110,9 @@ def _sequential(layers, x, level=None):
 def adapted(layer, x: mx.array, level: mx.array = None) -> mx.array:
     """`layer(x)`; a layer wrapped by adapters that the noise level gates
     (lora.LoRALinear) is also given the level of the model evaluation, `level`."""
-    return layer(x, level) if level is not None and "lora_a" in layer else layer(x)
+    if level is not None and getattr(layer, "takes_level", False):
+        return layer(x, level)
+    return layer(x)
 
 
 class FourierFeatures(nn.Module):

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_unflatten
 
+from .bases import cached_bases
 from .model_io import FLOATS, RENAMES, read_safetensors, write_safetensors
 
-TRAINED = ("lora", "dora-rows")  # the types finetune.py trains
 TENSORS = {  # each type's tensors in a file (the -xs types' bases U, V are not saved)
     "lora": ("lora_A", "lora_B"),
     "dora-rows": ("lora_A", "lora_B", "magnitude"),
@@ -40,7 +39,6 @@ TENSORS = {  # each type's tensors in a file (the -xs types' bases U, V are not 
     "bora-xs": ("M_xs", "magnitude_r", "magnitude_c"),
 }
 ADAPTER_TYPES = tuple(TENSORS)
-BESIDE = ("lora", "dora-rows", "lora-xs", "dora-rows-xs")  # run beside a layer too
 KEY = (  # between a layer's name and its tensor's, in the files
     ".parametrizations.weight.0."
 )
@@ -262,7 +260,7 @@ def _add_bases(path, found: dict, rank: int, layers: dict, modules: dict):
                 " one first."
             )
         weight = _dense_weight(_chain(_module(modules[component], module))[1])
-        tensors["U"], tensors["V"] = svd_bases(weight, rank)
+        tensors["U"], tensors["V"] = cached_bases(weight, rank)
 
 
 def _lora_config(path: Path, metadata: dict) -> dict:
@@ -392,28 +390,39 @@ def initial_tensors(
 ) -> dict:
     """A new adapter's tensors, {official layer name: {tensor name: array}}, on the
     layers `include`/`exclude` pick, initialised as 0.0.20 does: A ~ U(+-1/sqrt(fan_in))
-    (kaiming_uniform with a = sqrt 5), B = 0, DoRA magnitudes the norms of W's rows."""
+    (kaiming_uniform with a = sqrt 5), B = 0, M = 0 (with the -xs bases U, V), the
+    magnitudes the norms of W's rows or columns; so the model starts as it was."""
     modules = {"dit": dit, "conditioner": conditioner}
     keys = iter(mx.random.split(mx.random.key(0) if key is None else key, 10_000))
     layers = {}
     for name, (component, path) in official_layers(
         len(dit.layers), conditioner.numbers
     ).items():
-        if not picked(name, include, exclude):
-            continue
-        layer = _module(modules[component], path)
-        out_dim, in_dim = _dense_shape(layer)
+        if picked(name, include, exclude):
+            weight = _dense_weight(_chain(_module(modules[component], path))[1])
+            layers[name] = _initial(weight, rank, adapter_type, next(keys))
+    return layers
+
+
+def _initial(weight: mx.array, rank: int, kind: str, key) -> dict:
+    """One layer's initial adapter tensors (see initial_tensors)."""
+    out_dim, in_dim = weight.shape
+    if kind.endswith("-xs"):
+        tensors = {"M_xs": mx.zeros((rank, rank))}
+        tensors["U"], tensors["V"] = cached_bases(weight, rank)
+    else:
         bound = 1 / math.sqrt(in_dim)
         tensors = {
-            "lora_A": mx.random.uniform(-bound, bound, (rank, in_dim), key=next(keys)),
+            "lora_A": mx.random.uniform(-bound, bound, (rank, in_dim), key=key),
             "lora_B": mx.zeros((out_dim, rank)),
         }
-        if adapter_type == "dora-rows":
-            tensors["magnitude"] = mx.linalg.norm(
-                _dense_weight(_chain(layer)[1]), axis=1
-            )
-        layers[name] = tensors
-    return layers
+    rows, cols = mx.linalg.norm(weight, axis=1), mx.linalg.norm(weight, axis=0)
+    form = kind.removesuffix("-xs")
+    if form == "bora":
+        tensors.update(magnitude_r=rows, magnitude_c=cols)
+    elif form != "lora":
+        tensors["magnitude"] = rows if form == "dora-rows" else cols
+    return tensors
 
 
 def save_adapter(path, layers: dict, lora_config: dict):
@@ -430,18 +439,6 @@ def save_adapter(path, layers: dict, lora_config: dict):
     write_safetensors(path, tensors, {"lora_config": json.dumps(lora_config)})
 
 
-def svd_bases(weight, rank: int) -> tuple:
-    """U (out, rank) and V (in, rank), the top singular vectors of `weight` (out, in),
-    for the -xs types: a float32 SVD, each U column's largest-magnitude entry made
-    positive (and its V column flipped with it), as 0.0.20's _canonicalize_svd_signs
-    does, so that the bases do not depend on the LAPACK that computed them."""
-    u, _, vt = np.linalg.svd(np.asarray(weight, np.float32), full_matrices=False)
-    u, v = u[:, :rank], vt[:rank].T
-    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(rank)])
-    signs[signs == 0] = 1
-    return mx.array(u * signs), mx.array(v * signs)
-
-
 def update(kind: str, tensors: dict) -> mx.array:
     """The low-rank update (out, in): B A, or U M V^T for the -xs types."""
     if kind.endswith("-xs"):
@@ -449,25 +446,35 @@ def update(kind: str, tensors: dict) -> mx.array:
     return tensors["lora_B"] @ tensors["lora_A"]
 
 
+def factors(kind: str, v: mx.array, tensors: dict) -> tuple:
+    """(row, column) factors, (out,) and (in,) or None, with which an adapter of type
+    `kind` rescales V = W + s x update: DoRA-rows m / ||V's rows||, DoRA-cols the same
+    over columns, BoRA m_r / ||V's rows|| and then m_c / ||columns of the result||."""
+    form = kind.removesuffix("-xs")
+    if form == "dora-rows":
+        return tensors["magnitude"] / (mx.linalg.norm(v, axis=1) + EPS), None
+    if form == "dora-cols":
+        return None, tensors["magnitude"] / (mx.linalg.norm(v, axis=0) + EPS)
+    if form == "bora":
+        row = tensors["magnitude_r"] / (mx.linalg.norm(v, axis=1) + EPS)
+        h = v * row[:, None]
+        return row, tensors["magnitude_c"] / (mx.linalg.norm(h, axis=0) + EPS)
+    return None, None
+
+
 def adapted_weight(weight: mx.array, kind: str, tensors: dict, scale: float):
     """The weight (out, in) an adapter of type `kind` makes of `weight`, its update
     scaled by `scale` (strength x alpha / rank), as LoRAParametrization does
-    (stable_audio_tools/models/lora/model.py): V = W + scale x update; then DoRA-rows
-    rescales V's rows to the magnitudes m (m_i V_i / ||V_i||), DoRA-cols its columns,
-    BoRA its rows (m_r) and then the result's columns (m_c). For the magnitude types,
-    scale 0 returns W itself."""
-    form = kind.removesuffix("-xs")
-    if scale == 0 and form != "lora":
+    (stable_audio_tools/models/lora/model.py): V = W + scale x update, its rows and
+    columns then rescaled by `factors`. For the magnitude types, scale 0 returns W
+    itself."""
+    if scale == 0 and kind.removesuffix("-xs") != "lora":
         return weight
     v = weight + scale * update(kind, tensors)
-    if form == "lora":
-        return v
-    if form == "dora-rows":
-        return v * (tensors["magnitude"] / (mx.linalg.norm(v, axis=1) + EPS))[:, None]
-    if form == "dora-cols":
-        return v * (tensors["magnitude"] / (mx.linalg.norm(v, axis=0) + EPS))[None]
-    h = v * (tensors["magnitude_r"] / (mx.linalg.norm(v, axis=1) + EPS))[:, None]
-    return h * (tensors["magnitude_c"] / (mx.linalg.norm(h, axis=0) + EPS))[None]
+    row, col = factors(kind, v, tensors)
+    if row is not None:
+        v = v * row[:, None]
+    return v if col is None else v * col[None]
 
 
 def _chain(layer) -> tuple:
@@ -498,86 +505,103 @@ class LoRALinear(nn.Module):
     """A layer with an adapter that stays beside its weight: over a quantized weight
     (which it cannot be merged into), or active only while the noise level is in
     `interval` (then switched inside the compiled step, by the level the DiT passes to
-    each call).
+    each call), or being trained (`frozen=False`).
 
-    It computes base(x) + s (x A^T) B^T, and for DoRA scales each output row by
-    m / ||V|| (V as in adapted_weight). For a frozen adapter that factor is precomputed,
-    for each combination of the gated adapters under it; for one being trained
-    (`frozen=False`, a single adapter over its layer) it is computed from A, B and m."""
+    With W' = diag(row) V diag(col) (V, row and col as in adapted_weight and factors),
+    it computes row * (base(col * x) - bias + s (col * x) A^T B^T) + bias, A and B the
+    update's factors (V^T and U M for the -xs types). A frozen adapter's factors are
+    precomputed for each combination of the gated adapters under it; a trained one's
+    follow its tensors."""
 
-    def __init__(
-        self, base, lora_a, lora_b, scale, magnitude=None, interval=None, frozen=True
-    ):
+    takes_level = True  # the DiT passes it the noise level
+
+    def __init__(self, base, kind, tensors, scale, interval=None, frozen=True):
         super().__init__()
         self.base = base
-        self.lora_a = lora_a
-        self.lora_b = lora_b
+        self.kind = kind
         self.scale = scale
         self.gated = interval is not None
         self.low, self.high = interval or (0.0, 1.0)
-        if magnitude is not None:
-            self.magnitude = magnitude
-        if magnitude is not None and frozen:
-            inner, layer = _chain(base)
-            gated = [a for a in inner if a.gated]
-            scales = []
-            for active in product(
-                (False, True), repeat=len(gated)
-            ):  # bit j: gated[j] is on
-                on = dict(zip(map(id, gated), reversed(active)))
-                w = _dense_weight(layer)
-                for a in inner:
-                    if on.get(id(a), True):
-                        w = adapted_weight(w, a.kind, a.tensors(), a.scale)
-                v_norm = mx.linalg.norm(w + scale * (lora_b @ lora_a), axis=1)
-                scales.append(magnitude / (v_norm + EPS))
-            self.row_scales = mx.stack(scales)
-            mx.eval(self.row_scales)
-
-    @property
-    def kind(self) -> str:
-        return "dora-rows" if "magnitude" in self else "lora"
+        for name, value in tensors.items():
+            setattr(self, name.lower(), value)
+        if frozen and kind.removesuffix("-xs") != "lora":
+            self._precompute()
 
     def tensors(self) -> dict:
-        return {"lora_A": self.lora_a, "lora_B": self.lora_b} | (
-            {"magnitude": self.magnitude} if "magnitude" in self else {}
-        )
+        """The adapter's tensors, by their names in the files (the -xs bases too)."""
+        bases = ("U", "V") if self.kind.endswith("-xs") else ()
+        return {name: self[name.lower()] for name in TENSORS[self.kind] + bases}
+
+    def low_rank(self) -> tuple:
+        """(A, B) with B A the update: for the -xs types A = V^T, B = U M."""
+        if self.kind.endswith("-xs"):
+            return self.v.T, self.u @ self.m_xs
+        return self.lora_a, self.lora_b
+
+    def _precompute(self):
+        """The row and column factors for each combination of the gated adapters
+        below (combination k: bit j set when the j-th of them is on)."""
+        inner, layer = _chain(self.base)
+        gated = [a for a in inner if a.gated]
+        rows, cols = [], []
+        for k in range(1 << len(gated)):
+            on = {id(a): bool(k >> j & 1) for j, a in enumerate(gated)}
+            w = _dense_weight(layer)
+            for a in inner:
+                if on.get(id(a), True):
+                    w = adapted_weight(w, a.kind, a.tensors(), a.scale)
+            v = w + self.scale * update(self.kind, self.tensors())
+            row, col = factors(self.kind, v, self.tensors())
+            rows.append(row)
+            cols.append(col)
+        if rows[0] is not None:
+            self.row_factors = mx.stack(rows)
+        if cols[0] is not None:
+            self.col_factors = mx.stack(cols)
+        mx.eval(self.get("row_factors"), self.get("col_factors"))
 
     def active(self, level: mx.array) -> mx.array:
         return (self.low <= level) & (level <= self.high)
 
+    def _factors(self, level: mx.array) -> tuple:
+        """(row, column) factors now (None where the type has none)."""
+        if "row_factors" not in self and "col_factors" not in self:
+            if self.kind.removesuffix("-xs") == "lora":
+                return None, None
+            # being trained: the factors follow the tensors
+            layer = _chain(self.base)[1]
+            v = _dense_weight(layer) + self.scale * update(self.kind, self.tensors())
+            return factors(self.kind, v, self.tensors())
+        gated = [a for a in _chain(self.base)[0] if a.gated]
+        k = sum(
+            (a.active(level).astype(mx.int32) << j for j, a in enumerate(gated)),
+            mx.array(0),
+        )
+        return tuple(
+            mx.take(self[name], k, axis=0) if name in self else None
+            for name in ("row_factors", "col_factors")
+        )
+
     def __call__(self, x: mx.array, level: mx.array = None) -> mx.array:
         """The adapted layer's output; `level` is the noise level of the DiT evaluation,
         which gated adapters (and those stacked over them) need."""
-        y = self.base(x, level) if isinstance(self.base, LoRALinear) else self.base(x)
-        h = x @ self.lora_a.astype(x.dtype).T
-        if self.gated:  # off: a zero update (and for DoRA a unit row scale)
+        row, col = self._factors(level)
+        if self.gated:  # off: no update, unit factors
             on = self.active(level)
-            h = h * on.astype(h.dtype)
-        b = self.lora_b.astype(x.dtype).T
-        if "magnitude" not in self:
-            return mx.addmm(
-                y, h, b, alpha=self.scale
-            )  # the update added in the matmul's epilogue
-        inner, layer = _chain(self.base)
-        if "row_scales" in self:
-            gated = [a for a in inner if a.gated]
-            row = sum(
-                (
-                    a.active(level).astype(mx.int32) * (1 << j)
-                    for j, a in enumerate(gated)
-                ),
-                mx.array(0),
-            )
-            scale = mx.take(self.row_scales, row, axis=0)
-        else:  # being trained: the norm follows A, B and m
-            v = _dense_weight(layer) + self.scale * (self.lora_b @ self.lora_a)
-            scale = self.magnitude / (mx.linalg.norm(v, axis=1) + EPS)
-        scale = scale.astype(x.dtype)
+            row, col = (None if f is None else mx.where(on, f, 1) for f in (row, col))
+        if col is not None:
+            x = x * col.astype(x.dtype)
+        y = self.base(x, level) if isinstance(self.base, LoRALinear) else self.base(x)
+        a, b = self.low_rank()
+        h = x @ a.astype(x.dtype).T
         if self.gated:
-            scale = mx.where(on, scale, 1)
-        bias = layer.get("bias")  # DoRA changes the weight, not the bias
-        out = mx.addmm(y if bias is None else y - bias, h, b, alpha=self.scale) * scale
+            h = h * on.astype(h.dtype)
+        b = b.astype(x.dtype).T
+        if row is None:  # the update added in the matmul's epilogue
+            return mx.addmm(y, h, b, alpha=self.scale)
+        bias = _chain(self.base)[1].get("bias")  # the factors scale the weight only
+        out = mx.addmm(y if bias is None else y - bias, h, b, alpha=self.scale)
+        out = out * row.astype(x.dtype)
         return out if bias is None else out + bias
 
 
@@ -611,13 +635,6 @@ def apply_adapter(
         gated = interval if component == "dit" else None
         mergeable = gated is None and type(layer) in (nn.Linear, nn.Conv1d)
         (merged if mergeable else beside).append((name, component, path, layer, gated))
-    if beside and adapter.adapter_type not in BESIDE:
-        raise ValueError(
-            f"{adapter.path}: a {adapter.adapter_type} adapter cannot yet run beside"
-            " a quantized or interval-gated layer (only"
-            f" {', '.join(BESIDE)} can): load a floating-point model, without an"
-            " interval."
-        )
     scale = adapter.scale * strength
     for name, component, path, layer, _ in merged:
         tensors = adapter.layers[name]
@@ -627,8 +644,10 @@ def apply_adapter(
         _merged_adapters(modules[component]).add(name)
     wrapped = {"dit": [], "conditioner": []}
     for name, component, path, layer, gated in beside:
-        a, b, m = _low_rank(adapter.adapter_type, adapter.layers[name])
-        wrapped[component].append((path, LoRALinear(layer, a, b, scale, m, gated)))
+        tensors, kind = adapter.layers[name], adapter.adapter_type
+        wrapped[component].append(
+            (path, LoRALinear(layer, kind, tensors, scale, gated))
+        )
     for component, items in wrapped.items():
         if items:
             modules[component].update_modules(tree_unflatten(items))
@@ -640,13 +659,3 @@ def _merged_adapters(module) -> set:
     if not hasattr(module, "merged_adapters"):
         module.merged_adapters = set()
     return module.merged_adapters
-
-
-def _low_rank(kind: str, tensors: dict) -> tuple:
-    """(A, B, row magnitudes or None) of an adapter that runs beside its layer: an -xs
-    update U M V^T is B A with A = V^T, B = U M."""
-    if kind.endswith("-xs"):
-        a, b = tensors["V"].T, tensors["U"] @ tensors["M_xs"]
-    else:
-        a, b = tensors["lora_A"], tensors["lora_B"]
-    return a, b, tensors.get("magnitude")

@@ -15,11 +15,6 @@ from mlx.utils import tree_map, tree_unflatten
 
 from . import lora
 
-ADAPTER_TENSORS = {
-    "lora_a": "lora_A",
-    "lora_b": "lora_B",
-    "magnitude": "magnitude",
-}  # ours -> the files'
 TIMESTEP_SAMPLERS = (
     "uniform",
     "logit_normal",
@@ -78,9 +73,9 @@ def sample_timesteps(
 
 class FineTuned(nn.Module):
     """The DiT and the conditioner with trainable adapters on the layers that
-    `include`/`exclude` (0.0.20's patterns) pick, everything else frozen. The adapters
-    start as 0.0.20's do (A ~ U(+-1/sqrt(fan_in)), B = 0, DoRA magnitudes the row
-    norms), so the model starts as the base model."""
+    `include`/`exclude` (0.0.20's patterns) pick, everything else frozen. The adapters,
+    of any of 0.0.20's types, start as its do (lora.initial_tensors), so the model
+    starts as the base model."""
 
     def __init__(
         self,
@@ -125,15 +120,10 @@ class FineTuned(nn.Module):
         for name, t in tensors.items():
             component, path = names[name]
             layer = lora._module(modules[component], path)
-            adapter = lora.LoRALinear(
-                layer,
-                t["lora_A"],
-                t["lora_B"],
-                self._lora_config["alpha"] / rank,
-                t.get("magnitude"),
-                frozen=False,
-            )
-            adapter.unfreeze(keys=list(ADAPTER_TENSORS), recurse=False, strict=False)
+            scale = self._lora_config["alpha"] / rank
+            adapter = lora.LoRALinear(layer, adapter_type, t, scale, frozen=False)
+            trained = [n.lower() for n in lora.TENSORS[adapter_type]]  # not U, V
+            adapter.freeze(recurse=False).unfreeze(keys=trained, recurse=False)
             wrapped[component].append((path, adapter))
             self._layer_names[f"{component}.{path}"] = name
         for component, items in wrapped.items():
@@ -148,15 +138,11 @@ class FineTuned(nn.Module):
     def adapter_tensors(self) -> dict:
         """{official layer name: {tensor name: array}}, as lora.save_adapter writes
         them."""
-        layers = {}
-        for path, name in self._layer_names.items():
-            adapter = lora._module(self, path)
-            layers[name] = {
-                theirs: adapter[ours]
-                for ours, theirs in ADAPTER_TENSORS.items()
-                if ours in adapter
-            }
-        return layers
+        kind = self._lora_config["adapter_type"]
+        return {
+            name: {n: lora._module(self, path)[n.lower()] for n in lora.TENSORS[kind]}
+            for path, name in self._layer_names.items()
+        }
 
     def loss(
         self, latents, t, noise, text, text_mask, seconds: dict, loss_mask, dropped
