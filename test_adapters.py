@@ -106,20 +106,21 @@ def _guided(model, cfg_scale=7.0) -> mx.array:
     return guide(pipe.dit, x, t, pipe.dit.prepare_conditioning(*cond), cfg_scale)[0]
 
 
-def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path):
+@pytest.mark.parametrize("kinds", [("lora", "dora-rows"), ("dora-cols-xs", "bora")])
+def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path, kinds):
     """convert.py --lora (merged) against the same adapters kept beside the weights (as
-    interval-gated ones are; the interval holds the noise level of t = 0.4), a LoRA with a
-    DoRA over it;
-    then merged and quantized to 8 bits, and kept beside 8-bit layers, each within the
-    error 8 bits give the plain model."""
+    interval-gated ones are; the interval holds the noise level of t = 0.4), one adapter
+    over another (a DoRA over a LoRA; a BoRA over a DoRA-cols-XS); then merged and
+    quantized to 8 bits, and kept beside 8-bit layers, each within the error 8 bits give
+    the plain model."""
     from stable_audio import lora
 
     plain = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
-    first = _our_adapter(plain, tmp_path / "first.safetensors", "lora", 4, 8, seed=1)
+    first = _our_adapter(plain, tmp_path / "first.safetensors", kinds[0], 4, 8, seed=1)
     second = _our_adapter(
         plain,
         tmp_path / "second.safetensors",
-        "dora-rows",
+        kinds[1],
         2,
         2,
         seed=2,
@@ -135,8 +136,8 @@ def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path):
         (e["file"], e["adapter_type"], e["rank"], e["alpha"], e["strength"])
         for e in stored["loras_merged"]
     ] == [
-        ("first.safetensors", "lora", 4, 8, 0.7),
-        ("second.safetensors", "dora-rows", 2, 2, 1.3),
+        ("first.safetensors", kinds[0], 4, 8, 0.7),
+        ("second.safetensors", kinds[1], 2, 2, 1.3),
     ]
     merged = _guided(StableAudio.from_pretrained(str(tmp_path / "merged")))
 
@@ -150,7 +151,7 @@ def test_lora_merged_unmerged_and_quantized(small_checkpoint, tmp_path):
         and type(ff.base.base) is nn.Linear
     )
     err = rel_err(_guided(unmerged), merged)
-    print(f"LoRA + DoRA merged vs beside the weights: rel. error {err:.2e}")
+    print(f"{' + '.join(kinds)} merged vs beside the weights: rel. error {err:.2e}")
     assert err < PARITY_RTOL
     assert rel_err(merged, _guided(plain)) > 0.1  # the adapters matter
     off = StableAudio.from_pretrained(str(small_checkpoint), dtype=mx.float32)
@@ -563,16 +564,13 @@ def _write_adapter(
 @pytest.mark.parametrize("kind", list(lora.TENSORS))
 def test_adapters_match_reference(sao, tmp_path, kind):
     """Each of the eight adapter types on all 180 layers of the full-width SAO 1.0 DiT
-    and conditioner (178 + the 2 seconds embedders; the -xs types on SOME_LAYERS), rank
-    8, alpha 16, strength 0.7, file written by 0.0.20 (the -xs types' bases computed by
-    each side from the weights): the DiT's output at cfg 1 and 7 against
-    stable-audio-tools 0.0.20's."""
+    and conditioner (178 + the 2 seconds embedders), rank 8, alpha 16, strength 0.7,
+    file written by 0.0.20: the DiT's output at cfg 1 and 7 against stable-audio-tools
+    0.0.20's. The -xs types' reference is given our bases (its svd_bases_path): 180 SVDs,
+    computed once (5 minutes here) and then read from the bases' cache by both sides."""
+    path = _write_adapter(sao.model, tmp_path / "a.safetensors", kind, 8, 16, 5)
     xs = kind.endswith("-xs")
-    include = SOME_LAYERS if xs else None
-    path = _write_adapter(
-        sao.model, tmp_path / "a.safetensors", kind, 8, 16, 5, include=include
-    )
-    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8, SOME_LAYERS) if xs else None
+    bases = _our_bases(sao.model, tmp_path / "bases.pt", 8) if xs else None
     with _with_adapters(sao, [(path, 0.7, None, "")], bases):
         assert len(_reference_layers(sao.model)) == 180
         for cfg_scale in (1.0, 7.0):
@@ -670,24 +668,35 @@ def test_xs_adapters_refuse_a_changed_weight(small_converted, tmp_path):
     assert all(mx.array_equal(before[k], after[k]).item() for k in before)
 
 
-def test_gated_adapters_match_reference(sao, tmp_path):
-    """An 8-step generation (dpmpp-3m-sde, cfg 7) on the full-width SAO 1.0 model with a
-    LoRA active only at noise levels in [0.5, 0.995] (3 of the 8 evaluations) and kept off
-    some layers by a layer filter, under an always-on DoRA (whose row norms then depend on
-    the LoRA's state): the final latents against 0.0.20's generate_diffusion_cond with
-    lora_configs. Ours runs compiled, traced once for all 8 steps."""
+@pytest.mark.parametrize(
+    "model, first, second, blocks",
+    [("sao", "lora", "dora-rows", "[0-5]"), ("small", "bora", "dora-cols", "0")],
+)
+def test_gated_adapters_match_reference(
+    request, tmp_path, model, first, second, blocks
+):
+    """An 8-step generation (dpmpp-3m-sde, cfg 7) with an adapter active only at noise
+    levels in [0.5, 0.995] (3 of the 8 evaluations) and kept off some layers by a layer
+    filter, under an always-on one of a magnitude type (whose norms then depend on the
+    first's state): the final latents against 0.0.20's generate_diffusion_cond with
+    lora_configs. On the full-width SAO 1.0 model, and on the small one for the
+    types that rescale columns (each case costs minutes at full width). Ours runs
+    compiled, traced once for all 8 steps."""
+    sao = request.getfixturevalue(model)
     torch = sys.modules["torch"]
     from stable_audio_tools.inference import generation, sampling
 
     gated = _write_adapter(
-        sao.model, tmp_path / "gated.safetensors", "lora", 8, 8, seed=8
+        sao.model, tmp_path / "gated.safetensors", first, 8, 8, seed=8
     )
     under = _write_adapter(
-        sao.model, tmp_path / "dora.safetensors", "dora-rows", 4, 4, seed=9
+        sao.model, tmp_path / "dora.safetensors", second, 4, 4, seed=9
     )
-    layer_filter = "transformer.layers.[0-5].,  TO_GLOBAL_EMBED"
+    layer_filter = f"transformer.layers.{blocks}.,  TO_GLOBAL_EMBED"
     steps, seed, T = 8, 3, 32
-    theirs, ours = _noise_source(torch, (1, 64, T), steps, seed=11)
+    channels = sao.ours.config.dit.io_channels
+    ratio = sao.ours.config.vae.downsampling_ratio
+    theirs, ours = _noise_source(torch, (1, channels, T), steps, seed=11)
     sde = sampling.K.sampling.sample_dpmpp_3m_sde
     meta = [{"prompt": PROMPTS[0], "seconds_start": 1, "seconds_total": 20}]
     with _with_adapters(
@@ -705,7 +714,7 @@ def test_gated_adapters_match_reference(sao, tmp_path):
                     cfg_scale=7.0,
                     conditioning=meta,
                     batch_size=1,
-                    sample_size=T * 2048,
+                    sample_size=T * ratio,
                     seed=seed,
                     device="cpu",
                     sampler_type="dpmpp-3m-sde",
@@ -716,12 +725,12 @@ def test_gated_adapters_match_reference(sao, tmp_path):
                     return_latents=True,
                 )
         torch.manual_seed(seed)
-        noise = mx.array(torch.randn([1, 64, T]).numpy()).transpose(0, 2, 1)
+        noise = mx.array(torch.randn([1, channels, T]).numpy()).transpose(0, 2, 1)
         pipe = StableAudio(sao.ours)
         traces = []
         evaluate = pipe._evaluate
         pipe._evaluate = lambda *args: traces.append(1) or evaluate(*args)
-        with _patched(sao.ours.config, "sample_size", T * 2048):
+        with _patched(sao.ours.config, "sample_size", T * ratio):
             conditioning = pipe.condition(PROMPTS[0], seconds_start=1, seconds_total=20)
             *_, latents = pipe.generate_latents(
                 conditioning,
@@ -736,7 +745,7 @@ def test_gated_adapters_match_reference(sao, tmp_path):
             )
     err = rel_err(latents.transpose(0, 2, 1), ref)
     print(
-        f"gated LoRA under a DoRA, 8 steps: final latents rel. error {err:.2e},"
+        f"gated {first} under a {second}, 8 steps: final latents rel. error {err:.2e},"
         f" {len(traces)} trace(s)"
     )
     assert err < 1e-4

@@ -66,21 +66,20 @@ def cached_bases(weight, rank: int, folder=None) -> tuple:
     weight = np.ascontiguousarray(np.asarray(weight, np.float32))
     folder = Path(folder) if folder is not None else cache_folder()
     path = folder / f"{weight_digest(weight)}.safetensors"
-    if path.is_file():
-        try:
-            stored = read_safetensors(path, (mx.float32,))
-            u, v = stored["U"], stored["V"]
-            if (
-                u.ndim == v.ndim == 2
-                and u.shape[0] == weight.shape[0]
-                and v.shape[0] == weight.shape[1]
-                and u.shape[1] == v.shape[1] >= rank
-            ):
-                u, v = u[:, :rank], v[:, :rank]
-                mx.eval(u, v)  # read now, not after another writer replaced the file
-                return u, v
-        except (ValueError, KeyError, OSError, RuntimeError):
-            pass  # damaged: computed again, and replaced
+    try:
+        stored = read_safetensors(path, (mx.float32,)) if path.is_file() else {}
+        u, v = stored["U"], stored["V"]
+        if (
+            u.ndim == v.ndim == 2
+            and u.shape[0] == weight.shape[0]
+            and v.shape[0] == weight.shape[1]
+            and u.shape[1] == v.shape[1] >= rank
+        ):
+            u, v = u[:, :rank], v[:, :rank]
+            mx.eval(u, v)  # read now, not after another writer replaced the file
+            return u, v
+    except (ValueError, KeyError, OSError, RuntimeError):
+        pass  # none, damaged or unreadable: computed, and kept
     u, v = svd_bases(weight, rank)
     try:
         folder.mkdir(parents=True, exist_ok=True)
