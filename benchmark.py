@@ -347,12 +347,18 @@ PEER_LAYERS = [
 
 
 def measure_training(
-    variant: str, checkpoint: bool, steps: int = 8, config=None, latents: int = 1024
+    variant: str,
+    checkpoint: bool,
+    steps: int = 8,
+    config=None,
+    latents: int = 1024,
+    adapter_type: str = "lora",
 ) -> dict:
-    """finetune.py's compiled step (rank-8 LoRA on the attention projections, the layers
-    the PEFT peer adapts; batch 1, `latents` latents, AdamW): seconds per step after 3
-    warm-up steps, and the peak memory of those steps (weights included; T5 and the VAE,
-    which fine-tuning frees after preparing its data, excluded)."""
+    """finetune.py's compiled step (a rank-8 adapter of `adapter_type` on the attention
+    projections, the layers the PEFT peer adapts; batch 1, `latents` latents, AdamW):
+    seconds per step after 3 warm-up steps, and the peak memory of those steps (weights
+    included; T5 and the VAE, which fine-tuning frees after preparing its data,
+    excluded)."""
     from mlx import optimizers as optim
 
     from stable_audio import trainer
@@ -369,6 +375,7 @@ def measure_training(
         pipe.conditioner,
         pipe.config.dit.objective,
         rank=8,
+        adapter_type=adapter_type,
         include=PEER_LAYERS,
     )
     pipe.dit.checkpoint_blocks = checkpoint
@@ -469,6 +476,19 @@ def arguments() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--grad-checkpoint",
+        choices=("off", "on", "both"),
+        default="both",
+        help="--finetune with gradient checkpointing (default: both)",
+    )
+    parser.add_argument(
+        "--adapter-types",
+        nargs="+",
+        default=["lora"],
+        choices=lora.ADAPTER_TYPES,
+        help="--finetune's adapter types (default: lora)",
+    )
+    parser.add_argument(
         "--models",
         nargs="+",
         default=["SAO 1.0", "SAO Small"],
@@ -553,14 +573,14 @@ if __name__ == "__main__":
         raise SystemExit
     if args.finetune:
         print(
-            f"mlx {mx.__version__}, {mx.default_device()}, LoRA rank 8 on the attention"
+            f"mlx {mx.__version__}, {mx.default_device()}, rank 8 on the attention"
             " projections, batch 1, the model's whole window, AdamW, compiled step"
         )
         print(
-            "| model | frozen DiT | gradient checkpointing | per step (ms) | peak"
-            " (GB) |"
+            "| model | frozen DiT | adapter | gradient checkpointing | per step (ms) |"
+            " peak (GB) |"
         )
-        print("| --- | --- | --- | ---: | ---: |")
+        print("| --- | --- | --- | --- | ---: | ---: |")
         small = parse_config(
             json.loads((DATA / "saos_model_config.RECONSTRUCTED.json").read_text()),
             json.loads((DATA / "t5_config.json").read_text()),
@@ -579,12 +599,15 @@ if __name__ == "__main__":
                 if config is None
                 else [v for v in variants if v in ("bfloat16", "4-bit")]
             ):
-                for checkpoint in (False, True):
+                checkpoints = {"off": [False], "on": [True], "both": [False, True]}
+                for kind, checkpoint in itertools.product(
+                    args.adapter_types, checkpoints[args.grad_checkpoint]
+                ):
                     r = measure_training(
-                        variant, checkpoint, args.runs * 4, config, latents
+                        variant, checkpoint, args.runs * 4, config, latents, kind
                     )
                     print(
-                        f"| {name} ({latents} latents) | {variant} |"
+                        f"| {name} ({latents} latents) | {variant} | {kind} |"
                         f" {'yes' if checkpoint else 'no'} | {1e3 * r['step']:.1f} |"
                         f" {r['peak']:.2f} |",
                         flush=True,
