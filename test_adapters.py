@@ -969,8 +969,6 @@ def _stored_rank(folder: Path) -> list:
 def test_svd_bases_cached_compute_nothing_the_second_time(tmp_path, monkeypatch):
     """The second request for a weight's bases (the same values, another array) reads
     them: no SVD, and bit for bit what svd_bases computes."""
-    from stable_audio import bases
-
     weight = _svd_weight()
     expected = _bits(*bases.svd_bases(weight, 8))
     assert _bits(*bases.cached_bases(weight, 8, tmp_path)) == expected
@@ -986,8 +984,6 @@ def test_svd_bases_cached_compute_nothing_the_second_time(tmp_path, monkeypatch)
 def test_svd_bases_cached_at_a_smaller_rank_are_the_first_columns(tmp_path, svd_calls):
     """A smaller rank is sliced from the entry, bit for bit svd_bases' at that rank (the
     sign fix is per column); the entry keeps its larger rank."""
-    from stable_audio import bases
-
     weight = _svd_weight(1, (40, 56))
     bases.cached_bases(weight, 8, tmp_path)
     for rank in (1, 3, 7):
@@ -1000,8 +996,6 @@ def test_svd_bases_cached_at_a_smaller_rank_are_the_first_columns(tmp_path, svd_
 def test_svd_bases_cached_at_a_larger_rank_are_computed(tmp_path, svd_calls):
     """A larger rank than the entry holds is computed and replaces it; smaller ones are
     then read from it."""
-    from stable_audio import bases
-
     weight = _svd_weight(2)
     bases.cached_bases(weight, 3, tmp_path)
     larger = bases.cached_bases(weight, 8, tmp_path)
@@ -1022,8 +1016,6 @@ def test_svd_bases_cached_in_a_damaged_file_are_computed_again(
 ):
     """An entry that cannot be read, or holds the wrong tensors, is computed again and
     replaced; the load goes on."""
-    from stable_audio import bases
-
     weight = _svd_weight(3)
     u, v = bases.cached_bases(weight, 4, tmp_path)
     (path,) = tmp_path.glob("*.safetensors")
@@ -1055,8 +1047,6 @@ def test_svd_bases_cached_in_an_unwritable_folder_are_still_returned(tmp_path, w
     """A cache folder that cannot be made, or an entry that cannot be written (we run as
     root here, so the obstacle is a file or a folder in the way, not permissions), is
     skipped: the bases are returned all the same."""
-    from stable_audio import bases
-
     weight = _svd_weight(4)
     folder = tmp_path / "cache"
     if where == "under a file":
@@ -1073,8 +1063,6 @@ def test_svd_bases_cached_in_an_unwritable_folder_are_still_returned(tmp_path, w
 def test_svd_bases_cached_per_weight_content(tmp_path, svd_calls):
     """Weights one ulp apart in one element, or of the same values in another shape,
     have entries of their own: the key is the whole float32 content and shape."""
-    from stable_audio import bases
-
     weight = np.array(_svd_weight(5))
     nudged = weight.copy()
     nudged[17, 9] = np.nextafter(nudged[17, 9], np.inf)
@@ -1091,8 +1079,6 @@ def test_svd_bases_cached_per_weight_content(tmp_path, svd_calls):
 def test_svd_bases_cache_folder(tmp_path, monkeypatch):
     """The cache is svd-bases in $STABLE_AUDIO_CACHE, else in stable-audio-mlx of
     $XDG_CACHE_HOME or ~/.cache; the tests' own is a temporary folder (conftest)."""
-    from stable_audio import bases
-
     assert not bases.cache_folder().is_relative_to(Path.home() / ".cache")
     monkeypatch.setenv("STABLE_AUDIO_CACHE", str(tmp_path / "ours"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
