@@ -819,10 +819,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_converted):
     assert abs(loss - plain_loss) / plain_loss < 1e-6 and worst < 1e-5
 
 
-def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "bora-xs"])
+def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path, kind):
     """Interrupted after 6 of 12 steps (its checkpoint written at 6) and resumed, a run
     ends with the adapter file of an uninterrupted run, bit for bit; a checkpoint of other
-    settings is refused. With --grad-checkpoint the same steps give the same adapter."""
+    settings is refused. With --grad-checkpoint the same steps give the same adapter.
+    (A bora-xs adapter too: its checkpoint holds M and both magnitudes, not the bases.)
+    """
     from safetensors.numpy import load_file
 
     import finetune
@@ -842,13 +845,17 @@ def test_finetuning_resumes_exactly(small_converted, tone_data, tmp_path):
         "2",
         "--seed",
         "4",
+        "--adapter-type",
+        kind,
     ]
     whole, cut = tmp_path / "whole.safetensors", tmp_path / "cut.safetensors"
     assert _main(finetune, [*common, "--output", str(whole), "--steps", "12"]) == ""
     assert (
         _main(finetune, [*common, "--output", str(cut), "--steps", "6"]) == ""
     )  # as if stopped there
-    assert finetune.checkpoint_path(str(cut)).is_file()
+    stored = load_file(finetune.checkpoint_path(str(cut)))
+    trained = {k.rsplit(".", 1)[1] for k in stored if k.startswith("adapter.")}
+    assert trained == {n.lower() for n in lora.TENSORS[kind]}  # never U, V
     other = [
         a if a != "2" or common[i - 1] != "--rank" else "3"
         for i, a in enumerate(common)
