@@ -31,6 +31,7 @@ from conftest import (
     rel_err,
 )
 from stable_audio import StableAudio, bases, lora
+from stable_audio import pipeline as pipeline_module
 from stable_audio.guidance import guide
 
 # ---------------------------------------------------------------- LoRA adapters, without PyTorch
@@ -728,9 +729,11 @@ def test_gated_adapters_match_reference(
         noise = mx.array(torch.randn([1, channels, T]).numpy()).transpose(0, 2, 1)
         pipe = StableAudio(sao.ours)
         traces = []
-        evaluate = pipe._evaluate
-        pipe._evaluate = lambda *args: traces.append(1) or evaluate(*args)
-        with _patched(sao.ours.config, "sample_size", T * ratio):
+        guide = pipeline_module.guide
+        counted = lambda *args: traces.append(1) or guide(*args)
+        with _patched(sao.ours.config, "sample_size", T * ratio), _patched(
+            pipeline_module, "guide", counted
+        ):
             conditioning = pipe.condition(PROMPTS[0], seconds_start=1, seconds_total=20)
             *_, latents = pipe.generate_latents(
                 conditioning,

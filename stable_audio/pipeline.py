@@ -2,10 +2,12 @@
 generator, encoding and decoding; generate() composes them for every mode."""
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from . import decoding, lora
 from . import sampler as samplers
@@ -36,6 +38,38 @@ class StableAudio:
         self.dit = components.dit
         self.vae = components.vae
         self.adapters = []  # what load_lora applied, in order
+
+    # The compiled step is kept from generation to generation. Its traces hold the
+    # DiT's weights, so it goes with the DiT: replacing or deleting `dit` drops it.
+    @property
+    def dit(self):
+        return self._dit
+
+    @dit.setter
+    def dit(self, dit):
+        self._dit, self._compiled = dit, None
+
+    @dit.deleter
+    def dit(self):
+        del self._dit
+        self._compiled = None
+
+    def _step(self, compile: bool):
+        """The sampler's model evaluation, compiled once for the DiT's present weights
+        (merging an adapter, casting or quantizing makes new ones, which retrace)."""
+        if not compile:
+            return partial(_evaluate, self.dit)
+        weights = [w for _, w in tree_flatten(self.dit.parameters())]
+        cached = self._compiled
+        # the cache holds the weights themselves: an id() could be reused once freed
+        if (
+            cached is None
+            or len(cached[0]) != len(weights)
+            or any(a is not b for a, b in zip(cached[0], weights))
+        ):
+            # no reference to self: the pipeline and the DiT form no cycle
+            self._compiled = (weights, mx.compile(partial(_evaluate, self.dit)))
+        return self._compiled[1]
 
     @classmethod
     def from_pretrained(
@@ -186,10 +220,9 @@ class StableAudio:
             noised = samplers.noised(space, source, noise, sigma)
             return mx.where(regenerate[:, None], x, noised)
 
-        # compiled per generation: a cached compiled function would keep the DiT's
-        # weights alive after `del pipe.dit`. It is traced once, or twice where a CFG
-        # interval leaves some evaluations unguided.
-        evaluate = mx.compile(self._evaluate) if s.compile else self._evaluate
+        # traced once per set of weights, and once more where a CFG interval leaves
+        # some evaluations unguided
+        evaluate = self._step(s.compile)
         dit_conditioning = self.dit.prepare_conditioning(*conditioning)  # every step's
         start = mx.zeros(shape) if init_latents is None else init_latents
         x = keep_source(samplers.noised(space, start, noise, sigmas[0]), sigmas[0])
@@ -207,12 +240,6 @@ class StableAudio:
                 )
             state = (keep_source(state[0], sigma_next), *state[1:])
             yield state[0]
-
-    def _evaluate(self, state, noise, k, used, dit_conditioning, cfg_scale, *guidance):
-        def model(x, t):
-            return guide(self.dit, x, t, dit_conditioning, cfg_scale, *guidance)
-
-        return samplers.evaluate(model, state, noise, k, used)
 
     def encode(self, audio, sample_rate: int, noise: mx.array = None) -> mx.array:
         """Latents (1, T, C) of `audio` (see audio.prepare_audio): the posterior mean,
@@ -280,6 +307,15 @@ class StableAudio:
         check_finite("decoding", audio)
         phase("decoding")
         return audio
+
+
+def _evaluate(dit, state, noise, k, used, dit_conditioning, cfg_scale, *guidance):
+    """One guided model evaluation and sampler update (see sampler.evaluate)."""
+
+    def model(x, t):
+        return guide(dit, x, t, dit_conditioning, cfg_scale, *guidance)
+
+    return samplers.evaluate(model, state, noise, k, used)
 
 
 def limit_memory(headroom: float = 0.5) -> int:
