@@ -6,7 +6,10 @@ end to end (medians of --runs after a warm-up), and the peak memory of one gener
 run as txt2audio.py runs it (T5 freed after encoding, the DiT before decoding). Prints
 a markdown table. With --peer diffusers (a CUDA machine with torch and diffusers), the
 peer (peer_diffusers.py) runs before and after ours in the same call, at the matching
-precision, and the ratios are printed. --gemms times the matrix products of one step.
+precision, its DiT eager and under torch.compile (--peer-compile), and the ratios are
+printed. --whole-process times what a person waits for: whole txt2audio.py processes
+(and the peer's) from start to written file. --gemms times the matrix products of one
+step.
 
 float32 means true float32 on Apple silicon and the CPU; MLX's CUDA backend multiplies
 float32 in TF32 unless MLX_ENABLE_TF32=0 is set (the header says which).
@@ -15,6 +18,7 @@ float32 in TF32 unless MLX_ENABLE_TF32=0 is set (the header says which).
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -27,6 +31,7 @@ from pathlib import Path
 # M-series Max or Ultra. MLX's CUDA defaults on an H100 (100 ops, 1000 MB) let ~10 such
 # batches run ahead, whose freed intermediates stay allocated: 6.4 GB peak instead of
 # 3.4 GB (float16, same speed). Set the variables yourself to measure something else.
+USER_ENV = dict(os.environ)  # --whole-process runs txt2audio.py as a person would
 os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "50")
 os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", "50")
 
@@ -39,6 +44,7 @@ from stable_audio.model_io import Components, build, parse_config, quantize_dit
 
 DATA = Path(__file__).parent / "test_data"
 VARIANTS = ("float32", "float16", "8-bit", "4-bit")
+PROMPT = "128 BPM tech house drum loop"
 
 
 def float32_matmuls() -> str:
@@ -56,23 +62,25 @@ def label(variant: str) -> str:
     return f"float32 ({float32_matmuls()})" if variant == "float32" else variant
 
 
-def run_peer(dtype: str, steps: int, runs: int) -> dict:
-    """peer_diffusers.py's figures at `dtype`, in a process of its own."""
-    command = [
-        sys.executable,
-        str(Path(__file__).parent / "peer_diffusers.py"),
-        "--dtype",
-        dtype,
-        "--steps",
-        str(steps),
-        "--runs",
-        str(runs),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
+PEER = Path(__file__).parent / "peer_diffusers.py"
+
+
+def run(command: list, env=None) -> str:
+    """Run `command`; its standard output, or SystemExit with its last error line."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"The peer failed ({' '.join(command[1:])}): {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{' '.join(map(str, command[1:]))} failed: {last}")
+    return done.stdout
+
+
+def run_peer(dtype: str, steps: int, runs: int, mode: str = "off") -> dict:
+    """peer_diffusers.py's figures at `dtype`, its DiT under torch.compile in `mode`
+    ("off": eager), in a process of its own."""
+    command = [sys.executable, PEER, "--dtype", dtype, "--torch-compile", mode]
+    output = run(command + ["--steps", str(steps), "--runs", str(runs)])
+    print(output.strip().splitlines()[-1], file=sys.stderr, flush=True)
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def peer_dtype(variant: str) -> str:
@@ -257,9 +265,8 @@ def measure(
         with tempfile.TemporaryDirectory() as folder:
             add_adapter(pipe, adapter, Path(folder))
     times = {k: [] for k in ("text", "sampling", "decode", "end to end")}
-    generate(
-        pipe, 2, batch_size, compile, {k: [] for k in times}, sampling=sampling
-    )  # warm-up
+    first = {k: [] for k in times}  # tracing, and kernels built on first use
+    generate(pipe, steps, batch_size, compile, first, sampling=sampling)
     for _ in range(runs):
         generate(
             pipe,
@@ -284,6 +291,7 @@ def measure(
         sampling,
     )
     result = {k: statistics.median(v) for k, v in times.items()}
+    result["first"], result["runs"] = first["end to end"][0], times["end to end"]
     result["peak"] = max(peaks.values())
     result["peaks"] = peaks
     del pipe
@@ -335,6 +343,89 @@ def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -
         "decode": time.perf_counter() - start,
         "peak": mx.get_peak_memory() / 1e9,
     }
+
+
+def write_released(folder: Path) -> Path:
+    """SAO 1.0 in its released file layout (model_config.json, model.safetensors,
+    text_encoder/, tokenizer/spiece.model) with random float32 weights scaled by their
+    fan-in, and a small SentencePiece model with T5's special ids."""
+    import numpy as np
+    import sentencepiece as spm
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+
+    def random_weights(keys: str) -> dict:
+        tensors = {}
+        for name, (shape, _) in json.loads((DATA / keys).read_text()).items():
+            x = rng.standard_normal(shape, dtype=np.float32)
+            x /= math.sqrt(math.prod(shape[1:]) if len(shape) > 1 else 4)
+            if name.endswith("inv_freq"):  # a constant of the architecture
+                dims = 2 * shape[0]
+                x = (1e4 ** -(np.arange(0, dims, 2) / dims)).astype(np.float32)
+            # weight-norm gains positive and below 1, as in a trained VAE
+            tensors[name] = 0.5 * np.abs(x) if name.endswith("weight_g") else x
+        return tensors
+
+    (folder / "text_encoder").mkdir(parents=True)
+    (folder / "tokenizer").mkdir()
+    (folder / "model_config.json").write_bytes(
+        (DATA / "sao1_model_config.json").read_bytes()
+    )
+    config = folder / "text_encoder" / "config.json"
+    config.write_bytes((DATA / "t5_config.json").read_bytes())
+    save_file(random_weights("sao1_keys.json"), str(folder / "model.safetensors"))
+    t5 = random_weights("t5base_keys.json")
+    save_file(t5, str(folder / "text_encoder" / "model.safetensors"))
+    words = PROMPT.lower().split() + "ambient warm pads rain piano synth".split()
+    lines = [" ".join(rng.choice(words, size=8)) for _ in range(500)]
+    with open(folder / "tokenizer" / "spiece.model", "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=f,
+            vocab_size=40,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    return folder
+
+
+def whole_processes(runs: int, steps: int, peer_modes=()) -> dict:
+    """{what: seconds of each whole process}: txt2audio.py eager and --compile on SAO
+    1.0's released layout (random weights: import, load, compile, generate 47.55 s,
+    decode, write), and, for each of `peer_modes`, peer_diffusers.py --one-shot doing
+    the same from its own files; run in turn, `runs` times, in a person's environment
+    (without this benchmark's command-buffer settings)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ours = write_released(tmp / "released")
+        txt2audio = [sys.executable, Path(__file__).parent / "txt2audio.py", PROMPT]
+        txt2audio += ["--model", ours, "--seed", "0", "--steps", steps]
+        commands = {
+            "txt2audio.py": txt2audio + ["--output", tmp / "ours.wav"],
+            "txt2audio.py --compile": txt2audio
+            + ["--output", tmp / "c.wav", "--compile"],
+        }
+        if peer_modes:
+            spiece = ours / "tokenizer" / "spiece.model"
+            run([sys.executable, PEER, "--save", tmp / "peer", "--spiece", spiece])
+        for mode in peer_modes:
+            commands[f"diffusers, torch.compile {mode}"] = [
+                *(sys.executable, PEER, "--one-shot", tmp / "peer", "--steps", steps),
+                *("--output", tmp / "peer.wav", "--torch-compile", mode),
+            ]
+        times = {what: [] for what in commands}
+        for _ in range(runs):
+            for what, command in commands.items():
+                start = time.perf_counter()
+                run([str(c) for c in command], env=USER_ENV)
+                times[what].append(time.perf_counter() - start)
+                print(f"{what}: {times[what][-1]:.2f} s", file=sys.stderr, flush=True)
+        return times
 
 
 PEER_LAYERS = [
@@ -512,6 +603,21 @@ def arguments() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--peer-compile",
+        nargs="+",
+        default=["off", "default"],
+        choices=("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        help="the peer's DiT: eager (off) and under torch.compile in these modes"
+        " (default: off default)",
+    )
+    parser.add_argument(
+        "--whole-process",
+        type=int,
+        metavar="RUNS",
+        help="time whole txt2audio.py processes instead (and the peer's, with --peer),"
+        " RUNS of each in turn",
+    )
+    parser.add_argument(
         "--gemms",
         action="store_true",
         help=(
@@ -551,6 +657,20 @@ if __name__ == "__main__":
             f"One step's products ({depth} blocks): MLX {1e3 * depth * ours:.2f} ms"
             + (f", PyTorch {1e3 * depth * theirs:.2f} ms" if theirs else "")
         )
+        raise SystemExit
+    if args.whole_process:
+        modes = args.peer_compile if args.peer else ()
+        print(
+            f"mlx {mx.__version__}, {mx.default_device()}, whole processes, SAO 1.0's"
+            f" released layout (random float32 weights), {args.steps} steps, cfg 7,"
+            " 47.55 s, seed 0, the default dtype (float16 on a GPU)"
+        )
+        print("| process | each run, in turn (s) | median (s) |")
+        print("| --- | --- | ---: |")
+        times = whole_processes(args.whole_process, args.steps, modes)
+        for what, seconds in times.items():
+            each = ", ".join(f"{t:.2f}" for t in seconds)
+            print(f"| {what} | {each} | {statistics.median(seconds):.2f} |")
         raise SystemExit
     if args.seconds_total:
         print(
@@ -623,17 +743,21 @@ if __name__ == "__main__":
         f" {os.environ['MLX_MAX_MB_PER_BUFFER']} MB, float32 = {float32_matmuls()}"
         " matmuls"
     )
-    peers = {}
+    peers = {}  # (precision, torch.compile mode): [before, after]
     if args.peer:
         for dtype in dict.fromkeys(peer_dtype(v) for v in args.variants):
-            peers[dtype] = [run_peer(dtype, args.steps, 2)]
+            for mode in args.peer_compile:
+                peers[dtype, mode] = [run_peer(dtype, args.steps, 2, mode)]
     ends = {}
     print(
         "| DiT | LoRA | compiled | audios | text (s) | per step (ms) | sampling (s) |"
-        " decode (s) | end to end (s) | per audio (s) | peak (GB): all (text / sampling"
-        " / decode) |"
+        " decode (s) | end to end (s) | per audio (s) | first generation (s) | each"
+        " later one (s) | peak (GB): all (text / sampling / decode) |"
     )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        " --- | ---: |"
+    )
     for variant, adapter, compile, batch_size in itertools.product(
         args.variants, args.adapters, compiles, args.batch_sizes
     ):
@@ -652,34 +776,37 @@ if __name__ == "__main__":
             f"| {label(variant)} | {adapter} | {'yes' if compile else 'no'} |"
             f" {batch_size} | {r['text']:.3f} | {1e3 * r['sampling'] / args.steps:.1f}"
             f" | {r['sampling']:.2f} | {r['decode']:.3f} | {r['end to end']:.2f} |"
-            f" {r['end to end'] / batch_size:.2f} | {r['peak']:.2f}"
+            f" {r['end to end'] / batch_size:.2f} | {r['first']:.2f} |"
+            f" {', '.join(f'{t:.2f}' for t in r['runs'])} | {r['peak']:.2f}"
             f" ({' / '.join(f'{v:.2f}' for v in r['peaks'].values())}) |",
             flush=True,
         )
         ends[variant, adapter, compile, batch_size] = r["end to end"] / batch_size
     if peers:
-        for dtype in peers:
-            peers[dtype].append(run_peer(dtype, args.steps, 2))
+        for key in peers:
+            peers[key].append(run_peer(*key[:1], args.steps, 2, key[1]))
+        torch_version = next(iter(peers.values()))[0]["torch"]
         print(
-            f"\ndiffusers (peer_diffusers.py, torch {peers[dtype][0]['torch']}), before"
-            " / after ours, same call:"
+            f"\ndiffusers (peer_diffusers.py, torch {torch_version}), before / after"
+            " ours, same call:"
         )
         print(
-            "| precision | end to end (s) | DiT forward, batch 2 (ms) | decode (ms) |"
-            " peak (GiB) |"
+            "| precision | DiT | first generation, 2 steps (s) | end to end (s) |"
+            " DiT forward, batch 2 (ms) | decode (ms) | peak (GiB) |"
         )
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for dtype, (before, after) in peers.items():
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for (dtype, mode), (before, after) in peers.items():
             cells = [
-                f"{a:.2f} / {b:.2f}"
-                for a, b in [(before["end_to_end_s"], after["end_to_end_s"])]
+                f"{before[k]:.2f} / {after[k]:.2f}"
+                for k in ("first_generation_s", "end_to_end_s")
             ]
             cells += [
                 f"{1e3 * before[k]:.1f} / {1e3 * after[k]:.1f}"
                 for k in ("dit_forward_s", "decode_s")
             ]
+            dit = "eager" if mode == "off" else f"torch.compile {mode}"
             print(
-                f"| {dtype} | {' | '.join(cells)} |"
+                f"| {dtype} | {dit} | {' | '.join(cells)} |"
                 f" {max(before['peak_GiB'], after['peak_GiB']):.2f} |"
             )
         print(
@@ -689,9 +816,12 @@ if __name__ == "__main__":
         print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
         for (variant, adapter, compile, batch_size), ours in ends.items():
             dtype = peer_dtype(variant)
-            theirs = statistics.mean(p["end_to_end_s"] for p in peers[dtype])
-            print(
-                f"| {label(variant)}{' + ' + adapter if adapter != 'none' else ''} |"
-                f" {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype} |"
-                f" {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |"
-            )
+            for mode in args.peer_compile:
+                theirs = statistics.mean(p["end_to_end_s"] for p in peers[dtype, mode])
+                dit = "eager" if mode == "off" else f"torch.compile {mode}"
+                print(
+                    f"| {label(variant)}"
+                    f"{' + ' + adapter if adapter != 'none' else ''} |"
+                    f" {'yes' if compile else 'no'} | {batch_size} | diffusers {dtype},"
+                    f" {dit} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |"
+                )

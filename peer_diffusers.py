@@ -1,15 +1,21 @@
 """The peer benchmark.py --peer runs: diffusers' StableAudioPipeline (PyTorch, CUDA) with
-random weights at Stable Audio Open 1.0's shapes, 100 steps, cfg 7, a 47 s window.
+random weights at Stable Audio Open 1.0's shapes, 100 steps, cfg 7, a 47 s window, its
+DiT eager or under torch.compile (--torch-compile MODE).
 
 It needs torch, transformers and diffusers, which stable-audio-mlx does not: it is for
-a CUDA machine that has them. Prints one JSON line: the end-to-end time (T5, sampling,
-decoding; median of --runs after a warm-up), one guided DiT forward (batch 2), one VAE
-decode and the peak memory (GiB, PyTorch's allocator)."""
+a CUDA machine that has them. By default it prints one JSON line: the first generation
+(a 2-step warm-up: with torch.compile, its compilation), the end-to-end time (T5,
+sampling, decoding; median of --runs after it), one guided DiT forward (batch 2), one
+VAE decode and the peak memory (GiB, PyTorch's allocator). --save FOLDER writes the
+random pipeline as diffusers' files; --one-shot FOLDER --output FILE is what a person
+runs once: load, generate from a prompt, write a .wav (benchmark.py --whole-process
+times that process from start to end)."""
 
 import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -22,8 +28,9 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.pipelines.stable_audio.modeling_stable_audio import (
     StableAudioProjectionModel,
 )
-from transformers import T5Config, T5EncoderModel
+from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -76,8 +83,22 @@ def pipeline(dtype, device: str = "cuda"):
     return pipe
 
 
+def compiled(pipe, mode: str):
+    """`pipe` with its DiT under torch.compile(mode=`mode`) ("off": eager)."""
+    if mode != "off":
+        pipe.transformer.compile(mode=mode)
+    return pipe
+
+
+def window_seconds(pipe) -> float:
+    """The model's whole window (47.55 s), as txt2audio.py makes by default."""
+    samples = pipe.transformer.config.sample_size * pipe.vae.hop_length
+    return samples / pipe.vae.sampling_rate
+
+
 def end_to_end(pipe, steps: int, runs: int, device: str = "cuda") -> tuple:
-    """The median seconds of `runs` generations (47 s, cfg 7) and their peak GiB."""
+    """The seconds of a first 2-step generation, the median seconds of `runs`
+    generations (47 s, cfg 7) and their peak GiB."""
     tokens = torch.randint(0, 32000, (1, 128), device=device)
     mask = (torch.arange(128, device=device) < 20).long()[None]
 
@@ -96,13 +117,12 @@ def end_to_end(pipe, steps: int, runs: int, device: str = "cuda") -> tuple:
             output_type="pt",
         ).audios
 
-    generate(2)
-    torch.cuda.synchronize()
+    first = cuda_seconds(lambda: generate(2), 1, warm_up=False)
     torch.cuda.reset_peak_memory_stats()
     times = [
         cuda_seconds(lambda: generate(steps), 1, warm_up=False) for _ in range(runs)
     ]
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return first, statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
 @torch.no_grad()
@@ -119,6 +139,7 @@ def forward_and_decode(pipe, dtype, device: str = "cuda") -> tuple:
         use_real=True,
         repeat_interleave_real=False,
     )
+    rope = tuple(r.to(device) for r in rope)  # as the pipeline passes them
     conditioning = dict(
         encoder_hidden_states=context,
         global_hidden_states=global_embed,
@@ -126,6 +147,34 @@ def forward_and_decode(pipe, dtype, device: str = "cuda") -> tuple:
     )
     forward = cuda_seconds(lambda: dit(x, t, **conditioning), 10)
     return forward, cuda_seconds(lambda: pipe.vae.decode(x[:1]), 3)
+
+
+def save(folder: Path, spiece: Path):
+    """The random pipeline (float32 weights) as diffusers' files, with a T5 tokenizer
+    made from the SentencePiece model `spiece`."""
+    pipe = pipeline(torch.float32, device="cpu")
+    tokenizer = T5TokenizerFast(vocab_file=str(spiece), model_max_length=128)
+    pipe.register_modules(tokenizer=tokenizer)
+    pipe.save_pretrained(folder)
+
+
+@torch.no_grad()
+def one_shot(folder: Path, output: Path, dtype, mode: str, steps: int):
+    """What a person runs once: load the pipeline, generate the whole window from a
+    prompt (cfg 7, seed 0), write 16-bit PCM."""
+    import soundfile as sf
+
+    pipe = StableAudioPipeline.from_pretrained(folder, dtype=dtype).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    audio = compiled(pipe, mode)(
+        "128 BPM tech house drum loop",
+        audio_end_in_s=window_seconds(pipe),
+        num_inference_steps=steps,
+        guidance_scale=7.0,
+        generator=torch.Generator("cuda").manual_seed(0),
+        output_type="np",
+    ).audios[0]
+    sf.write(output, audio.T, pipe.vae.sampling_rate, subtype="PCM_16")
 
 
 def main():
@@ -138,18 +187,46 @@ def main():
     )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--torch-compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="torch.compile the DiT in this mode (default: off, eager)",
+    )
+    parser.add_argument(
+        "--save",
+        type=Path,
+        metavar="FOLDER",
+        help="write the random pipeline there (with --spiece) and exit",
+    )
+    parser.add_argument("--spiece", type=Path, help="the tokenizer's spiece.model")
+    parser.add_argument(
+        "--one-shot",
+        type=Path,
+        metavar="FOLDER",
+        help="load a --save folder, generate once, write --output, exit",
+    )
+    parser.add_argument("--output", type=Path, default=Path("peer.wav"))
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     # PyTorch's default is true float32; stable-audio-tools also turns TF32 off to
     # generate
     tf32 = args.dtype == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    pipe = pipeline(dtype)
-    seconds, peak = end_to_end(pipe, args.steps, args.runs)
+    if args.save:
+        return save(args.save, args.spiece)
+    if args.one_shot:
+        return one_shot(
+            args.one_shot, args.output, dtype, args.torch_compile, args.steps
+        )
+    pipe = compiled(pipeline(dtype), args.torch_compile)
+    first, seconds, peak = end_to_end(pipe, args.steps, args.runs)
     forward, decode = forward_and_decode(pipe, dtype)
     result = {
         "dtype": args.dtype,
+        "torch_compile": args.torch_compile,
         "torch": torch.__version__,
+        "first_generation_s": first,
         "end_to_end_s": seconds,
         "dit_forward_s": forward,
         "decode_s": decode,
