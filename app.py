@@ -54,7 +54,7 @@ CONTENT_TYPES = {
     ".wav": "audio/wav",
     ".flac": "audio/flac",
     ".mp3": "audio/mpeg",
-    ".png": "image/png",
+    ".svg": "image/svg+xml",
     ".json": "application/json",
 }
 MODES = {
@@ -398,17 +398,18 @@ class Studio:
             stem = self._free_stem(s.seed, i if len(audio) > 1 else None)
             path = self.output_dir / f"{stem}.{audio_format}"
             write_audio(path, set_level(item, "peak"), self.pipe.sample_rate)
-            write_spectrogram(path.with_suffix(".png"), item, self.pipe.sample_rate)
+            picture = path.with_suffix(".svg")  # with its axes, as txt2audio's
+            write_spectrogram(picture, item, self.pipe.sample_rate)
             settings = {**job["settings"], "index": i, "file": path.name}
             with written(path.with_suffix(".json")) as tmp:
                 tmp.write_text(json.dumps(settings, indent=1))
             with self.lock:
-                for p in (path, path.with_suffix(".png"), path.with_suffix(".json")):
+                for p in (path, picture, path.with_suffix(".json")):
                     self.files[p.name] = p
             results.append(
                 {
                     "audio": f"/results/{path.name}",
-                    "spectrogram": f"/results/{path.with_suffix('.png').name}",
+                    "spectrogram": f"/results/{picture.name}",
                     "name": path.name,
                     "seconds": item.shape[-1] / self.pipe.sample_rate,
                     "sample_rate": self.pipe.sample_rate,
@@ -679,6 +680,14 @@ def check_output_dir(output_dir: str) -> Path:
     return path
 
 
+def model_name(path_or_repo: str) -> str:
+    """How the page names the model: a folder by its own name (`mlx_model`, not the path
+    to it), a Hub repo by its name (`stable-audio-open-1.0`)."""
+    path = Path(path_or_repo).expanduser()
+    name = path.resolve().name if path.is_dir() else path_or_repo.rstrip("/")
+    return name.rsplit("/", 1)[-1] or path_or_repo
+
+
 def arguments():
     p = parser("Serve a local page that makes audio from text with Stable Audio Open.")
     add = p.add_argument
@@ -734,7 +743,7 @@ def main(argv=None):
         server = listen(args.host, args.port)  # before loading: a port in use fails now
         print(f"[INFO] Loading {args.model}", flush=True)
         upload_bytes = int(args.max_upload_mb * 1e6)
-        studio = Studio(args.model, output_dir, args.compile, upload_bytes)
+        studio = Studio(model_name(args.model), output_dir, args.compile, upload_bytes)
         studio.start(
             lambda: StableAudio.from_pretrained(
                 args.model, *dtypes, args.quantize, loras

@@ -21,8 +21,15 @@ class AppServer:
     """app.py run as users run it, on the small model: its address, output folder and process."""
 
     def __init__(
-        self, model: Path, output_dir: Path, *args, host="127.0.0.1", env=None
+        self,
+        model: Path,
+        output_dir: Path,
+        *args,
+        host="127.0.0.1",
+        env=None,
+        cwd: Path = None,
     ):
+        """With `cwd`, app.py runs there and is given `output_dir` relative to it."""
         self.output_dir, self.host = output_dir, host
         self.process = subprocess.Popen(
             [
@@ -35,13 +42,14 @@ class AppServer:
                 "--port",
                 "0",
                 "--output-dir",
-                str(output_dir),
+                str(output_dir.relative_to(cwd) if cwd else output_dir),
                 *args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            cwd=cwd,
         )
         self.lines = []
         for (
@@ -117,11 +125,9 @@ class AppServer:
 
 @pytest.fixture(scope="module")
 def app_server(small_converted, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")  # its output folder is given as `outputs`
     server = AppServer(
-        small_converted,
-        tmp_path_factory.mktemp("app") / "results",
-        "--max-upload-mb",
-        "0.05",
+        small_converted, folder / "outputs", "--max-upload-mb", "0.05", cwd=folder
     )
     yield server
     log = server.stop()
@@ -132,6 +138,31 @@ def app_server(small_converted, tmp_path_factory):
 
 def _files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_the_page_names_the_model_not_its_path(
+    app_server, small_converted, tmp_path, monkeypatch
+):
+    """The header names the model by its folder's own name or its Hub repo's name, never
+    the path to it (which the README's screenshot once showed)."""
+    import app
+
+    status, info, _ = app_server.request("GET", "/api/info")
+    assert status == 200 and info["model"] == small_converted.name == "mlx_model"
+    assert info["output_dir"] == "outputs"  # as given
+    folder = tmp_path / "my model"
+    folder.mkdir()
+    for given, shown in (
+        (str(small_converted), "mlx_model"),
+        (f"{small_converted}/", "mlx_model"),
+        (f"{small_converted}/../mlx_model", "mlx_model"),
+        (str(folder), "my model"),
+        ("stabilityai/stable-audio-open-1.0", "stable-audio-open-1.0"),
+        ("stabilityai/stable-audio-open-small", "stable-audio-open-small"),
+    ):
+        assert app.model_name(given) == shown, given
+    monkeypatch.chdir(folder)
+    assert app.model_name(".") == "my model"
 
 
 def test_app_writes_what_txt2audio_writes(app_server, small_converted, tmp_path):
@@ -179,8 +210,10 @@ def test_app_writes_what_txt2audio_writes(app_server, small_converted, tmp_path)
         and part == served[4:12]
         and response.getheader("Content-Range") == f"bytes 4-11/{len(served)}"
     )
-    status, png, _ = app_server.request("GET", result["spectrogram"])
-    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    status, picture, response = app_server.request("GET", result["spectrogram"])
+    assert status == 200 and response.getheader("Content-Type") == "image/svg+xml"
+    assert picture == written.with_suffix(".svg").read_bytes()
+    assert b'<text class="frequency"' in picture and b"base64," in picture  # axes
     settings = json.loads(written.with_suffix(".json").read_text())
     assert (
         settings["prompt"] == "warm pads"
@@ -559,7 +592,7 @@ def _browser():
         "--headless=new",
         "--no-sandbox",
         "--disable-dev-shm-usage",
-        "--window-size=1100,1350",
+        "--window-size=1100,1620",  # the newest result whole, with its spectrogram
         "--autoplay-policy=no-user-gesture-required",
         "--mute-audio",
     ):
@@ -572,13 +605,17 @@ def _browser():
 def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_path):
     """Chromium opens the page, types a prompt, clicks Generate, watches the progress bar
     fill, and plays the result: an audio element of the requested length, whose file is a
-    44.1 kHz stereo wav. Then "use this seed" fills the seed; a file is uploaded, a range
-    drawn on its waveform, and it is inpainted as txt2audio does it; and a bad value
-    shows the command line's message beside its field, writing nothing. The screenshot is the
-    README's picture (APP_SCREENSHOT=web/screenshot.png writes it there)."""
+    44.1 kHz stereo wav, its spectrogram beside it with its axes, the header naming the
+    model by its folder's name. Then "use this seed" fills the seed; a file is uploaded,
+    a range drawn on its waveform, and it is inpainted as txt2audio does it; and a bad
+    value shows the command line's message beside its field, writing nothing. The
+    screenshot is the README's picture (APP_SCREENSHOT=web/screenshot.png writes it
+    there)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from stable_audio import spectrogram
 
     browser = _browser()
     try:
@@ -646,9 +683,13 @@ def test_app_in_a_real_browser(app_server, small_converted, audio_files, tmp_pat
         assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"
         images = browser.execute_script(
             "return [...document.querySelectorAll('.result img')].map(i =>"
-            " i.naturalWidth)"
+            " [i.complete, i.naturalWidth])"
         )
-        assert images and images[0] == 1024  # the spectrogram arrived
+        width = spectrogram.LEFT + spectrogram.WIDTH + spectrogram.RIGHT
+        assert images and images[0] == [True, width]  # the spectrogram, with axes
+        header = browser.find_element(By.ID, "model").text
+        assert header.startswith("mlx_model · 44100 Hz") and "/" not in header, header
+        assert "results in outputs" in header  # the folder as given
 
         # inpainting an uploaded file, its range drawn on the waveform: txt2audio's file
         Select(browser.find_element(By.ID, "mode")).select_by_value("inpaint")
@@ -813,7 +854,7 @@ def _whole_results(folder: Path) -> list:
     assert not [n for n in names if n.startswith(".") or "partial" in n], names
     stems = {Path(n).stem for n in names}
     for stem in stems:
-        assert {f"{stem}.wav", f"{stem}.png", f"{stem}.json"} <= set(names), names
+        assert {f"{stem}.wav", f"{stem}.svg", f"{stem}.json"} <= set(names), names
         assert len(sf.read(folder / f"{stem}.wav")[0]) > 0
         assert (
             json.loads((folder / f"{stem}.json").read_text())["file"] == f"{stem}.wav"

@@ -163,7 +163,7 @@ def test_unwritable_outputs_are_refused_before_any_work(
         (["--output", tmp_path / long_name], "File name too long"),
         (["--output", tmp_path / "a.wav", "--spectrogram", "--n-audios", "3"], ""),
     ):
-        (tmp_path / "a_1.png").mkdir(exist_ok=True)
+        (tmp_path / "a_1.svg").mkdir(exist_ok=True)
         message = _main(txt2audio, ["tone", "--model", model, *map(str, args)])
         assert phrase in message and message, message
     with pytest.raises(OSError, match="File name too long"):

@@ -1,7 +1,8 @@
 """Generate audio from text with Stable Audio Open: the command line of
-StableAudio.generate."""
+StableAudio.generate, for one prompt or (--prompts) a file of many."""
 
 import time
+from contextlib import suppress
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,12 +10,20 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from stable_audio import DEFAULT_REPO, Settings, StableAudio, limit_memory, load_config
+from stable_audio import (
+    DEFAULT_REPO,
+    Settings,
+    StableAudio,
+    batch,
+    limit_memory,
+    load_config,
+)
 from stable_audio.audio import FORMATS, LEVELS, set_level, write_audio
 from stable_audio.cli import (
     add_lora_arguments,
     add_model_arguments,
     dtype,
+    dtype_name,
     lora_settings,
     number,
     one_line_errors,
@@ -27,6 +36,39 @@ from stable_audio.sampler import FLOW_SAMPLERS, SAMPLERS
 from stable_audio.spectrogram import write_spectrogram
 
 MEMORY_ADVICE = "if memory ran out, try --low-memory, --quantize 8 or fewer --n-audios."
+# What a line of a --prompts .jsonl file may set, by option name with underscores: the
+# flags of one generation and its file; the others (the model, ...) are the run's
+LINE_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "seconds_start",
+    "seconds_total",
+    "overlap",
+    "continue",
+    "loop",
+    "bpm",
+    "bars",
+    "beats_per_bar",
+    "steps",
+    "cfg_scale",
+    "apg_scale",
+    "cfg_norm_threshold",
+    "cfg_interval",
+    "cfg_rescale",
+    "sampler",
+    "sigma_min",
+    "sigma_max",
+    "flow_schedule",
+    "init_audio",
+    "init_noise_level",
+    "inpaint_audio",
+    "inpaint_range",
+    "seed",
+    "n_audios",
+    "output",
+    "normalize",
+    "raw",
+)
 
 
 def _length(group):
@@ -197,7 +239,14 @@ def _audio(group):
 
 def _output(group):
     add = group.add_argument
-    add("--seed", type=int, help="Random seed (default: a random one, printed)")
+    add(
+        "--seed",
+        type=int,
+        help=(
+            "Random seed (default: a random one, printed); with --prompts, the run's,"
+            " from which each line without a seed of its own derives one"
+        ),
+    )
     add(
         "--n-audios",
         dest="batch_size",
@@ -207,8 +256,7 @@ def _output(group):
     )
     add(
         "--output",
-        default="output.wav",
-        help="A .wav, .flac or .mp3 file; several are numbered (default: %(default)s)",
+        help="A .wav, .flac or .mp3 file; several are numbered (default: output.wav)",
     )
     add(
         "--normalize",
@@ -224,7 +272,8 @@ def _output(group):
         "--spectrogram",
         action="store_true",
         help=(
-            "Also write each output's spectrogram beside it, as a PNG of the same name"
+            "Also write each output's spectrogram beside it, an SVG of the same name"
+            " with axes: time (s), frequency (Hz, log scale) and level (dB)"
         ),
     )
     add(
@@ -234,6 +283,34 @@ def _output(group):
             "Write the decoder's float output as is (32-bit float WAV; --normalize"
             " none)"
         ),
+    )
+
+
+def _many(group):
+    add = group.add_argument
+    add(
+        "--prompts",
+        metavar="FILE",
+        help=(
+            "Make every prompt of FILE with one loaded model: a .txt file, one prompt a"
+            ' line, or a .jsonl file, one JSON object a line ("prompt" and any of'
+            ' these flags, e.g. "seed", "n_audios"); the flags given are every'
+            " line's defaults. See docs/batch.md"
+        ),
+    )
+    add(
+        "--output-dir",
+        metavar="DIR",
+        help=(
+            "With --prompts: the folder of its files (made if missing), one per audio,"
+            " and of manifest.jsonl, their record; a run again makes only what is"
+            " missing"
+        ),
+    )
+    add(
+        "--format",
+        choices=[f[1:] for f in FORMATS],
+        help="With --prompts: the files' format (default: wav)",
     )
 
 
@@ -256,7 +333,7 @@ def _runtime(group):
 def arguments():
     p = parser("Generate audio from text with Stable Audio Open.")
     add = p.add_argument
-    add("prompt")
+    add("prompt", nargs="?", help="What to generate (or --prompts FILE)")
     add(
         "--model",
         default=DEFAULT_REPO,
@@ -268,6 +345,7 @@ def arguments():
     _audio(p.add_argument_group("audio to audio"))
     add_lora_arguments(p.add_argument_group("adapters"))
     _output(p.add_argument_group("seed, batch and output"))
+    _many(p.add_argument_group("many prompts"))
     _runtime(p.add_argument_group("precision and memory"))
     return p
 
@@ -298,7 +376,7 @@ def output_files(args, n: int) -> list[Path]:
     """Every file the run will write (its audios, their spectrograms), each checked
     writable now, before any work, and none of them an input file."""
     paths = output_paths(args.output, n)
-    paths += [p.with_suffix(".png") for p in paths] if args.spectrogram else []
+    paths += [p.with_suffix(".svg") for p in paths] if args.spectrogram else []
     inputs = (args.continue_audio, args.init_audio, args.inpaint_audio)
     for path in paths:
         for source in filter(None, inputs):
@@ -355,6 +433,12 @@ class Phases:
         self.s, self.args = s, args
         self.bar = None
         self.start = time.perf_counter()
+        self.free = True  # a batch keeps every model for the lines after
+        self.bar_options = {}
+
+    def begin(self, s: Settings):
+        """A batch's next generation."""
+        self.s, self.start = s, time.perf_counter()
 
     def loaded(self, pipe: StableAudio):
         self.pipe = pipe
@@ -377,7 +461,7 @@ class Phases:
         if self.bar is None:
             if self.s.is_piece(self.pipe.config):
                 print(f"[INFO] {total // self.s.steps} windows")
-            self.bar = tqdm(total=total, desc="Sampling")
+            self.bar = tqdm(total=total, desc="Sampling", **self.bar_options)
             self.first_step = time.perf_counter() - self.start
         self.bar.update(1)
         if done == total:
@@ -387,39 +471,180 @@ class Phases:
         """The progress bar ended, before any message that follows it."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
     def phase(self, name: str):
-        if name == "audio encoding":
+        if name == "audio encoding" and self.free:
             del self.pipe.vae.encoder
-        if name == "text encoding":
+        if name == "text encoding" and self.free:
             del self.pipe.t5  # not needed any more
         if name == "sampling":
             if self.args.verbose:
                 what = "with compilation" if self.s.compile else "eager"
                 print(f"[INFO] First step ({what}): {self.first_step:.2f} s")
-            del self.pipe.dit
+            if self.free:
+                del self.pipe.dit
         if self.args.low_memory and name in ("text encoding", "sampling"):
             limit_memory()  # again, once the DiT is gone
         self.report(name.capitalize())
 
 
-def write(audio: np.ndarray, args, sample_rate: int):
-    for path, item in zip(output_paths(args.output, args.batch_size), audio):
+def write(audio: np.ndarray, args, sample_rate: int, wanted=None, done=None):
+    """Write the audios (all, or the indices in `wanted`) as `args` say, each with a
+    warning if it is silent or not finite; `done(index, path, audio)` is called as each
+    one's files are whole."""
+    paths = output_paths(args.output, args.batch_size)
+    for i, (path, item) in enumerate(zip(paths, audio)):
+        if wanted is not None and i not in wanted:
+            continue
         if args.raw:
             write_audio(path, item, sample_rate, subtype="FLOAT")
         else:
             write_audio(path, set_level(item, args.normalize), sample_rate)
         print(f"[INFO] Wrote {path}")
+        warning = batch.level_warning(path, item)
+        if warning:
+            print(warning)
         if args.spectrogram:
-            write_spectrogram(path.with_suffix(".png"), item, sample_rate)
-            print(f"[INFO] Wrote {path.with_suffix('.png')}")
+            write_spectrogram(path.with_suffix(".svg"), item, sample_rate)
+            print(f"[INFO] Wrote {path.with_suffix('.svg')}")
+        if done is not None:
+            done(i, path, item)
+
+
+def check_many(args):
+    """A prompt or --prompts, and the flags that go with each."""
+    if args.prompts is None:
+        given = [f for f in ("output_dir", "format") if getattr(args, f) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} goes with --prompts FILE.")
+        if args.prompt is None:
+            raise ValueError("Give a prompt (or --prompts FILE for many).")
+        if args.output is None:
+            args.output = "output.wav"
+        return
+    if args.prompt is not None:
+        raise ValueError("Give a prompt or --prompts FILE, not both.")
+    if args.output_dir is None:
+        raise ValueError("--prompts needs --output-dir DIR, the folder of its files.")
+    if args.output is not None:
+        raise ValueError(
+            "--prompts names its files in --output-dir (a .jsonl line may name its own,"
+            ' "output"); leave out --output.'
+        )
+
+
+def check_line(args, config) -> tuple:
+    """A --prompts line's flags checked as a single run's are: its Settings for the
+    model, and the paths of its audios."""
+    check_output(args.output, args.raw)
+    check_flags(args)
+    s = settings(args, config)
+    output_files(args, s.batch_size)
+    return s, output_paths(args.output, s.batch_size)
+
+
+def run_many(args, dtypes):
+    """--prompts: every line checked, then this process's share of those not made
+    yet, with one loaded model; each audio recorded in the manifest once written."""
+    lines = batch.read_prompts(args.prompts, LINE_KEYS)
+    loras = lora_settings(args)
+    config = load_config(args.model)
+    if args.quantize and config.quantization:
+        raise ValueError(f"{args.model} is already quantized; leave out --quantize.")
+    group = mx.distributed.init()  # under mlx.launch: one of several, a share each
+    leader = group.rank() == 0
+    folder = Path(args.output_dir)
+    made_folder = batch.make_folder(folder)
+    manifest = batch.Manifest(folder, group.rank(), group.size())
+    run_seed, source = batch.draw_run_seed(args.seed, manifest, group)
+    run = {
+        "model": args.model,
+        "dtype": dtype_name(args.dtype),
+        "vae_dtype": dtype_name(args.vae_dtype),
+        "quantize": args.quantize,
+        "lora": [[str(f), s, i, lf] for f, s, i, lf in loras],
+        "compile": args.compile,
+        "run_seed": run_seed,
+    }
+    try:
+        jobs = batch.plan(
+            lines,
+            args.prompts,
+            folder,
+            arguments(),
+            args,
+            LINE_KEYS,
+            lambda line: check_line(line, config),
+            run,
+            "." + (args.format or "wav"),
+        )
+    except BaseException:
+        if made_folder:  # nothing written
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+    if leader and source != "given":
+        print(f"[INFO] Seed {run_seed} ({source}): each line's derives from it")
+    jobs = batch.share(jobs, group.rank(), group.size())
+    done = batch.pending(jobs, manifest)
+    todo = [job for job in jobs if job.missing]
+    total = sum(len(job.paths) for job in jobs)
+    here = " for this process" if group.size() > 1 else ""
+    print(
+        f"[INFO] {len(lines)} prompts, {total} audio(s){here}: {done} in {folder}"
+        f" already, {total - done} to make"
+    )
+    if todo:
+        make(args, dtypes, loras, todo, manifest, (done, total), leader)
+    batch.barrier(group)  # every process done: one manifest
+    if leader:
+        manifest.merge()
+        print(f"[INFO] Manifest {folder / batch.MANIFEST}")
+
+
+def make(args, dtypes, loras, todo, manifest, counts, leader):
+    pipe = StableAudio.from_pretrained(args.model, *dtypes, args.quantize, loras)
+    phases = Phases(todo[0].settings, args)
+    phases.free = False
+    phases.bar_options = dict(position=1, leave=False, disable=not leader)
+    phases.loaded(pipe)
+    done, total = counts
+    bar = tqdm(
+        total=total, initial=done, desc="Batch", unit="audio", disable=not leader
+    )
+    made = batch.generate_many(
+        pipe, [job.settings for job in todo], phases.progress, phases.phase
+    )
+    try:
+        for job in todo:
+            phases.begin(job.settings)
+            try:
+                _, audio = next(made)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{job.where}: {e}") from None
+            finally:
+                phases.close()
+
+            def record(index, path, item, job=job):
+                manifest.append(job.done(index, item, pipe.sample_rate), path)
+                bar.update(1)
+
+            with tqdm.external_write_mode():
+                write(np.array(audio), job.args, pipe.sample_rate, job.missing, record)
+    finally:
+        bar.close()
 
 
 def main(argv=None):
     args = arguments().parse_args(argv)
     with one_line_errors(MEMORY_ADVICE):
+        check_many(args)
         # Everything that can be checked is checked before the weights are read
         dtypes = dtype(args.dtype), dtype(args.vae_dtype)
+        if args.prompts is not None:
+            return run_many(args, dtypes)
         check_output(args.output, args.raw)
         check_flags(args)
         loras = lora_settings(args)

@@ -2,6 +2,7 @@
 lives."""
 
 from .audio import resample
+from .batch import generate_many
 from .model_io import DEFAULT_REPO, Config, load, load_config
 from .pipeline import Conditioning, StableAudio, check_finite, limit_memory
 from .settings import DEFAULTS, ArgumentError, Settings
@@ -15,6 +16,7 @@ __all__ = [
     "Settings",
     "StableAudio",
     "check_finite",
+    "generate_many",
     "limit_memory",
     "load",
     "load_config",

@@ -168,7 +168,8 @@ function addResult(result) {
     element("div", { class: "links" },
       element("a", { href: result.audio, download: result.name }, `download ${result.name.split(".").pop()}`),
       useSeed),
-    element("img", { src: result.spectrogram, alt: `spectrogram of ${result.name}` }));
+    element("a", { href: result.spectrogram, target: "_blank", title: "the spectrogram, full size" },
+      element("img", { src: result.spectrogram, alt: `spectrogram of ${result.name}: time (s), frequency (Hz, log scale), level (dB)` })));
   list.prepend(item);
 }
 
