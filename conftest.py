@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -408,6 +409,22 @@ def _cli(script: str, *args, env=None, cwd=None, prelude="pass"):
         text=True,
         env=env,
         cwd=cwd,
+    )
+
+
+def _launch(script: str, *args, processes: int = 2):
+    """Run one of our scripts under mlx.launch: `processes` processes of the ring
+    backend over loopback, to their end."""
+    launch = shutil.which(
+        "mlx.launch", path=str(Path(sys.executable).parent)
+    ) or shutil.which("mlx.launch")
+    with socket.socket() as s:  # a free port for the ring
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [launch, "-n", str(processes), "--backend", "ring"]
+    command += ["--starting-port", str(port), sys.executable, str(HERE / script)]
+    return subprocess.run(
+        command + list(map(str, args)), capture_output=True, text=True, timeout=600
     )
 
 

@@ -7,9 +7,7 @@ import io
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from hashlib import sha256
@@ -21,7 +19,7 @@ import soundfile as sf
 from safetensors.numpy import load_file, save_file
 
 import txt2audio
-from conftest import HERE, _script
+from conftest import _launch, _script
 from stable_audio import ArgumentError, Settings, batch, generate_many
 
 STEPS = ["--steps", "4"]
@@ -326,30 +324,8 @@ def test_two_processes_make_what_one_makes(txt_batch, small_checkpoint, tmp_path
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(TXT)
     out = tmp_path / "out"
-    launch = shutil.which(
-        "mlx.launch", path=str(Path(sys.executable).parent)
-    ) or shutil.which("mlx.launch")
-    with socket.socket() as s:  # a free port for the ring
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     argv = ["--prompts", prompts, "--output-dir", out, "--model", small_checkpoint]
-    result = subprocess.run(
-        [
-            launch,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--starting-port",
-            str(port),
-            sys.executable,
-            str(HERE / "txt2audio.py"),
-            *map(str, argv + STEPS),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _launch("txt2audio.py", *argv, *STEPS)
     assert result.returncode == 0, result.stderr[-2000:]
     (seed,) = {int(w.split()[2]) for w in result.stdout.splitlines() if "Seed" in w}
     assert result.stdout.count("3 audio(s) for this process") == 2

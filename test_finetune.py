@@ -25,6 +25,7 @@ from conftest import (
     SOME_LAYERS,
     _adapted_dit_error,
     _copy_folder,
+    _launch,
     _listing,
     _main,
     _our_bases,
@@ -498,9 +499,6 @@ def test_accumulation_and_processes_match_a_larger_batch(
     """Four steps of batch 2 in one process; of batch 1 with --grad-accumulate 2; and of
     batch 1 in each of two processes (mlx.launch, ring backend over loopback): the same
     adapters (the checkpoint's float32 values)."""
-    import shutil
-    import socket
-
     import finetune
 
     common = [
@@ -542,31 +540,7 @@ def test_accumulation_and_processes_match_a_larger_batch(
         )
         == ""
     )
-    launch = shutil.which(
-        "mlx.launch", path=str(Path(sys.executable).parent)
-    ) or shutil.which("mlx.launch")
-    with socket.socket() as s:  # a free port for the ring
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = subprocess.run(
-        [
-            launch,
-            "-n",
-            "2",
-            "--backend",
-            "ring",
-            "--starting-port",
-            str(port),
-            sys.executable,
-            str(HERE / "finetune.py"),
-            *common,
-            "--output",
-            str(outputs["processes"]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _launch("finetune.py", *common, "--output", outputs["processes"])
     assert run.returncode == 0, run.stderr[-2000:]
     adapters = {
         name: {
