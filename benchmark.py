@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # Commit GPU work in command buffers of at most 50 ops or 50 MB, as MLX does on an
@@ -301,8 +302,10 @@ def measure(
 
 def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -> dict:
     """A piece beyond the window, as txt2audio.py --seconds-total makes it (compiled
-    steps; random token ids for the prompt): its windows, the sampling time, the
-    decoding time of the whole piece and the peak memory."""
+    steps; random token ids for the prompt), after a 2-step piece on the same pipeline
+    (its tracing and first allocations, as for a warm generation): its windows, each
+    window's sampling time, the sampling time, the decoding time of the whole piece and
+    the peak memory."""
     from stable_audio import Settings, long_form
 
     pipe = random_pipeline(variant, config)
@@ -329,17 +332,26 @@ def measure_piece(variant: str, seconds_total: float, steps: int, config=None) -
         conditionings.append(Conditioning(*pipe.conditioner(hidden, mask, **timing)))
     del pipe.t5
     mx.clear_cache()
+
+    def sample(settings) -> tuple:
+        piece, ends = long_form.canvas(pipe, windows), []
+        start = time.perf_counter()
+        made = long_form.sample(pipe, conditionings, windows, piece, settings)
+        for done, x in enumerate(made, 1):
+            mx.eval(x)
+            if done % settings.steps == 0:
+                ends.append(time.perf_counter() - start)
+        return piece, [b - a for a, b in zip([0.0] + ends, ends)]
+
+    sample(replace(s, steps=2))  # warm-up
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    piece = long_form.canvas(pipe, windows)
-    for x in long_form.sample(pipe, conditionings, windows, piece, s):
-        mx.eval(x)
-    sampling = time.perf_counter() - start
+    piece, each = sample(s)
     start = time.perf_counter()
     mx.eval(pipe.decode(piece)[..., :samples])
     return {
         "windows": len(windows),
-        "sampling": sampling,
+        "each window": each,
+        "sampling": sum(each),
         "decode": time.perf_counter() - start,
         "peak": mx.get_peak_memory() / 1e9,
     }
@@ -678,14 +690,15 @@ if __name__ == "__main__":
             f" piece, {args.steps} steps a window, cfg 7, compiled"
         )
         print(
-            "| DiT | windows | sampling (s) | decode (s) | end to end (s) | peak (GB) |"
+            "| DiT | windows | each window (s) | sampling (s) | decode (s) | end to end"
+            " (s) | peak (GB) |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
         for variant in args.variants:
-            measure_piece(variant, args.seconds_total, 2)  # warm-up
             r = measure_piece(variant, args.seconds_total, args.steps)
+            each = ", ".join(f"{t:.2f}" for t in r["each window"])
             print(
-                f"| {variant} | {r['windows']} | {r['sampling']:.2f} |"
+                f"| {variant} | {r['windows']} | {each} | {r['sampling']:.2f} |"
                 f" {r['decode']:.2f} | {r['sampling'] + r['decode']:.2f} |"
                 f" {r['peak']:.2f} |",
                 flush=True,

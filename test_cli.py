@@ -377,6 +377,7 @@ def test_benchmark_runs():
     assert (
         piece["windows"] == 5 and piece["sampling"] > 0 and piece["peak"] > 0
     )  # the default overlap, whole seconds, is 0 here
+    assert len(piece["each window"]) == 5 and min(piece["each window"]) > 0
     # float32: the CPU's float16 matmuls are slow loops
     for adapter in ("static", "gated"):
         assert (
