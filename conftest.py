@@ -605,7 +605,8 @@ def reference_checkpoint(
 def sao(reference, spiece, tmp_path_factory):
     """The full Stable Audio Open 1.0 config."""
     folder = tmp_path_factory.mktemp("sao1") / "released"
-    return reference_checkpoint(reference, spiece, folder, SAO1_CONFIG, T5_BASE_CONFIG)
+    yield reference_checkpoint(reference, spiece, folder, SAO1_CONFIG, T5_BASE_CONFIG)
+    shutil.rmtree(folder)  # 5 GB, not kept even when a test failed
 
 
 @pytest.fixture(scope="session")

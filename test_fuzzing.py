@@ -3,6 +3,8 @@ out of range or not numbers, empty, huge and odd Unicode prompts, paths with spa
 run writes what it should, or exits with one line and leaves its folder as it was."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -69,18 +71,27 @@ def fuzz_model(small_converted, tmp_path_factory):
     return _copy_folder(small_converted, tmp_path_factory.mktemp("fuzz") / "a model ü")
 
 
-@pytest.fixture(scope="session")
-def fuzz_room(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz room")
+@pytest.fixture
+def new_room(tmp_path):
+    """Makes an empty folder for each fuzzed example and removes the one before it (a
+    convert example holds a model's copy: a few hundred of them would fill a disk)."""
+    rooms = []
+
+    def new() -> Path:
+        while rooms:
+            shutil.rmtree(rooms.pop())
+        rooms.append(Path(tempfile.mkdtemp(dir=tmp_path / "fuzz room")))
+        return rooms[-1]
+
+    (tmp_path / "fuzz room").mkdir()
+    return new
 
 
 @pytest.mark.filterwarnings("ignore:Prompt longer than")
-def test_txt2audio_under_fuzzing(fuzz_model, audio_files, fuzz_room, monkeypatch):
+def test_txt2audio_under_fuzzing(fuzz_model, audio_files, new_room, monkeypatch):
     """Runs of txt2audio.py with every flag either valid or wild (out of range, not finite,
     not a number, odd text, paths that cannot be written): each run writes its files, or
     stops with one line and leaves the folder as it was."""
-    import tempfile
-
     import soundfile as sf
     from huggingface_hub import constants
 
@@ -148,7 +159,7 @@ def test_txt2audio_under_fuzzing(fuzz_model, audio_files, fuzz_room, monkeypatch
     @FUZZ
     @given(st.data())
     def run(data):
-        room = Path(tempfile.mkdtemp(dir=fuzz_room))
+        room = new_room()
         (room / "taken.wav").mkdir()  # an output path that is a folder
         wild = set(
             data.draw(
@@ -192,11 +203,8 @@ def test_txt2audio_under_fuzzing(fuzz_model, audio_files, fuzz_room, monkeypatch
 
 
 def test_convert_under_fuzzing(
-    small_checkpoint, small_converted, audio_files, fuzz_room, monkeypatch
+    small_checkpoint, small_converted, audio_files, new_room, monkeypatch
 ):
-    import shutil
-    import tempfile
-
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -229,7 +237,7 @@ def test_convert_under_fuzzing(
     @FUZZ
     @given(st.data())
     def run(data):
-        room = Path(tempfile.mkdtemp(dir=fuzz_room))
+        room = new_room()
         shutil.copytree(small_converted, room / "converted")
         (room / "notes").mkdir()
         (room / "notes" / "todo.txt").write_text("mine")
