@@ -548,7 +548,9 @@ def check_line(args, config) -> tuple:
 def run_many(args, dtypes):
     """--prompts: every line checked, then this process's share of those not made
     yet, with one loaded model; each audio recorded in the manifest once written."""
-    lines = batch.read_prompts(args.prompts, LINE_KEYS)
+    every = batch.actions(arguments())
+    options = {key: every[key] for key in LINE_KEYS}  # what a line may set
+    lines = batch.read_prompts(args.prompts, list(options))
     loras = lora_settings(args)
     config = load_config(args.model)
     if args.quantize and config.quantization:
@@ -559,7 +561,7 @@ def run_many(args, dtypes):
     made_folder = batch.make_folder(folder)
     manifest = batch.Manifest(folder, group.rank(), group.size())
     run_seed, source = batch.draw_run_seed(args.seed, manifest, group)
-    run = {
+    recorded = {
         "model": args.model,
         "dtype": dtype_name(args.dtype),
         "vae_dtype": dtype_name(args.vae_dtype),
@@ -568,18 +570,10 @@ def run_many(args, dtypes):
         "compile": args.compile,
         "run_seed": run_seed,
     }
+    suffix = "." + (args.format or "wav")
+    run = batch.Run(args.prompts, folder, options, recorded, suffix)
     try:
-        jobs = batch.plan(
-            lines,
-            args.prompts,
-            folder,
-            arguments(),
-            args,
-            LINE_KEYS,
-            lambda line: check_line(line, config),
-            run,
-            "." + (args.format or "wav"),
-        )
+        jobs = batch.plan(lines, run, args, lambda line: check_line(line, config))
     except BaseException:
         if made_folder:  # nothing written
             with suppress(OSError):
@@ -597,44 +591,45 @@ def run_many(args, dtypes):
         f" already, {total - done} to make"
     )
     if todo:
-        make(args, dtypes, loras, todo, manifest, (done, total), leader)
+        phases = Phases(todo[0].settings, args)
+        phases.free = False
+        phases.bar_options = dict(position=1, leave=False, disable=not leader)
+        pipe = StableAudio.from_pretrained(args.model, *dtypes, args.quantize, loras)
+        phases.loaded(pipe)
+        bar = tqdm(
+            total=total, initial=done, desc="Batch", unit="audio", disable=not leader
+        )
+        try:
+            make(pipe, phases, todo, manifest, bar)
+        finally:
+            bar.close()
     batch.barrier(group)  # every process done: one manifest
     if leader:
         manifest.merge()
         print(f"[INFO] Manifest {folder / batch.MANIFEST}")
 
 
-def make(args, dtypes, loras, todo, manifest, counts, leader):
-    pipe = StableAudio.from_pretrained(args.model, *dtypes, args.quantize, loras)
-    phases = Phases(todo[0].settings, args)
-    phases.free = False
-    phases.bar_options = dict(position=1, leave=False, disable=not leader)
-    phases.loaded(pipe)
-    done, total = counts
-    bar = tqdm(
-        total=total, initial=done, desc="Batch", unit="audio", disable=not leader
-    )
+def make(pipe: StableAudio, phases: Phases, todo: list, manifest, bar):
+    """Generate and write the audios of the jobs `todo`, each recorded in `manifest`
+    and counted on the batch's `bar` as it is written."""
     made = batch.generate_many(
         pipe, [job.settings for job in todo], phases.progress, phases.phase
     )
-    try:
-        for job in todo:
-            phases.begin(job.settings)
-            try:
-                _, audio = next(made)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{job.where}: {e}") from None
-            finally:
-                phases.close()
+    for job in todo:
+        phases.begin(job.settings)
+        try:
+            _, audio = next(made)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{job.where}: {e}") from None
+        finally:
+            phases.close()
 
-            def record(index, path, item, job=job):
-                manifest.append(job.done(index, item, pipe.sample_rate), path)
-                bar.update(1)
+        def record(index, path, item, job=job):
+            manifest.append(job.done(index, item, pipe.sample_rate), path)
+            bar.update(1)
 
-            with tqdm.external_write_mode():
-                write(np.array(audio), job.args, pipe.sample_rate, job.missing, record)
-    finally:
-        bar.close()
+        with tqdm.external_write_mode():
+            write(np.array(audio), job.args, pipe.sample_rate, job.missing, record)
 
 
 def main(argv=None):

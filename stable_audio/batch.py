@@ -272,37 +272,37 @@ class Job:
         }
 
 
-def plan(
-    lines: list,
-    where: str,
-    folder,
-    parser: argparse.ArgumentParser,
-    base: argparse.Namespace,
-    keys,
-    check,
-    run: dict,
-    suffix: str = ".wav",
-) -> list:
-    """Every line as a Job, checked: `check(args)` returns the line's Settings (checked
-    for the model) and its audios' paths, or raises the ValueError a single run would;
-    every error is raised naming the line, before any work. A line's seed is its own,
-    else line_seed(run["run_seed"], line); its files are in `folder`, named
-    default_name(...) unless it names its "output" (a path relative to `folder`).
-    `run` holds the settings common to every line (the model, its dtype, ...),
-    recorded with each audio."""
-    folder, options = Path(folder), actions(parser)
+@dataclass
+class Run:
+    """What the lines of one prompt file share."""
+
+    prompts: str  # the file, as messages name it
+    folder: Path  # where the audios go
+    options: dict  # {key: argparse action} of the settings a line may give
+    recorded: dict  # with every audio: the model, its dtype, "run_seed", ...
+    suffix: str = ".wav"  # the files' type where a line names no "output"
+
+
+def plan(lines: list, run: Run, base: argparse.Namespace, check) -> list:
+    """Every line as a Job, checked: `base` holds the command line's flags, which a
+    line's own replace; `check(args)` returns the line's Settings (checked for the
+    model) and its audios' paths, or raises the ValueError a single run would; every
+    error is raised naming the line, before any work. A line's seed is its own, else
+    line_seed(run_seed, line); its files are in the run's folder, named
+    default_name(...) unless it names its "output" (relative to the folder)."""
+    folder, options = Path(run.folder), run.options
     width = max(3, len(str(lines[-1].number)))
     base = argparse.Namespace(**vars(base))
     base.seed, base.output = None, None  # the run seed and no --output: not a line's
     jobs, taken = [], {}
     for line in lines:
-        here = f"{where} line {line.number}"
+        here = f"{run.prompts} line {line.number}"
         try:
             args = line_args(options, base, line.fields)
             if args.seed is None:
-                args.seed = line_seed(run["run_seed"], line.number)
+                args.seed = line_seed(run.recorded["run_seed"], line.number)
             name = line.fields.get("output") or default_name(
-                line.number, width, args.prompt, args.seed, suffix
+                line.number, width, args.prompt, args.seed, run.suffix
             )
             args.output = str(folder / name)
             settings, paths = check(args)
@@ -313,7 +313,7 @@ def plan(
                     raise ValueError(f"its file {path} is also line {other}'s")
         except ValueError as e:
             raise ValueError(f"{here}: {e}") from None
-        given = {k: _jsonable(getattr(args, options[k].dest)) for k in keys}
+        given = {k: _jsonable(getattr(args, a.dest)) for k, a in options.items()}
         given.update({k: _jsonable(getattr(settings, k)) for k in RESOLVED})
         given.pop("output", None)  # the record's "file"
         records = [
@@ -322,7 +322,7 @@ def plan(
                 "index": i,
                 "file": _relative(p, folder),
                 **given,
-                **run,
+                **run.recorded,
             }
             for i, p in enumerate(paths)
         ]
