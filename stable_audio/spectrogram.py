@@ -146,16 +146,9 @@ def frequency_row(hz: float, nyquist: float, height: int = HEIGHT) -> float:
     return (height - 1) * math.log(nyquist / hz) / math.log(nyquist / LOWEST)
 
 
-def svg(
-    audio: np.ndarray, sample_rate: int, width: int = WIDTH, height: int = HEIGHT
-) -> str:
-    """The spectrogram with its axes, as the text of an SVG: image()'s pixels as an
-    embedded PNG at (LEFT, TOP), one SVG pixel each; time ticks (class "time") below,
-    frequency ticks (class "frequency") on the left, each label centred on its
-    position; the colour bar with its dB labels (class "db") on the right."""
-    seconds = np.shape(audio)[-1] / sample_rate
-    nyquist = sample_rate / 2
-    raster = base64.b64encode(png(image(audio, sample_rate, width, height))).decode()
+def axes(seconds: float, nyquist: float, width: int, height: int) -> tuple:
+    """The SVG lines of svg()'s ticks and the SVG texts of its labels, around a raster
+    of `width` x `height` at (LEFT, TOP)."""
     right, bottom = LEFT + width, TOP + height
     bar = right + 14  # the colour bar's left edge; it is 12 wide
     lines, labels = [], []
@@ -192,6 +185,22 @@ def svg(
         extra=f' transform="rotate(-90 16 {TOP + height / 2:g})"',
     )
     label("axis", bar + 6, bottom + 22, "dB", "middle", "hanging")
+    return lines, labels
+
+
+def svg(
+    audio: np.ndarray, sample_rate: int, width: int = WIDTH, height: int = HEIGHT
+) -> str:
+    """The spectrogram with its axes, as the text of an SVG: image()'s pixels as an
+    embedded PNG at (LEFT, TOP), one SVG pixel each; time ticks (class "time") below,
+    frequency ticks (class "frequency") on the left, each label centred on its
+    position; the colour bar with its dB labels (class "db") on the right."""
+    seconds = np.shape(audio)[-1] / sample_rate
+    nyquist = sample_rate / 2
+    raster = base64.b64encode(png(image(audio, sample_rate, width, height))).decode()
+    right, bottom = LEFT + width, TOP + height
+    bar = right + 14  # the colour bar's left edge; it is 12 wide
+    lines, labels = axes(seconds, nyquist, width, height)
     stops = "".join(  # the palette's colours, bright at the top: the raster's mapping
         f'<stop offset="{i / (len(PALETTE) - 1):g}"'
         f' stop-color="rgb({r:g},{g:g},{b:g})"/>'
