@@ -429,12 +429,12 @@ class Phases:
     each phase's time and peak memory; it frees what the phases after it no longer
     need."""
 
-    def __init__(self, s: Settings, args):
+    def __init__(self, s: Settings, args, free: bool = True, **bar_options):
         self.s, self.args = s, args
         self.bar = None
         self.start = time.perf_counter()
-        self.free = True  # a batch keeps every model for the lines after
-        self.bar_options = {}
+        self.free = free  # a batch keeps every model for the lines after
+        self.bar_options = bar_options  # the sampler's bar's, beside a batch's
 
     def begin(self, s: Settings):
         """A batch's next generation."""
@@ -545,6 +545,19 @@ def check_line(args, config) -> tuple:
     return s, output_paths(args.output, s.batch_size)
 
 
+def run_settings(args, loras: list, run_seed: int) -> dict:
+    """What every audio of a batch is recorded with beside its line's settings."""
+    return {
+        "model": args.model,
+        "dtype": dtype_name(args.dtype),
+        "vae_dtype": dtype_name(args.vae_dtype),
+        "quantize": args.quantize,
+        "lora": [[str(f), s, i, lf] for f, s, i, lf in loras],
+        "compile": args.compile,
+        "run_seed": run_seed,
+    }
+
+
 def run_many(args, dtypes):
     """--prompts: every line checked, then this process's share of those not made
     yet, with one loaded model; each audio recorded in the manifest once written."""
@@ -561,15 +574,7 @@ def run_many(args, dtypes):
     made_folder = batch.make_folder(folder)
     manifest = batch.Manifest(folder, group.rank(), group.size())
     run_seed, source = batch.draw_run_seed(args.seed, manifest, group)
-    recorded = {
-        "model": args.model,
-        "dtype": dtype_name(args.dtype),
-        "vae_dtype": dtype_name(args.vae_dtype),
-        "quantize": args.quantize,
-        "lora": [[str(f), s, i, lf] for f, s, i, lf in loras],
-        "compile": args.compile,
-        "run_seed": run_seed,
-    }
+    recorded = run_settings(args, loras, run_seed)
     suffix = "." + (args.format or "wav")
     run = batch.Run(args.prompts, folder, options, recorded, suffix)
     try:
@@ -591,18 +596,14 @@ def run_many(args, dtypes):
         f" already, {total - done} to make"
     )
     if todo:
-        phases = Phases(todo[0].settings, args)
-        phases.free = False
-        phases.bar_options = dict(position=1, leave=False, disable=not leader)
+        quiet = not leader  # one process shows the bars
+        sampling_bar = dict(position=1, leave=False, disable=quiet)
+        phases = Phases(todo[0].settings, args, False, **sampling_bar)
         pipe = StableAudio.from_pretrained(args.model, *dtypes, args.quantize, loras)
         phases.loaded(pipe)
-        bar = tqdm(
-            total=total, initial=done, desc="Batch", unit="audio", disable=not leader
-        )
-        try:
+        batch_bar = dict(total=total, initial=done, desc="Batch", unit="audio")
+        with tqdm(**batch_bar, disable=quiet) as bar:
             make(pipe, phases, todo, manifest, bar)
-        finally:
-            bar.close()
     batch.barrier(group)  # every process done: one manifest
     if leader:
         manifest.merge()
