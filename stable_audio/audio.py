@@ -54,6 +54,16 @@ def peak_normalize(audio: np.ndarray) -> np.ndarray:
     return np.clip(audio / max(np.abs(audio).max(), 1e-8), -1, 1)
 
 
+def peak_dbfs(audio) -> float:
+    """The peak level of `audio` in dB of full scale: -inf for silence, nan where it
+    holds NaN or Inf."""
+    audio = np.asarray(audio)
+    if not np.isfinite(audio).all():
+        return math.nan
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    return 20 * math.log10(peak) if peak > 0 else -math.inf
+
+
 def set_level(audio: np.ndarray, level: str = "peak") -> np.ndarray:
     """The output's level: "peak" scales the loudest sample to full scale (as the
     official interfaces did, and ours by default), "clamp" clips to [-1, 1] (0.0.20's

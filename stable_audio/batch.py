@@ -22,6 +22,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from .audio import peak_dbfs
 from .datasets import SILENCE_DB
 from .files import deferred_interrupts, remove, written
 from .settings import ArgumentError, Settings
@@ -515,16 +516,6 @@ def barrier(group):
 
 
 # ---------------------------------------------------------------- audio and the API
-
-
-def peak_dbfs(audio) -> float:
-    """The peak level of `audio` in dB of full scale: -inf for silence, nan where it
-    holds NaN or Inf."""
-    audio = np.asarray(audio)
-    if not np.isfinite(audio).all():
-        return math.nan
-    peak = float(np.abs(audio).max()) if audio.size else 0.0
-    return 20 * math.log10(peak) if peak > 0 else -math.inf
 
 
 def level_warning(path, audio) -> str:

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .audio import prepare_audio, read_audio
+from .audio import peak_dbfs, prepare_audio, read_audio
 from .model_io import read_safetensors, write_safetensors
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus")
@@ -135,8 +135,7 @@ def pad_crop(
 
 def is_silent(audio: np.ndarray) -> bool:
     """0.0.20's test: the window's peak is below -60 dBFS."""
-    peak = float(np.abs(audio).max()) if audio.size else 0.0
-    return peak == 0 or 20 * math.log10(peak) < SILENCE_DB
+    return peak_dbfs(audio) < SILENCE_DB
 
 
 def latent_mask(mask: np.ndarray, length: int) -> np.ndarray:
